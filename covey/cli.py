@@ -1,0 +1,78 @@
+"""The root command line: mounts each package's commands and turns errors into one line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import click
+import typer
+
+import covey
+from covey import logs
+from covey.device.cli import memory_app, pod_app
+from covey.errors import CoveyError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="covey",
+    help="covey: a federated, privacy-first assistant whose data never leaves your devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(pod_app, name="pod")
+app.add_typer(memory_app, name="memory")
+
+_log = logging.getLogger("covey.cli")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"covey {covey.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """covey: a federated, privacy-first assistant whose data never leaves your devices."""
+
+
+@app.command("demo")
+def demo() -> None:
+    """The main job, end to end, on the embedded default (a throwaway pod)."""
+    from covey._demo import run
+
+    run()
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `covey` console script."""
+    logs.configure(None)
+    try:
+        result = app(args=argv, prog_name="covey", standalone_mode=False)
+    except CoveyError as exc:
+        _fail(str(exc), exc.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.ClickException as exc:
+        _fail(exc.format_message().splitlines()[0], exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:
+        # The traceback goes to the (redacted) log file, never to the terminal.
+        _log.error("internal error", exc_info=True)
+        _fail(f"internal error ({type(exc).__name__}); details are in the log", 70)
+    sys.exit(result if isinstance(result, int) else 0)

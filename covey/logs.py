@@ -1,0 +1,53 @@
+"""Logging set-up: every handler covey installs carries the redaction filter.
+
+Warnings go to stderr; with a pod home, INFO and above also go to
+``<home>/logs/covey.log`` (mode 0600). User text never reaches either: see
+:mod:`covey.privacy`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from covey.privacy import RedactingFilter
+
+__all__ = ["configure", "log_file"]
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_installed: list[logging.Handler] = []
+
+
+def log_file(home: Path) -> Path:
+    """Where a pod's log lives."""
+    return home / "logs" / "covey.log"
+
+
+def configure(home: Path | None = None, level: int = logging.INFO) -> None:
+    """Install redacting handlers on the root logger (replacing ones we installed before)."""
+    root = logging.getLogger()
+    for handler in _installed:
+        root.removeHandler(handler)
+        handler.close()
+    _installed.clear()
+
+    stderr = logging.StreamHandler()
+    stderr.setLevel(logging.WARNING)
+    stderr.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    _installed.append(stderr)
+
+    if home is not None and home.is_dir():
+        path = log_file(home)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.close(fd)
+        file_handler = logging.FileHandler(path, encoding="utf-8")
+        file_handler.setLevel(level)
+        file_handler.setFormatter(logging.Formatter(_FORMAT))
+        _installed.append(file_handler)
+
+    for handler in _installed:
+        handler.addFilter(RedactingFilter())
+        root.addHandler(handler)
+    root.setLevel(min(level, logging.WARNING))

@@ -1,0 +1,414 @@
+"""The pod: a user's encrypted home on one device.
+
+Files under the pod home:
+
+    pod.key        the data key, wrapped by the passphrase (JSON, mode 0600)
+    pod.db         the SQLCipher store (with pod.db-wal and pod.db-shm beside it)
+    config.toml    optional settings (no user data)
+    logs/          redacted logs
+    FORGOTTEN      left by crypto-shredding: when, and nothing else
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import platform
+import secrets
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from covey.device import _audit, _keys
+from covey.device._config import PodConfig, load_pod_config
+from covey.device._memory import Memories
+from covey.device._schema import SCHEMA_VERSION, USER_TABLES
+from covey.device._store import Store, StoreError
+from covey.errors import (
+    InvalidInputError,
+    PodExistsError,
+    PodForgottenError,
+    PodNotFoundError,
+    StoreCorruptError,
+)
+
+__all__ = ["EXPORT_FORMAT", "DeviceIdentity", "Pod", "PodStatus"]
+
+KEY_FILE = "pod.key"
+DB_FILE = "pod.db"
+TOMBSTONE = "FORGOTTEN"
+EXPORT_FORMAT = "covey-export-1"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """The device's Ed25519 key pair; ``device_id`` is derived from the public key."""
+
+    device_id: str
+    public_key: bytes
+    private_key: Ed25519PrivateKey
+
+    @classmethod
+    def generate(cls) -> DeviceIdentity:
+        """A fresh identity."""
+        private = Ed25519PrivateKey.generate()
+        public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return cls(cls.id_for(public), public, private)
+
+    @staticmethod
+    def id_for(public_key: bytes) -> str:
+        """The stable device id of a public key."""
+        return "dev-" + hashlib.sha256(public_key).hexdigest()[:20]
+
+    def sign(self, data: bytes) -> bytes:
+        """Sign with the device key."""
+        return self.private_key.sign(data)
+
+
+@dataclass(frozen=True)
+class PodStatus:
+    """What `covey pod status` reports. Counts only: never content."""
+
+    home: str
+    pod_id: str
+    name: str
+    device_id: str
+    public_key: str
+    created_at: str
+    schema_version: int
+    cipher: dict[str, Any]
+    kdf: dict[str, Any]
+    counts: dict[str, int]
+    audit_chain: dict[str, Any]
+    database_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return dict(self.__dict__)
+
+
+def _check_not_forgotten(home: Path) -> None:
+    tomb = home / TOMBSTONE
+    if tomb.exists():
+        when = tomb.read_text(encoding="utf-8", errors="replace").strip() or "an unknown date"
+        raise PodForgottenError(home, when.splitlines()[0][:40])
+
+
+def _check_passphrase(passphrase: str, config: PodConfig) -> None:
+    if len(passphrase) < config.min_passphrase_chars:
+        raise InvalidInputError(
+            f"a passphrase needs at least {config.min_passphrase_chars} characters"
+        )
+
+
+class Pod:
+    """An unlocked pod. Open one with :meth:`create` or :meth:`open`; close it after use."""
+
+    def __init__(self, home: Path, store: Store, config: PodConfig) -> None:
+        self.home = home
+        self.store = store
+        self.config = config
+        self.memories = Memories(store, on_erase=store.checkpoint)
+        self.identity = self._load_identity()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @staticmethod
+    def exists(home: Path) -> bool:
+        """Whether a pod (or its tombstone) is at ``home``."""
+        return (home / KEY_FILE).exists() or (home / TOMBSTONE).exists()
+
+    @classmethod
+    def create(cls, home: Path, passphrase: str, name: str | None = None,
+               config: PodConfig | None = None) -> Pod:
+        """Create a pod at ``home`` with a fresh data key and device identity.
+
+        Raises:
+            PodExistsError: a pod, or the tombstone of one, is already there.
+        """
+        home = home.expanduser().absolute()
+        if cls.exists(home) or (home / DB_FILE).exists():
+            raise PodExistsError(home)
+        config = config or load_pod_config(home)
+        _check_passphrase(passphrase, config)
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data_key = _keys.new_data_key()
+        wrapped = _keys.wrap(data_key, passphrase, config.kdf)
+        store = Store(home / DB_FILE, data_key, config.busy_timeout_ms)
+        try:
+            identity = DeviceIdentity.generate()
+            private = identity.private_key.private_bytes_raw()
+            now = _now()
+            with store.transaction() as c:
+                c.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
+                    ("pod_id", secrets.token_hex(16)),
+                    ("name", name or platform.node() or "pod"),
+                    ("created_at", now),
+                ])
+                c.execute(
+                    "INSERT INTO identity (id, device_id, private_key, public_key, created_at)"
+                    " VALUES (1, ?, ?, ?, ?)",
+                    (identity.device_id, private, identity.public_key, now),
+                )
+                _audit.append(c, "pod.created", detail={"schema": SCHEMA_VERSION})
+            # The key file is written last: until it exists there is no pod to open.
+            _keys.write_atomic(home / KEY_FILE, wrapped.to_json().encode())
+        except BaseException:
+            store.close()
+            for suffix in ("", "-wal", "-shm"):
+                (home / (DB_FILE + suffix)).unlink(missing_ok=True)
+            raise
+        return cls(home, store, config)
+
+    @classmethod
+    def open(cls, home: Path, passphrase: str, config: PodConfig | None = None) -> Pod:
+        """Unlock the pod at ``home``.
+
+        Raises:
+            PodNotFoundError, PodForgottenError, WrongPassphraseError, StoreCorruptError.
+        """
+        home = home.expanduser().absolute()
+        data_key = cls._unwrap(home, passphrase)
+        config = config or load_pod_config(home)
+        if not (home / DB_FILE).exists():
+            raise StoreCorruptError(home / DB_FILE, "the database file is missing")
+        return cls(home, Store(home / DB_FILE, data_key, config.busy_timeout_ms), config)
+
+    @staticmethod
+    def _unwrap(home: Path, passphrase: str) -> bytes:
+        _check_not_forgotten(home)
+        key_file = home / KEY_FILE
+        if not key_file.exists():
+            raise PodNotFoundError(home)
+        return _keys.unwrap(_keys.WrappedKey.from_file(key_file), passphrase)
+
+    @classmethod
+    def change_passphrase(cls, home: Path, old: str, new: str,
+                          config: PodConfig | None = None) -> None:
+        """Rewrap the data key under ``new``; the store is not re-encrypted.
+
+        Raises:
+            WrongPassphraseError: ``old`` does not unlock the pod (nothing changes).
+        """
+        home = home.expanduser().absolute()
+        config = config or load_pod_config(home)
+        _check_passphrase(new, config)
+        data_key = cls._unwrap(home, old)
+        wrapped = _keys.wrap(data_key, new, config.kdf)
+        with cls(home, Store(home / DB_FILE, data_key, config.busy_timeout_ms), config) as pod:
+            # Audit first: if the key file swap then fails, the old passphrase still works
+            # and the log says a change was attempted.
+            with pod.store.transaction() as c:
+                _audit.append(c, "key.rewrapped", detail={"kdf": wrapped.kdf.__dict__})
+            _keys.write_atomic(home / KEY_FILE, wrapped.to_json().encode())
+
+    @staticmethod
+    def forget(home: Path) -> list[str]:
+        """Crypto-shred the pod: destroy the wrapped key, then remove every file.
+
+        Safe to run again after an interruption. Returns the names of removed files.
+        """
+        home = home.expanduser().absolute()
+        if not Pod.exists(home) and not (home / DB_FILE).exists():
+            raise PodNotFoundError(home)
+        tomb = home / TOMBSTONE
+        if not tomb.exists():
+            _keys.write_atomic(tomb, (datetime.now(UTC).date().isoformat() + "\n").encode())
+        removed: list[str] = []
+        # The wrapped key goes first: once it is gone the database is noise.
+        if (home / KEY_FILE).exists():
+            _keys.shred(home / KEY_FILE)
+            removed.append(KEY_FILE)
+        for entry in sorted(home.iterdir()):
+            if entry.name == TOMBSTONE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry.name)
+        _keys.fsync_dir(home)
+        return removed
+
+    def close(self) -> None:
+        """Lock the pod."""
+        self.store.close()
+
+    def __enter__(self) -> Pod:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- identity and metadata ---------------------------------------------------------
+
+    def _load_identity(self) -> DeviceIdentity:
+        rows = self.store.query("SELECT device_id, private_key, public_key FROM identity")
+        if not rows:
+            raise StoreCorruptError(self.store.path, "the device identity is missing")
+        private = Ed25519PrivateKey.from_private_bytes(rows[0]["private_key"])
+        return DeviceIdentity(rows[0]["device_id"], rows[0]["public_key"], private)
+
+    def meta(self, key: str) -> str:
+        """A value from the pod's metadata."""
+        rows = self.store.query("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else ""
+
+    @property
+    def pod_id(self) -> str:
+        """The pod's random id."""
+        return self.meta("pod_id")
+
+    @property
+    def name(self) -> str:
+        """The pod's name."""
+        return self.meta("name")
+
+    # -- audit -------------------------------------------------------------------------
+
+    def audit(self, kind: str, *, peer: str = "", nbytes: int = 0, epsilon: float = 0.0,
+              detail: dict[str, Any] | None = None) -> _audit.AuditEntry:
+        """Record an event in the audit log (its own transaction)."""
+        with self.store.transaction() as c:
+            return _audit.append(c, kind, peer=peer, nbytes=nbytes, epsilon=epsilon,
+                                 detail=detail)
+
+    def verify_audit_chain(self) -> _audit.ChainCheck:
+        """Check the audit log's hash chain."""
+        return _audit.verify(self.store.conn)
+
+    # -- status ------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Row counts of every user table and of the audit log."""
+        return {t: int(self.store.query(f"SELECT count(*) FROM {t}")[0][0])  # noqa: S608
+                for t in (*USER_TABLES, "audit_log")}
+
+    def status(self) -> PodStatus:
+        """Identity, encryption, counts and the audit-chain check."""
+        wrapped = _keys.WrappedKey.from_file(self.home / KEY_FILE)
+        chain = self.verify_audit_chain()
+        q = self.store.query
+        cipher = {
+            "engine": "SQLCipher " + str(q("PRAGMA cipher_version")[0][0]),
+            "sqlite": str(q("SELECT sqlite_version()")[0][0]),
+            "cipher": "AES-256-CBC with HMAC-SHA512 per page",
+            "page_size": int(q("PRAGMA cipher_page_size")[0][0]),
+            "key": "raw 256-bit data key (no SQLCipher KDF)",
+            "journal_mode": str(q("PRAGMA journal_mode")[0][0]),
+            "secure_delete": bool(q("PRAGMA secure_delete")[0][0]),
+        }
+        kdf = {"name": "argon2id", **wrapped.kdf.__dict__, "wrap": "AES-256-GCM",
+               "wrapped_at": wrapped.created_at}
+        size = sum(p.stat().st_size for p in self.home.glob(DB_FILE + "*") if p.is_file())
+        return PodStatus(
+            home=str(self.home), pod_id=self.pod_id, name=self.name,
+            device_id=self.identity.device_id,
+            public_key=base64.b64encode(self.identity.public_key).decode(),
+            created_at=self.meta("created_at"), schema_version=self.store.schema_version,
+            cipher=cipher, kdf=kdf, counts=self.counts(),
+            audit_chain={"ok": chain.ok, "entries": chain.entries, "bad_seq": chain.bad_seq,
+                         "reason": chain.reason},
+            database_bytes=size,
+        )
+
+    # -- the right of access and portability -------------------------------------------
+
+    def export(self) -> dict[str, Any]:
+        """Everything the pod holds about its user, decrypted, as one JSON-ready document.
+
+        The device's private key is not included: it identifies this device, not the user.
+        """
+        tables: dict[str, list[dict[str, Any]]] = {}
+        for table in USER_TABLES:
+            rows = self.store.query(f"SELECT * FROM {table} ORDER BY rowid")  # noqa: S608
+            tables[table] = [{k: _jsonable(r[k]) for k in r.keys()} for r in rows]  # noqa: SIM118
+        return {
+            "format": EXPORT_FORMAT,
+            "exported_at": _now(),
+            "schema_version": self.store.schema_version,
+            "pod": {"pod_id": self.pod_id, "name": self.name,
+                    "created_at": self.meta("created_at"),
+                    "device_id": self.identity.device_id,
+                    "public_key": base64.b64encode(self.identity.public_key).decode()},
+            "tables": tables,
+            "audit_log": [e.__dict__ for e in _audit.entries(self.store.conn)],
+        }
+
+    def write_export(self, path: Path) -> int:
+        """Write :meth:`export` to ``path`` (mode 0600) and audit it; returns its size."""
+        data = (json.dumps(self.export(), ensure_ascii=False, indent=1) + "\n").encode()
+        path = path.expanduser().absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _keys.write_atomic(path, data)
+        self.audit("export", peer="user", nbytes=len(data),
+                   detail={"tables": list(USER_TABLES)})
+        return len(data)
+
+    def restore(self, document: dict[str, Any]) -> dict[str, int]:
+        """Load an export into this (empty) pod; returns rows restored per table.
+
+        Raises:
+            InvalidInputError: the document is not a covey export, or the pod is not empty.
+        """
+        if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
+            raise InvalidInputError("not a covey export (missing format covey-export-1)")
+        tables = document.get("tables")
+        if not isinstance(tables, dict):
+            raise InvalidInputError("the export has no tables")
+        if any(self.counts()[t] for t in USER_TABLES):
+            raise InvalidInputError("restore needs an empty pod")
+        restored: dict[str, int] = {}
+        try:
+            self._restore_rows(tables, restored, document)
+        except StoreError as exc:
+            raise InvalidInputError(f"the export does not fit the schema ({exc})") from None
+        return restored
+
+    def _restore_rows(self, tables: dict[str, Any], restored: dict[str, int],
+                      document: dict[str, Any]) -> None:
+        with self.store.transaction() as c:
+            for table in USER_TABLES:
+                rows = tables.get(table, [])
+                columns = [r[1] for r in c.execute(f"PRAGMA table_info({table})")]
+                for row in rows:
+                    if not isinstance(row, dict) or set(row) - set(columns):
+                        raise InvalidInputError(f"the export's {table} rows do not match schema")
+                    names = list(row)
+                    values = [_from_json(table, k, row[k]) for k in names]
+                    c.execute(
+                        f"INSERT INTO {table} ({', '.join(names)})"  # noqa: S608
+                        f" VALUES ({', '.join('?' * len(names))})", values,
+                    )
+                restored[table] = len(rows)
+            source = document.get("pod", {}).get("pod_id", "")
+            _audit.append(c, "import", peer="user", detail={"from_pod": source,
+                                                            "rows": restored})
+
+
+_BLOB_COLUMNS = {("memories", "embedding"), ("model_versions", "signature")}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes | memoryview):
+        return {"base64": base64.b64encode(bytes(value)).decode()}
+    return value
+
+
+def _from_json(table: str, column: str, value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"base64"}:
+        return base64.b64decode(value["base64"])
+    if (table, column) in _BLOB_COLUMNS and value is not None:
+        raise InvalidInputError(f"the export's {table}.{column} must be base64")
+    return value
+

@@ -1,0 +1,196 @@
+"""The pod store's schema, as an ordered list of migrations.
+
+``PRAGMA user_version`` holds the number of migrations applied. A migration is never
+edited once released: a change is a new entry at the end. Each runs in the same
+transaction as the ``user_version`` bump, so a crash leaves the old or the new schema.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "USER_TABLES"]
+
+_V1 = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;
+
+-- The device's Ed25519 identity; exactly one row.
+CREATE TABLE identity (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    device_id   TEXT NOT NULL,
+    private_key BLOB NOT NULL,
+    public_key  BLOB NOT NULL,
+    created_at  TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE conversations (
+    id         INTEGER PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    title      TEXT,
+    started_at TEXT NOT NULL
+) STRICT;
+CREATE INDEX conversations_session ON conversations (session_id);
+
+CREATE TABLE messages (
+    id              INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    role            TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    content         TEXT NOT NULL,
+    model_version   TEXT,
+    created_at      TEXT NOT NULL
+) STRICT;
+CREATE INDEX messages_conversation ON messages (conversation_id, id);
+
+CREATE TABLE memories (
+    id              INTEGER PRIMARY KEY,
+    text            TEXT NOT NULL,
+    kind            TEXT NOT NULL
+                    CHECK (kind IN ('fact', 'preference', 'episode', 'summary', 'note')),
+    embedding       BLOB,
+    embedding_model TEXT,
+    provenance      TEXT NOT NULL DEFAULT '{}',
+    created_at      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL,
+    last_used_at    TEXT,
+    use_count       INTEGER NOT NULL DEFAULT 0
+) STRICT;
+CREATE INDEX memories_kind ON memories (kind, created_at);
+
+-- Keyword index over memories. External content: the text is stored once, in memories.
+CREATE VIRTUAL TABLE memories_fts USING fts5 (
+    text, content = 'memories', content_rowid = 'id', tokenize = 'unicode61 remove_diacritics 2'
+);
+-- Deleted tokens are removed from the index at once rather than at the next merge.
+INSERT INTO memories_fts (memories_fts, rank) VALUES ('secure-delete', 1);
+CREATE TRIGGER memories_ai AFTER INSERT ON memories BEGIN
+    INSERT INTO memories_fts (rowid, text) VALUES (new.id, new.text);
+END;
+CREATE TRIGGER memories_ad AFTER DELETE ON memories BEGIN
+    INSERT INTO memories_fts (memories_fts, rowid, text) VALUES ('delete', old.id, old.text);
+END;
+CREATE TRIGGER memories_au AFTER UPDATE OF text ON memories BEGIN
+    INSERT INTO memories_fts (memories_fts, rowid, text) VALUES ('delete', old.id, old.text);
+    INSERT INTO memories_fts (rowid, text) VALUES (new.id, new.text);
+END;
+
+CREATE TABLE context_events (
+    id         INTEGER PRIMARY KEY,
+    source     TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at TEXT
+) STRICT;
+CREATE INDEX context_events_expiry ON context_events (expires_at);
+
+CREATE TABLE feedback (
+    id         INTEGER PRIMARY KEY,
+    message_id INTEGER REFERENCES messages (id) ON DELETE SET NULL,
+    rating     INTEGER CHECK (rating IN (-1, 1)),
+    correction TEXT,
+    created_at TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE training_examples (
+    id          INTEGER PRIMARY KEY,
+    prompt      TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    source      TEXT NOT NULL CHECK (source IN ('accepted', 'correction', 'imported')),
+    feedback_id INTEGER REFERENCES feedback (id) ON DELETE SET NULL,
+    consented   INTEGER NOT NULL DEFAULT 0 CHECK (consented IN (0, 1)),
+    created_at  TEXT NOT NULL
+) STRICT;
+
+-- The preference graph: entities and the user's relations to them.
+CREATE TABLE graph_nodes (
+    id         INTEGER PRIMARY KEY,
+    kind       TEXT NOT NULL,
+    label      TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    UNIQUE (kind, label)
+) STRICT;
+
+CREATE TABLE graph_edges (
+    id            INTEGER PRIMARY KEY,
+    src           INTEGER NOT NULL REFERENCES graph_nodes (id) ON DELETE CASCADE,
+    dst           INTEGER NOT NULL REFERENCES graph_nodes (id) ON DELETE CASCADE,
+    relation      TEXT NOT NULL,
+    weight        REAL NOT NULL DEFAULT 1.0,
+    provenance    TEXT NOT NULL DEFAULT '{}',
+    created_at    TEXT NOT NULL,
+    superseded_at TEXT
+) STRICT;
+CREATE INDEX graph_edges_src ON graph_edges (src, relation);
+
+CREATE TABLE consents (
+    scope      TEXT PRIMARY KEY,
+    granted    INTEGER NOT NULL CHECK (granted IN (0, 1)),
+    updated_at TEXT NOT NULL
+) STRICT;
+
+-- The privacy ledger: one row per release of user-derived information.
+CREATE TABLE ledger (
+    id               INTEGER PRIMARY KEY,
+    run_id           TEXT NOT NULL,
+    round            INTEGER NOT NULL,
+    mode             TEXT NOT NULL,
+    mechanism        TEXT NOT NULL,
+    accountant       TEXT NOT NULL,
+    epsilon          REAL NOT NULL CHECK (epsilon >= 0),
+    delta            REAL NOT NULL CHECK (delta >= 0 AND delta < 1),
+    noise_multiplier REAL,
+    clip_norm        REAL,
+    sample_rate      REAL,
+    created_at       TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE model_versions (
+    id         TEXT PRIMARY KEY,
+    parent     TEXT,
+    round      INTEGER,
+    sha256     TEXT NOT NULL,
+    signature  BLOB,
+    metrics    TEXT NOT NULL DEFAULT '{}',
+    active     INTEGER NOT NULL DEFAULT 0 CHECK (active IN (0, 1)),
+    created_at TEXT NOT NULL
+) STRICT;
+
+-- Append-only: each row carries the hash of the row before it.
+CREATE TABLE audit_log (
+    seq        INTEGER PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    peer       TEXT NOT NULL DEFAULT '',
+    bytes      INTEGER NOT NULL DEFAULT 0,
+    epsilon    REAL NOT NULL DEFAULT 0,
+    detail     TEXT NOT NULL DEFAULT '{}',
+    prev_hash  TEXT NOT NULL,
+    hash       TEXT NOT NULL
+) STRICT;
+CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log BEGIN
+    SELECT RAISE (ABORT, 'audit_log is append-only');
+END;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log BEGIN
+    SELECT RAISE (ABORT, 'audit_log is append-only');
+END;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Tables holding the user's data, in an order that satisfies foreign keys on insert.
+USER_TABLES: tuple[str, ...] = (
+    "conversations",
+    "messages",
+    "memories",
+    "context_events",
+    "feedback",
+    "training_examples",
+    "graph_nodes",
+    "graph_edges",
+    "consents",
+    "ledger",
+    "model_versions",
+)

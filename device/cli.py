@@ -1,0 +1,279 @@
+"""`covey pod ...` and `covey memory ...`: the pod's command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from covey import logs
+from covey.device._home import resolve_home
+from covey.device._memory import MEMORY_KINDS
+from covey.device._pod import Pod
+from covey.errors import InvalidInputError, PassphraseRequiredError, PodNotFoundError
+from covey.privacy import UserText
+
+__all__ = ["memory_app", "pod_app"]
+
+pod_app = typer.Typer(help="Create, inspect, export and erase the pod on this device.",
+                      no_args_is_help=True)
+memory_app = typer.Typer(help="What the pod remembers: add, list, search, forget.",
+                         no_args_is_help=True)
+
+out = Console()
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", envvar="COVEY_HOME", show_envvar=True,
+                 help="Pod home folder (default: the platform's user data folder)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+def _emit_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+
+
+def passphrase(prompt: str = "Passphrase", *, env: str = "COVEY_PASSPHRASE",
+               confirm: bool = False) -> str:
+    """The passphrase from ``env``, else a hidden prompt when there is a terminal.
+
+    Raises:
+        PassphraseRequiredError: neither is available.
+    """
+    value = os.environ.get(env)
+    if value is not None:
+        return value
+    if not sys.stdin.isatty():
+        raise PassphraseRequiredError()
+    return str(typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm))
+
+
+def home_for(home: Path | None) -> Path:
+    """Resolve the pod home and point the log at it."""
+    resolved = resolve_home(home)
+    logs.configure(resolved if Pod.exists(resolved) else None)
+    return resolved
+
+
+def open_pod(home: Path | None) -> Pod:
+    """Unlock the pod for a command."""
+    resolved = home_for(home)
+    if not Pod.exists(resolved):
+        raise PodNotFoundError(resolved)
+    return Pod.open(resolved, passphrase())
+
+
+# -- covey pod ----------------------------------------------------------------------
+
+
+@pod_app.command("init")
+def pod_init(
+    home: HomeOpt = None,
+    name: Annotated[str | None, typer.Option(help="A name for this pod.")] = None,
+    from_export: Annotated[Path | None, typer.Option(
+        "--from-export", help="Restore everything from a `covey pod export` file.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an encrypted pod: a new data key, wrapped by your passphrase."""
+    resolved = resolve_home(home)
+    document = _read_export(from_export) if from_export else None
+    secret = passphrase("New passphrase", confirm=True)
+    with Pod.create(resolved, secret, name=name) as pod:
+        logs.configure(resolved)
+        restored = pod.restore(document) if document is not None else {}
+        info = {"home": str(resolved), "pod_id": pod.pod_id, "name": pod.name,
+                "device_id": pod.identity.device_id, "restored": restored}
+    if as_json:
+        _emit_json(info)
+        return
+    out.print(f"[green]Created pod[/] {info['name']!s} at {resolved}")
+    out.print(f"  device id  {info['device_id']}")
+    if restored:
+        out.print(f"  restored   {sum(restored.values())} rows from {from_export}")
+
+
+def _read_export(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise InvalidInputError(f"no export file at {path}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInputError(f"{path} is not a JSON export") from None
+    if not isinstance(document, dict):
+        raise InvalidInputError(f"{path} is not a covey export")
+    return document
+
+
+@pod_app.command("status")
+def pod_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Identity, encryption, counts, and a check of the audit log's hash chain."""
+    with open_pod(home) as pod:
+        status = pod.status()
+    chain = status.audit_chain
+    if as_json:
+        _emit_json(status.to_dict())
+    else:
+        table = Table(show_header=False, box=None)
+        table.add_row("pod", f"{status.name} ({status.pod_id})")
+        table.add_row("home", status.home)
+        table.add_row("device", status.device_id)
+        table.add_row("public key", status.public_key)
+        table.add_row("schema", str(status.schema_version))
+        table.add_row("store", f"{status.cipher['engine']}, {status.cipher['cipher']}")
+        kdf = status.kdf
+        table.add_row("key wrap", f"Argon2id t={kdf['time_cost']} m={kdf['memory_kib']} KiB "
+                                  f"p={kdf['parallelism']}, AES-256-GCM")
+        table.add_row("size", f"{status.database_bytes:,} bytes")
+        for name, count in status.counts.items():
+            table.add_row(name, str(count))
+        verdict = ("[green]intact[/]" if chain["ok"] else
+                   f"[red]BROKEN at entry {chain['bad_seq']}: {chain['reason']}[/]")
+        table.add_row("audit chain", f"{verdict} ({chain['entries']} entries)")
+        out.print(table)
+    if not chain["ok"]:
+        typer.echo(f"error: audit log broken at entry {chain['bad_seq']}: {chain['reason']}",
+                   err=True)
+        raise typer.Exit(8)
+
+
+@pod_app.command("export")
+def pod_export(
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write the JSON export.")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write everything the pod holds, decrypted, as JSON (your right of access)."""
+    with open_pod(home) as pod, out.status("Exporting…"):
+        size = pod.write_export(out_file)
+    if as_json:
+        _emit_json({"out": str(out_file.absolute()), "bytes": size})
+    else:
+        out.print(f"Exported {size:,} bytes to {out_file} [yellow](unencrypted: keep it safe)[/]")
+
+
+@pod_app.command("forget")
+def pod_forget(
+    all_: Annotated[bool, typer.Option("--all", help="Erase the whole pod.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Crypto-shred the pod: destroy its wrapped data key and remove its files."""
+    if not all_:
+        raise InvalidInputError(
+            "say --all to erase the whole pod (to erase one memory: covey memory forget ID)"
+        )
+    resolved = resolve_home(home)
+    if not Pod.exists(resolved):
+        raise PodNotFoundError(resolved)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise InvalidInputError("confirm with --yes when there is no terminal")
+        typer.confirm(f"Erase the pod at {resolved} for good?", abort=True)
+    removed = Pod.forget(resolved)
+    if as_json:
+        _emit_json({"home": str(resolved), "removed": removed})
+    else:
+        out.print(f"Erased the pod at {resolved}: data key destroyed, {len(removed)} files removed")
+
+
+@pod_app.command("passwd")
+def pod_passwd(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Change the passphrase (rewraps the data key; the store is not re-encrypted)."""
+    resolved = home_for(home)
+    if not Pod.exists(resolved):
+        raise PodNotFoundError(resolved)
+    old = passphrase("Current passphrase")
+    new = passphrase("New passphrase", env="COVEY_NEW_PASSPHRASE", confirm=True)
+    Pod.change_passphrase(resolved, old, new)
+    if as_json:
+        _emit_json({"home": str(resolved), "changed": True})
+    else:
+        out.print("Passphrase changed.")
+
+
+# -- covey memory -------------------------------------------------------------------
+
+
+def _memory_rows(rows: list[dict[str, Any]], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("id", justify="right")
+    table.add_column("kind")
+    table.add_column("text")
+    table.add_column("created")
+    for r in rows:
+        table.add_row(str(r["id"]), r["kind"], r["text"], r["created_at"][:19])
+    out.print(table)
+
+
+@memory_app.command("add")
+def memory_add(
+    text: Annotated[str, typer.Argument(help="What to remember.")],
+    kind: Annotated[str, typer.Option(help=f"One of {', '.join(MEMORY_KINDS)}.")] = "note",
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remember something."""
+    with open_pod(home) as pod:
+        memory = pod.memories.add(UserText(text), kind=kind)
+    if as_json:
+        _emit_json(memory.to_dict())
+    else:
+        out.print(f"Remembered #{memory.id} ({memory.kind})")
+
+
+@memory_app.command("list")
+def memory_list(
+    kind: Annotated[str | None, typer.Option(help="Only this kind.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many.")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List memories, newest first."""
+    with open_pod(home) as pod:
+        rows = [m.to_dict() for m in pod.memories.all(kind=kind, limit=limit)]
+    if as_json:
+        _emit_json(rows)
+    else:
+        _memory_rows(rows, f"{len(rows)} memories")
+
+
+@memory_app.command("search")
+def memory_search(
+    query: Annotated[str, typer.Argument(help="Words to look for.")],
+    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 10,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search memories by keywords, best match first."""
+    with open_pod(home) as pod:
+        hits = pod.memories.search(UserText(query), limit=limit)
+    rows = [{**h.memory.to_dict(), "score": round(h.score, 4)} for h in hits]
+    if as_json:
+        _emit_json(rows)
+    else:
+        _memory_rows(rows, f"{len(rows)} matches")
+
+
+@memory_app.command("forget")
+def memory_forget(
+    memory_id: Annotated[int, typer.Argument(help="The id shown by `covey memory list`.")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Erase one memory from the store, its search index and the file pages."""
+    with open_pod(home) as pod:
+        found = pod.memories.forget(memory_id)
+    if not found:
+        raise InvalidInputError(f"no memory #{memory_id}")
+    if as_json:
+        _emit_json({"id": memory_id, "forgotten": True})
+    else:
+        out.print(f"Forgot #{memory_id}")
