@@ -3,8 +3,9 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-# Debian packages the tests use: the sqlcipher CLI checks our files independently.
-DEB_PACKAGES := sqlcipher
+# Debian packages the tests need (later: mosquitto, avahi-utils, chromium). SQLCipher itself
+# comes with the sqlcipher3 wheel: Debian's sqlcipher 3.4 cannot read the SQLCipher 4 format.
+DEB_PACKAGES :=
 PACKAGES := covey device models privacy aggregator protocols simulations tests
 
 .PHONY: setup system demo test test-fast lint typecheck bench clean

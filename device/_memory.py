@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ __all__ = ["MEMORY_KINDS", "Memories", "Memory", "MemoryHit"]
 MEMORY_KINDS = ("fact", "preference", "episode", "summary", "note")
 MAX_MEMORY_CHARS = 8192
 _WORD = re.compile(r"\w+", re.UNICODE)
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,13 @@ def _row_to_memory(row: Any) -> Memory:
 
 
 def fts_query(text: str) -> str | None:
-    """Turn free text into a safe FTS5 query: every word quoted, any may match."""
-    words = _WORD.findall(text)
-    if not words:
+    """Turn free text into a safe FTS5 query: every word quoted, any may match.
+
+    Splitting is on whitespace only; FTS5 then tokenizes each quoted chunk with the same
+    tokenizer as the index, so Python's idea of a word never disagrees with SQLite's.
+    """
+    words = text.split()
+    if not any(_WORD.search(w) or not w.isascii() for w in words):
         return None
     return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
 
@@ -94,6 +100,7 @@ class Memories:
                 " VALUES (?, ?, ?, ?, ?)", (text, kind, prov, now, now),
             )
             mid = int(cur.lastrowid or 0)
+        _log.info("memory %d added (kind %s, %d chars)", mid, kind, len(text))
         return Memory(mid, text, kind, now, now, json.loads(prov))
 
     def get(self, memory_id: int) -> Memory | None:
@@ -137,6 +144,7 @@ class Memories:
                 return False
             _audit.append(c, "erasure", detail={"table": "memories", "rows": 1})
         self._on_erase()
+        _log.info("memory %d erased", memory_id)
         return True
 
     def count(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import platform
 import secrets
 import shutil
@@ -44,6 +45,7 @@ KEY_FILE = "pod.key"
 DB_FILE = "pod.db"
 TOMBSTONE = "FORGOTTEN"
 EXPORT_FORMAT = "covey-export-1"
+_log = logging.getLogger(__name__)
 
 
 def _now() -> str:
@@ -182,7 +184,9 @@ class Pod:
         config = config or load_pod_config(home)
         if not (home / DB_FILE).exists():
             raise StoreCorruptError(home / DB_FILE, "the database file is missing")
-        return cls(home, Store(home / DB_FILE, data_key, config.busy_timeout_ms), config)
+        pod = cls(home, Store(home / DB_FILE, data_key, config.busy_timeout_ms), config)
+        _log.info("pod %s unlocked", pod.pod_id)
+        return pod
 
     @staticmethod
     def _unwrap(home: Path, passphrase: str) -> bytes:

@@ -42,6 +42,9 @@ class Store:
     def __init__(self, path: Path, key: bytes | None, busy_timeout_ms: int = 10_000) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
+        if not path.exists():
+            # SQLite gives the -wal and -shm files the main file's mode: owner only.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         with self._mapped_errors():
             self.conn = sqlite.connect(
                 str(path), isolation_level=None, timeout=busy_timeout_ms / 1000,

@@ -1,0 +1,29 @@
+"""covey's benchmarks, run by ``make bench`` (``python -m covey.simulations.bench``).
+
+Each benchmark is a callable taking ``quick`` (a few-second smoke run instead of the full
+measurement) and returning a JSON-ready dict with ``config``, ``results`` and
+``summary`` (one human-readable line per figure). Every speed figure is a ratio against a
+baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["BENCHMARKS", "Benchmark"]
+
+Benchmark = Callable[[bool], dict[str, Any]]
+
+
+def _store(quick: bool) -> dict[str, Any]:
+    """SQLCipher against plain SQLite on the pod workload, and unlock time."""
+    # Imported on use, so `--only other` never pays for (or breaks on) this one's imports.
+    from covey.simulations.bench._store import run
+
+    return run(quick)
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "store": _store,
+}

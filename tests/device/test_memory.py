@@ -1,0 +1,89 @@
+"""Memories: add, list, keyword search, and erasure that reaches the file pages."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import pytest
+
+from covey.device import Pod
+from covey.device._memory import Memories, fts_query
+from covey.device._store import Store
+from covey.errors import InvalidInputError
+
+
+def test_add_list_search(pod: Pod) -> None:
+    a = pod.memories.add("My sister Ana lives in Lisbon", kind="fact")
+    b = pod.memories.add("I prefer vegetarian food", kind="preference")
+    pod.memories.add("Dentist on Friday")
+    assert [m.id for m in pod.memories.all()] == [3, b.id, a.id]
+    assert [m.id for m in pod.memories.all(kind="preference")] == [b.id]
+    assert len(pod.memories.all(limit=2)) == 2
+    hits = pod.memories.search("where does my sister live?")
+    assert hits[0].memory.id == a.id
+    assert hits[0].score > 0
+    assert pod.memories.search("vegetárian")[0].memory.id == b.id  # diacritics folded
+    assert pod.memories.search("?!") == []
+    assert pod.memories.search("zebra") == []
+
+
+@pytest.mark.parametrize("query", ['"', "NEAR(a b)", "a AND", "*", "col:x", "'; DROP TABLE memories"])
+def test_search_syntax_is_never_an_error(pod: Pod, query: str) -> None:
+    pod.memories.add("a b c drop table")
+    pod.memories.search(query)
+
+
+def test_fts_query_quotes_words() -> None:
+    assert fts_query('say "hi" NEAR me') == '"say" OR """hi""" OR "NEAR" OR "me"'
+    assert fts_query("... ?") is None
+
+
+def test_bad_input(pod: Pod) -> None:
+    with pytest.raises(InvalidInputError):
+        pod.memories.add("   ")
+    with pytest.raises(InvalidInputError):
+        pod.memories.add("x", kind="rumour")
+    with pytest.raises(InvalidInputError):
+        pod.memories.add("x" * 10_000)
+    assert pod.memories.count() == 0
+
+
+def test_forget(pod: Pod) -> None:
+    kept = pod.memories.add("the green door")
+    gone = pod.memories.add("the purple door")
+    assert pod.memories.forget(gone.id)
+    assert not pod.memories.forget(gone.id)
+    assert pod.memories.get(gone.id) is None
+    assert [h.memory.id for h in pod.memories.search("purple door")] == [kept.id]
+    # The index itself holds no trace of the erased words.
+    rows = pod.store.query("SELECT rowid FROM memories_fts WHERE memories_fts MATCH 'purple'")
+    assert rows == []
+    kinds = [e["kind"] for e in pod.export()["audit_log"]]
+    assert kinds[-1] == "erasure"
+
+
+def test_erased_text_is_gone_from_the_file_pages(tmp_path: Path) -> None:
+    """Run the same store code unencrypted, so the raw bytes can be searched.
+
+    With encryption the canary could never be seen in the file anyway; this checks that
+    erasure itself (secure_delete, FTS5 secure-delete, WAL truncation) leaves nothing
+    for someone who later obtains the key.
+    """
+    store = Store(tmp_path / "plain.db", key=None)
+    memories = Memories(store, on_erase=store.checkpoint)
+    canary = "canary-" + secrets.token_hex(8)
+    for i in range(300):
+        memories.add(f"ordinary memory {i} about gardening and the weather")
+    target = memories.add(f"the secret word is {canary} indeed")
+    for i in range(300):
+        memories.add(f"later memory {i} about cooking")
+    store.checkpoint()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert canary.encode() in raw  # the probe works: the word is there before erasure
+    assert memories.forget(target.id)
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert canary.encode() not in raw
+    store.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert canary.encode() not in raw
