@@ -468,10 +468,15 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     """One human-readable line per figure."""
     lines = []
     for phase, fig in results["phases"].items():
-        lines.append(
-            f"{phase:<17} sqlcipher {fig['sqlcipher']['ops_per_s']:>11,.1f} ops/s"
-            f"   sqlite {fig['sqlite']['ops_per_s']:>11,.1f} ops/s   ratio {fig['ratio']:.3f}"
-        )
+        cipher, plain = fig["sqlcipher"], fig["sqlite"]
+        if fig["ops"] == 1:
+            # A one-off step: its latency says more than a rate.
+            figures = (f"sqlcipher {cipher['median_s'] * 1000:>9.2f} ms   "
+                       f"    sqlite {plain['median_s'] * 1000:>9.2f} ms   ")
+        else:
+            figures = (f"sqlcipher {cipher['ops_per_s']:>11,.1f} ops/s"
+                       f"   sqlite {plain['ops_per_s']:>11,.1f} ops/s")
+        lines.append(f"{phase:<17} {figures}   ratio {fig['ratio']:.3f}")
     overall = results["overall"]
     lines.append(
         f"{'overall':<17} sqlcipher {overall['sqlcipher']['median_s']:>9.3f} s"

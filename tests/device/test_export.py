@@ -38,7 +38,8 @@ def _fill(pod: Pod, items: list[tuple[str, str]]) -> None:
         c.execute("UPDATE memories SET embedding = ? WHERE id = 1", (b"\x00\x01\xff" * 4,))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(items=memories)
 def test_export_round_trips(tmp_path_factory: pytest.TempPathFactory,
                             items: list[tuple[str, str]]) -> None:

@@ -28,7 +28,8 @@ def test_add_list_search(pod: Pod) -> None:
     assert pod.memories.search("zebra") == []
 
 
-@pytest.mark.parametrize("query", ['"', "NEAR(a b)", "a AND", "*", "col:x", "'; DROP TABLE memories"])
+@pytest.mark.parametrize(
+    "query", ['"', "NEAR(a b)", "a AND", "*", "col:x", "'; DROP TABLE memories"])
 def test_search_syntax_is_never_an_error(pod: Pod, query: str) -> None:
     pod.memories.add("a b c drop table")
     pod.memories.search(query)

@@ -70,10 +70,9 @@ def test_truncated_database(pod: Pod) -> None:
     data = db.read_bytes()
     db.write_bytes(data[: len(data) // 2])
     truncated = db.read_bytes()
-    with pytest.raises(StoreCorruptError) as err:
-        with Pod.open(pod.home, PASSPHRASE) as broken:
-            broken.memories.all()
-            assert broken.store.integrity_errors() == []  # must not get here
+    with pytest.raises(StoreCorruptError) as err, Pod.open(pod.home, PASSPHRASE) as broken:
+        broken.memories.all()
+        assert broken.store.integrity_errors() == []  # must not get here
     assert "pod.db" in str(err.value)
     assert db.read_bytes() == truncated  # the evidence is left as it was
 
@@ -96,7 +95,7 @@ def test_garbage_header(pod: Pod) -> None:
     pod.close()
     db = pod.home / "pod.db"
     db.write_bytes(b"\0" * 100 + db.read_bytes()[100:])
-    with pytest.raises(StoreCorruptError, match="pod.db"):
+    with pytest.raises(StoreCorruptError, match=r"pod\.db"):
         Pod.open(pod.home, PASSPHRASE)
 
 
@@ -154,7 +153,8 @@ def test_status_reports_tampering_through_cli(pod: Pod, covey, tmp_path: Path) -
     result = covey("pod", "status", "--home", str(pod.home), "--json")
     assert result.returncode == 8
     assert json.loads(result.stdout)["audit_chain"]["bad_seq"] == 2
-    assert result.stderr.strip() == "error: audit log broken at entry 2: content does not match its hash"
+    assert result.stderr.strip() == (
+        "error: audit log broken at entry 2: content does not match its hash")
 
 
 def test_forget_all(pod: Pod) -> None:
