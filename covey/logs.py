@@ -19,6 +19,14 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _installed: list[logging.Handler] = []
 
 
+class _BestEffortFileHandler(logging.FileHandler):
+    """A log file that never gets in the user's way: when it cannot be written (a full
+    disk, a removed folder) the record is dropped instead of printing a traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        return
+
+
 def log_file(home: Path) -> Path:
     """Where a pod's log lives."""
     return home / "logs" / "covey.log"
@@ -38,14 +46,17 @@ def configure(home: Path | None = None, level: int = logging.INFO) -> None:
     _installed.append(stderr)
 
     if home is not None and home.is_dir():
-        path = log_file(home)
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.close(fd)
-        file_handler = logging.FileHandler(path, encoding="utf-8")
-        file_handler.setLevel(level)
-        file_handler.setFormatter(logging.Formatter(_FORMAT))
-        _installed.append(file_handler)
+        path: Path | None = log_file(home)
+        try:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        except OSError:
+            path = None
+        if path is not None:
+            file_handler = _BestEffortFileHandler(path, encoding="utf-8")
+            file_handler.setLevel(level)
+            file_handler.setFormatter(logging.Formatter(_FORMAT))
+            _installed.append(file_handler)
 
     for handler in _installed:
         handler.addFilter(RedactingFilter())
