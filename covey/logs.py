@@ -32,6 +32,16 @@ def log_file(home: Path) -> Path:
     return home / "logs" / "covey.log"
 
 
+def _open_log(path: Path) -> logging.Handler | None:
+    """The pod's log file (mode 0600), or None when it cannot be created."""
+    try:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    except OSError:
+        return None
+    return _BestEffortFileHandler(path, encoding="utf-8")
+
+
 def configure(home: Path | None = None, level: int = logging.INFO) -> None:
     """Install redacting handlers on the root logger (replacing ones we installed before)."""
     root = logging.getLogger()
@@ -46,17 +56,11 @@ def configure(home: Path | None = None, level: int = logging.INFO) -> None:
     _installed.append(stderr)
 
     if home is not None and home.is_dir():
-        path: Path | None = log_file(home)
-        try:
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-        except OSError:
-            path = None
-        if path is not None:
-            file_handler = _BestEffortFileHandler(path, encoding="utf-8")
-            file_handler.setLevel(level)
-            file_handler.setFormatter(logging.Formatter(_FORMAT))
-            _installed.append(file_handler)
+        handler = _open_log(log_file(home))
+        if handler is not None:
+            handler.setLevel(level)
+            handler.setFormatter(logging.Formatter(_FORMAT))
+            _installed.append(handler)
 
     for handler in _installed:
         handler.addFilter(RedactingFilter())

@@ -173,6 +173,7 @@ def make_workload(cfg: StoreBenchConfig) -> Workload:
         messages=messages,
         memories=memories,
         point_ids=[rng.randint(1, total_messages) for _ in range(cfg.point_reads)],
+        # Ids 1 and 2: the single and batched conversations of a fresh database.
         history_conversations=[1 + i % 2 for i in range(cfg.history_reads)],
         queries=queries,
     )
