@@ -56,11 +56,11 @@ def configure(home: Path | None = None, level: int = logging.INFO) -> None:
     _installed.append(stderr)
 
     if home is not None and home.is_dir():
-        handler = _open_log(log_file(home))
-        if handler is not None:
-            handler.setLevel(level)
-            handler.setFormatter(logging.Formatter(_FORMAT))
-            _installed.append(handler)
+        to_file = _open_log(log_file(home))
+        if to_file is not None:
+            to_file.setLevel(level)
+            to_file.setFormatter(logging.Formatter(_FORMAT))
+            _installed.append(to_file)
 
     for handler in _installed:
         handler.addFilter(RedactingFilter())

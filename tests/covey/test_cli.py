@@ -124,3 +124,17 @@ def test_demo_runs(covey: Covey) -> None:
     assert result.returncode == 0, result.stderr
     assert "crypto-shred" in result.stdout
     assert "erased" in result.stdout
+
+
+def test_corrupt_database_is_one_line_and_untouched(covey: Covey, home: Path) -> None:
+    covey("pod", "init", "--home", str(home))
+    for i in range(20):
+        covey("memory", "add", f"note {i} " + "y" * 300, "--home", str(home))
+    db = home / "pod.db"
+    damaged = bytearray(db.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x55
+    db.write_bytes(bytes(damaged))
+    result = covey("memory", "list", "--home", str(home))
+    line = _one_line_error(result, 6)
+    assert "corrupt" in line and "pod.db" in line
+    assert db.read_bytes() == bytes(damaged)
