@@ -92,6 +92,7 @@ class PodStatus:
     kdf: dict[str, Any]
     counts: dict[str, int]
     audit_chain: dict[str, Any]
+    integrity: list[str]
     database_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,7 +300,7 @@ class Pod:
                 for t in (*USER_TABLES, "audit_log")}
 
     def status(self) -> PodStatus:
-        """Identity, encryption, counts and the audit-chain check."""
+        """Identity, encryption, counts, page integrity and the audit-chain check."""
         wrapped = _keys.WrappedKey.from_file(self.home / KEY_FILE)
         chain = self.verify_audit_chain()
         q = self.store.query
@@ -323,6 +324,7 @@ class Pod:
             cipher=cipher, kdf=kdf, counts=self.counts(),
             audit_chain={"ok": chain.ok, "entries": chain.entries, "bad_seq": chain.bad_seq,
                          "reason": chain.reason},
+            integrity=self.store.integrity_errors(),
             database_bytes=size,
         )
 

@@ -53,6 +53,8 @@ class Store:
         self.conn.row_factory = sqlite.Row
         try:
             with self._mapped_errors():
+                # SQLCipher would print page errors to stderr; we report them as one line.
+                self.conn.execute("PRAGMA cipher_log_level = NONE")
                 if key is not None:
                     # A raw key: SQLCipher skips its own PBKDF2, the DEK is already random.
                     self.conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")

@@ -16,7 +16,12 @@ from covey import logs
 from covey.device._home import resolve_home
 from covey.device._memory import MEMORY_KINDS
 from covey.device._pod import Pod
-from covey.errors import InvalidInputError, PassphraseRequiredError, PodNotFoundError
+from covey.errors import (
+    InvalidInputError,
+    PassphraseRequiredError,
+    PodNotFoundError,
+    StoreCorruptError,
+)
 from covey.privacy import UserText
 
 __all__ = ["memory_app", "pod_app"]
@@ -113,7 +118,7 @@ def _read_export(path: Path) -> dict[str, Any]:
 
 @pod_app.command("status")
 def pod_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Identity, encryption, counts, and a check of the audit log's hash chain."""
+    """Identity, encryption, counts, and checks of every page and of the audit chain."""
     with open_pod(home) as pod:
         status = pod.status()
     chain = status.audit_chain
@@ -136,7 +141,12 @@ def pod_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         verdict = ("[green]intact[/]" if chain["ok"] else
                    f"[red]BROKEN at entry {chain['bad_seq']}: {chain['reason']}[/]")
         table.add_row("audit chain", f"{verdict} ({chain['entries']} entries)")
+        table.add_row("integrity", "[green]ok[/]" if not status.integrity else
+                      f"[red]{len(status.integrity)} problems[/]")
         out.print(table)
+    if status.integrity:
+        raise StoreCorruptError(Path(status.home) / "pod.db",
+                                f"{len(status.integrity)} integrity problems")
     if not chain["ok"]:
         typer.echo(f"error: audit log broken at entry {chain['bad_seq']}: {chain['reason']}",
                    err=True)

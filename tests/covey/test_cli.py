@@ -134,7 +134,7 @@ def test_corrupt_database_is_one_line_and_untouched(covey: Covey, home: Path) ->
     damaged = bytearray(db.read_bytes())
     damaged[len(damaged) // 2] ^= 0x55
     db.write_bytes(bytes(damaged))
-    result = covey("memory", "list", "--home", str(home))
+    result = covey("pod", "status", "--home", str(home))
     line = _one_line_error(result, 6)
     assert "corrupt" in line and "pod.db" in line
     assert db.read_bytes() == bytes(damaged)
