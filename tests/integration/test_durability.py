@@ -64,6 +64,8 @@ def _read_acks(proc: subprocess.Popen[bytes], seconds: float) -> list[int]:
         ready, _, _ = select.select([fd], [], [], left)
         if ready:
             buffer += os.read(fd, 65536)
+    # Still running means it never failed: a writer that met an error would have exited.
+    assert proc.poll() is None, proc.stderr.read().decode()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     while chunk := os.read(fd, 65536):
@@ -98,7 +100,7 @@ def test_concurrent_writers_wait_instead_of_failing(pod: Pod) -> None:
     pod.close()
     procs = [_writer(pod.home, 0, prefix=f"w{n}") for n in range(2)]
     results = [_read_acks(p, 3.0) for p in procs]
-    assert all(len(r) > 20 for r in results)
+    assert all(len(r) >= 5 for r in results), [len(r) for r in results]
     with Pod.open(pod.home, PASSPHRASE) as again:
         for n, acks in enumerate(results):
             stored = {m.text.split()[1] for m in again.memories.all()
