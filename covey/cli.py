@@ -13,6 +13,7 @@ import covey
 from covey import logs
 from covey.device.cli import memory_app, pod_app
 from covey.errors import CoveyError
+from covey.models.cli import models_app
 
 __all__ = ["app", "main"]
 
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 app.add_typer(pod_app, name="pod")
 app.add_typer(memory_app, name="memory")
+app.add_typer(models_app, name="models")
 
 _log = logging.getLogger("covey.cli")
 

@@ -1,6 +1,46 @@
-"""On-device models: tokenizer, language model, adapters, ONNX runtime, embedder.
+"""On-device models: data split, tokenizer, language model, adapters, ONNX, embedder.
 
-Nothing is public yet; see the open issue for the built-in models.
+Public surface (imported lazily, so ``import covey.models`` loads neither torch nor
+onnxruntime until a name that needs it is used):
+
+    load_corpus, Corpus, Example, FederatedUser, share_of   the chitchat split
+    ChatTokenizer, ChatMessage                              tokenization and chat format
+    ModelConfig, TinyLM, load_model                         the built-in language model
+    Adapter                                                 LoRA adapters as arrays
+    SamplingParams, Generator, GENERATORS, create_generator generation backends by name
+    BackendUnavailableError, ArtifactError, Artifacts       errors and shipped files
+    Embedder, EmbedderConfig, EMBEDDERS, create_embedder    sentence embeddings
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "load_corpus": "_data", "Corpus": "_data", "Example": "_data",
+    "FederatedUser": "_data", "share_of": "_data",
+    "ChatTokenizer": "_tokenizer", "ChatMessage": "_tokenizer",
+    "ModelConfig": "_model", "TinyLM": "_model",
+    "load_model": "_runtime",
+    "Adapter": "_adapter",
+    "SamplingParams": "_generate", "Generator": "_generate", "GENERATORS": "_generate",
+    "create_generator": "_generate", "BackendUnavailableError": "_generate",
+    "ArtifactError": "_artifacts", "Artifacts": "_artifacts",
+    "Embedder": "_embedder", "EmbedderConfig": "_embedder", "EMBEDDERS": "_embedder",
+    "create_embedder": "_embedder",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'covey.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"covey.models.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

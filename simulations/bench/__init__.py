@@ -24,6 +24,22 @@ def _store(quick: bool) -> dict[str, Any]:
     return run(quick)
 
 
+def _embedder(quick: bool) -> dict[str, Any]:
+    """The ONNX embedder against sentence-transformers: throughput and peak memory."""
+    from covey.simulations.bench._embedder import run
+
+    return run(quick)
+
+
+def _models(quick: bool) -> dict[str, Any]:
+    """The language model: ONNX int8 against torch eager fp32 (TTFT, decode, memory)."""
+    from covey.models._bench import run
+
+    return run(quick)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "store": _store,
+    "models": _models,
+    "embedder": _embedder,
 }

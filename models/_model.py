@@ -1,0 +1,212 @@
+"""covey's built-in language model: a small decoder-only transformer with LoRA adapters.
+
+Read top to bottom: config, LoRA linear layer, attention, MLP, block, model. The shapes
+in comments use B batch, T new tokens, P cached (past) tokens, C model width, nh heads,
+hs head size, V vocabulary, r LoRA rank.
+
+Why these choices, for a phone-class CPU:
+- pre-LayerNorm blocks, GELU MLP, learned positions, tied input/output embeddings:
+  the nanoGPT recipe, which trains stably at this size with a plain AdamW.
+- an explicit key/value cache in and out of ``forward``, so the ONNX graph exported
+  from this module decodes one token at a time without recomputing the prompt.
+- LoRA on the attention projections (q, k, v, o) and optionally the MLP: the federated
+  and personal parts of the model are these small matrices, never the base weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["LoRALinear", "ModelConfig", "TinyLM"]
+
+LORA_TARGETS = ("q", "k", "v", "o", "fc", "proj")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the model and of its LoRA adapters."""
+
+    vocab_size: int = 4096
+    context: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    dropout: float = 0.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = field(default=("q", "k", "v", "o"))
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context", "n_layer", "n_head", "d_model", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.d_model % self.n_head:
+            raise ValueError("d_model must be a multiple of n_head")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f"unknown LoRA targets {sorted(unknown)}; known: {LORA_TARGETS}")
+
+    @property
+    def head_size(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready."""
+        return {**asdict(self), "lora_targets": list(self.lora_targets)}
+
+
+class LoRALinear(nn.Linear):
+    """A linear layer with an optional low-rank update: ``W x + (alpha/r) B A x``.
+
+    ``lora_B`` starts at zero, so a fresh adapter leaves the base model unchanged.
+    """
+
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float, bias: bool = True):
+        super().__init__(d_in, d_out, bias=bias)
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, d_in))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # Set only while tracing for ONNX: the matrices then come from graph inputs.
+        self.external: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.external if self.external is not None else (self.lora_A, self.lora_B)
+        return super().forward(x) + (x @ a.T @ b.T) * self.scale
+
+
+def _linear(cfg: ModelConfig, name: str, d_in: int, d_out: int) -> nn.Linear:
+    if name in cfg.lora_targets:
+        return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha)
+    return nn.Linear(d_in, d_out)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention over the cached and the new tokens."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.d_model
+        self.q = _linear(cfg, "q", c, c)
+        self.k = _linear(cfg, "k", c, c)
+        self.v = _linear(cfg, "v", c, c)
+        self.o = _linear(cfg, "o", c, c)
+
+    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, C = x.shape
+        nh, hs = self.cfg.n_head, self.cfg.head_size
+        q = self.q(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k(x).view(B, T, nh, hs).transpose(1, 2)
+        v = self.v(x).view(B, T, nh, hs).transpose(1, 2)
+        k = torch.cat([past_k, k], dim=2)  # (B, nh, P+T, hs)
+        v = torch.cat([past_v, v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.o(y), k, v
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward, four times wider than the model."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = _linear(cfg, "fc", cfg.d_model, 4 * cfg.d_model)
+        self.proj = _linear(cfg, "proj", 4 * cfg.d_model, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        a, k, v = self.attn(self.ln1(x), past_k, past_v, mask)
+        x = x + a
+        return x + self.mlp(self.ln2(x)), k, v
+
+
+class TinyLM(nn.Module):
+    """The whole model: embeddings, blocks, final norm, tied output projection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.context, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.apply(self._init)
+        # GPT-2's scaled init of residual projections keeps early activations small.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.o.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def empty_cache(self, batch: int = 1) -> list[Tensor]:
+        """A zero-length key/value cache: ``[k0, v0, k1, v1, ...]``, each (B, nh, 0, hs)."""
+        shape = (batch, self.cfg.n_head, 0, self.cfg.head_size)
+        return [torch.zeros(shape) for _ in range(2 * self.cfg.n_layer)]
+
+    def forward(self, idx: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        """Logits of the new tokens and the grown cache.
+
+        Args:
+            idx: (B, T) token ids.
+            past: the cache, ``k0, v0, k1, v1, ...``, each (B, nh, P, hs); P may be 0.
+
+        Returns:
+            ``(logits, k0, v0, ...)``: logits (B, T, V), each cache tensor (B, nh, P+T, hs).
+        """
+        if not past:
+            past = tuple(self.empty_cache(idx.shape[0]))
+        T = idx.shape[1]
+        P = past[0].shape[2]
+        positions = torch.arange(T, device=idx.device) + P  # (T,)
+        x = self.drop(self.tok(idx) + self.pos(positions)[None])  # (B, T, C)
+        # Token t (at position P+t) sees cached tokens and new tokens up to itself.
+        keys = torch.arange(P + T, device=idx.device)[None, :]
+        mask = keys <= (torch.arange(T, device=idx.device)[:, None] + P)  # (T, P+T)
+        present: list[Tensor] = []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block(x, past[2 * i], past[2 * i + 1], mask)
+            present += [k, v]
+        logits = self.ln_f(x) @ self.tok.weight.T  # (B, T, V)
+        return (logits, *present)
+
+    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy of next-token prediction; targets of -100 are ignored."""
+        logits = self(idx)[0]
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def num_parameters(self, lora: bool = False) -> int:
+        """Parameters of the base model, or of the LoRA adapter."""
+        return sum(p.numel() for n, p in self.named_parameters() if ("lora_" in n) == lora)
