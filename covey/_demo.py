@@ -24,6 +24,21 @@ _MEMORIES = [
 ]
 
 
+def _model_step(console: Console) -> None:
+    """Answer a greeting with the shipped int8 ONNX model (no training, no download)."""
+    from covey.models import ChatMessage, SamplingParams, create_generator
+
+    started = time.perf_counter()
+    generator = create_generator("onnx")
+    console.print(f"  loaded and verified the model in {time.perf_counter() - started:.2f} s")
+    for prompt in ("hi!", "what do you like to do on weekends?"):
+        started = time.perf_counter()
+        reply = "".join(generator.stream_chat([ChatMessage("user", prompt)],
+                                              SamplingParams(max_tokens=32, seed=7)))
+        console.print(f"  you: {prompt}\n  pod: {reply.strip()}  "
+                      f"({time.perf_counter() - started:.2f} s)", markup=False)
+
+
 def run(console: Console | None = None) -> None:
     """Create a pod in a temporary folder, use it, export it, and crypto-shred it."""
     console = console or Console()
@@ -70,7 +85,10 @@ def run(console: Console | None = None) -> None:
                           f"{len(document['audit_log'])} audit entries")
             os.remove(export_file)
 
-        console.print(Rule("7. crypto-shred the pod"))
+        console.print(Rule("7. the built-in model, on device"))
+        _model_step(console)
+
+        console.print(Rule("8. crypto-shred the pod"))
         removed = Pod.forget(home)
         console.print(f"  data key destroyed, removed {', '.join(removed)}")
         try:

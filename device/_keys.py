@@ -22,9 +22,13 @@ from argon2.low_level import Type, hash_secret_raw
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from covey._files import fsync_dir, write_atomic
 from covey.errors import StoreCorruptError, WrongPassphraseError
 
-__all__ = ["DATA_KEY_BYTES", "KdfParams", "WrappedKey", "new_data_key", "unwrap", "wrap"]
+__all__ = [
+    "DATA_KEY_BYTES", "KdfParams", "WrappedKey", "fsync_dir", "new_data_key", "shred", "unwrap",
+    "wrap", "write_atomic",
+]
 
 DATA_KEY_BYTES = 32
 _SALT_BYTES = 16
@@ -145,28 +149,6 @@ def unwrap(wrapped: WrappedKey, passphrase: str) -> bytes:
     if len(data_key) != DATA_KEY_BYTES:
         raise WrongPassphraseError()
     return data_key
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or unlink in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def shred(path: Path) -> None:

