@@ -16,31 +16,37 @@ from covey.device import Pod
 
 __all__ = ["run"]
 
-_MEMORIES = [
-    ("My sister Ana lives in Lisbon.", "fact"),
-    ("I prefer vegetarian food.", "preference"),
-    ("Dentist appointment on Friday at 10.", "note"),
-    ("I am learning to play the cello.", "fact"),
-]
 
+def _say(console: Console, assistant: object, session: str, text: str) -> int:
+    """One chat turn, printed with what was remembered and recalled."""
+    from covey.device._chat import Assistant
+    from covey.models import SamplingParams
 
-def _model_step(console: Console) -> None:
-    """Answer a greeting with the shipped int8 ONNX model (no training, no download)."""
-    from covey.models import ChatMessage, SamplingParams, create_generator
-
+    if not isinstance(assistant, Assistant):
+        raise TypeError("an Assistant is needed")
     started = time.perf_counter()
-    generator = create_generator("onnx")
-    console.print(f"  loaded and verified the model in {time.perf_counter() - started:.2f} s")
-    for prompt in ("hi!", "what do you like to do on weekends?"):
-        started = time.perf_counter()
-        reply = "".join(generator.stream_chat([ChatMessage("user", prompt)],
-                                              SamplingParams(max_tokens=32, seed=7)))
-        console.print(f"  you: {prompt}\n  pod: {reply.strip()}  "
-                      f"({time.perf_counter() - started:.2f} s)", markup=False)
+    turn = assistant.respond(session, text, sampling=SamplingParams(max_tokens=32, seed=7))
+    reply = "".join(turn)
+    console.print(f"  you: {text}", markup=False)
+    console.print(f"  pod: {reply}  ({time.perf_counter() - started:.2f} s, first token "
+                  f"{turn.timings.get('first_token_s', 0) * 1000:.0f} ms)", markup=False)
+    for fact in turn.explanation.learned:
+        console.print(f"       remembered: {fact}", markup=False, style="green")
+    for memory in turn.explanation.memories:
+        found = assistant.pod.memories.get(memory["id"])
+        if found is not None:
+            console.print(f"       recalled #{memory['id']}: {found.text}", markup=False,
+                          style="cyan")
+    for pref in turn.explanation.preferences:
+        console.print(f"       knows: {pref}", markup=False, style="cyan")
+    return turn.reply_message_id
 
 
 def run(console: Console | None = None) -> None:
-    """Create a pod in a temporary folder, use it, export it, and crypto-shred it."""
+    """Create a pod, chat across sessions, correct, forget, export, and crypto-shred it."""
+    from covey.device._chat import open_assistant
+    from covey.device._feedback import give_feedback, set_consent
+
     console = console or Console()
     passphrase = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory(prefix="covey-demo-") as tmp:
@@ -52,43 +58,53 @@ def run(console: Console | None = None) -> None:
             console.print(f"created in {time.perf_counter() - started:.2f} s "
                           "(Argon2id key wrap, SQLCipher store)")
 
-        console.print(Rule("2. unlock and remember"))
-        started = time.perf_counter()
+        console.print(Rule("2. chat (on-device int8 model), remembering what you say"))
         with Pod.open(home, passphrase) as pod:
-            console.print(f"unlocked in {time.perf_counter() - started:.2f} s")
-            for text, kind in _MEMORIES:
-                memory = pod.memories.add(text, kind=kind)
-                console.print(f"  #{memory.id} ({kind}) {text}", markup=False)
+            started = time.perf_counter()
+            assistant = open_assistant(pod, progress=console.print)
+            console.print(f"  model and embedder ready in {time.perf_counter() - started:.2f} s")
+            monday = assistant.new_session()
+            _say(console, assistant, monday, "hi! my name is Maya.")
+            _say(console, assistant, monday, "My sister is Ana and she is visiting next week.")
+            _say(console, assistant, monday, "I love spicy food.")
 
-            console.print(Rule("3. status"))
+        console.print(Rule("3. a later session: the pod still knows (memory recalled)"))
+        with Pod.open(home, passphrase) as pod:
+            assistant = open_assistant(pod)
+            friday = assistant.new_session()
+            _say(console, assistant, friday, "what should I cook for my sister?")
+            _say(console, assistant, friday, "actually I hate spicy food now.")
+            tastes = [f.sentence() for f in assistant.graph.current() if "spicy" in f.value]
+            console.print(f"  preference updated: {tastes}")
+
+            console.print(Rule("4. feedback: a correction becomes a training example"))
+            set_consent(pod, "federated_training", True)
+            result = give_feedback(pod, correction="Make her a mild mushroom risotto.")
+            console.print(f"  correction stored as training example #{result.example_id} "
+                          f"(consented: {result.consented})")
+
+            console.print(Rule("5. forget a memory"))
+            sister = next(h.memory for h in pod.memories.recall("my sister", 3)
+                          if "sister" in h.memory.text)
+            pod.memories.forget(sister.id)
+            left = [h.memory.text for h in pod.memories.recall("sister", 3)]
+            console.print(f"  forgot #{sister.id} ({sister.text!r}); recall for 'sister' now: "
+                          f"{left}", markup=False)
+
+            console.print(Rule("6. status and export (your right of access)"))
             status = pod.status()
-            console.print(f"store: {status.cipher['engine']}; key wrap: Argon2id "
-                          f"m={status.kdf['memory_kib']} KiB t={status.kdf['time_cost']}")
-            console.print(f"memories: {status.counts['memories']}, audit entries: "
-                          f"{status.counts['audit_log']}, chain intact: "
-                          f"{status.audit_chain['ok']}")
-
-            console.print(Rule("4. search"))
-            for query in ("sister", "what food do I like"):
-                hits = pod.memories.search(query, limit=2)
-                console.print(f"  {query!r} -> " + "; ".join(h.memory.text for h in hits))
-
-            console.print(Rule("5. forget one memory"))
-            pod.memories.forget(3)
-            console.print(f"  forgot #3; {pod.memories.count()} memories left")
-
-            console.print(Rule("6. export (your right of access)"))
+            console.print(f"  {status.counts['memories']} memories, "
+                          f"{status.counts['messages']} messages, "
+                          f"{status.counts['training_examples']} training examples; "
+                          f"audit chain intact: {status.audit_chain['ok']}")
             export_file = Path(tmp) / "export.json"
             size = pod.write_export(export_file)
             document = json.loads(export_file.read_text(encoding="utf-8"))
-            console.print(f"  {size:,} bytes, {len(document['tables']['memories'])} memories, "
-                          f"{len(document['audit_log'])} audit entries")
+            console.print(f"  export: {size:,} bytes, {len(document['tables']['messages'])} "
+                          f"messages, {len(document['audit_log'])} audit entries")
             os.remove(export_file)
 
-        console.print(Rule("7. the built-in model, on device"))
-        _model_step(console)
-
-        console.print(Rule("8. crypto-shred the pod"))
+        console.print(Rule("7. crypto-shred the pod"))
         removed = Pod.forget(home)
         console.print(f"  data key destroyed, removed {', '.join(removed)}")
         try:

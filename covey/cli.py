@@ -11,6 +11,7 @@ import typer
 
 import covey
 from covey import logs
+from covey.device.chat_cli import chat, feedback
 from covey.device.cli import memory_app, pod_app
 from covey.errors import CoveyError
 from covey.models.cli import models_app
@@ -27,6 +28,8 @@ app = typer.Typer(
 app.add_typer(pod_app, name="pod")
 app.add_typer(memory_app, name="memory")
 app.add_typer(models_app, name="models")
+app.command("chat")(chat)
+app.command("feedback")(feedback)
 
 _log = logging.getLogger("covey.cli")
 

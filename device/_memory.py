@@ -8,16 +8,26 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
+import sqlcipher3.dbapi2 as sqlite
 
 from covey.device import _audit
+from covey.device._fusion import fuse_with_decay
 from covey.device._store import Store
+from covey.device._vector import VectorIndex, encode_vector, load_vectors
 from covey.errors import InvalidInputError
 
 __all__ = ["MEMORY_KINDS", "Memories", "Memory", "MemoryHit"]
 
 MEMORY_KINDS = ("fact", "preference", "episode", "summary", "note")
 MAX_MEMORY_CHARS = 8192
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+# Two memories of one kind this close in meaning are one memory said twice.
+DUPLICATE_COSINE = 0.95
+HALF_LIFE_S = 30 * 86400.0
+DECAY_FLOOR = 0.5
 _WORD = re.compile(r"\w+", re.UNICODE)
 _log = logging.getLogger(__name__)
 
@@ -71,12 +81,148 @@ def fts_query(text: str) -> str | None:
     return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
 
 
-class Memories:
-    """Memories stored in the pod's encrypted database."""
+class TextEmbedder(Protocol):
+    """What memories need of an embedder."""
 
-    def __init__(self, store: Store, on_erase: Callable[[], None]) -> None:
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Unit vectors, one row per text."""
+        ...
+
+
+def _age_seconds(stamp: str, now: datetime) -> float:
+    return max(0.0, (now - datetime.fromisoformat(stamp)).total_seconds())
+
+
+class Memories:
+    """Memories in the pod's encrypted database, with keyword and semantic recall.
+
+    The semantic layer is an in-memory vector index built from the stored embeddings on
+    first use and kept in step with this process's writes; it is never written to disk.
+    Writes from other processes are picked up at the next recall.
+    """
+
+    def __init__(self, store: Store, on_erase: Callable[[], None],
+                 embedder: TextEmbedder | None = None) -> None:
         self._store = store
         self._on_erase = on_erase
+        self._embedder = embedder
+        self._index: VectorIndex | None = None
+        self._indexed: tuple[int, int] = (0, 0)  # (max id, count) the index reflects
+
+    def use_embedder(self, embedder: TextEmbedder) -> None:
+        """Turn on semantic recall and near-duplicate merging."""
+        self._embedder = embedder
+        self._index = None
+
+    # -- writes ----------------------------------------------------------------------
+
+    def _validate(self, text: str, kind: str) -> str:
+        text = text.strip()
+        if not text:
+            raise InvalidInputError("a memory needs some text")
+        if len(text) > MAX_MEMORY_CHARS:
+            raise InvalidInputError(f"a memory holds at most {MAX_MEMORY_CHARS} characters")
+        if kind not in MEMORY_KINDS:
+            raise InvalidInputError(f"memory kind must be one of {', '.join(MEMORY_KINDS)}")
+        return text
+
+    def insert(self, conn: sqlite.Connection, text: str, kind: str,
+               provenance: dict[str, Any]) -> int:
+        """Store a memory inside the caller's transaction; a near-duplicate is merged.
+
+        Returns the id of the new memory, or of the one it merged into.
+        """
+        text = self._validate(text, kind)
+        now = _now()
+        vector = self._embed(text)
+        if vector is not None:
+            twin = self._near_duplicate(conn, vector, kind)
+            if twin is not None:
+                conn.execute("UPDATE memories SET text = ?, updated_at = ?, embedding = ?"
+                             " WHERE id = ?", (text, now, encode_vector(vector), twin))
+                self._reindex(twin, vector)
+                return twin
+        cur = conn.execute(
+            "INSERT INTO memories (text, kind, provenance, created_at, updated_at, embedding,"
+            " embedding_model) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (text, kind, json.dumps(provenance, sort_keys=True), now, now,
+             encode_vector(vector) if vector is not None else None,
+             EMBEDDING_MODEL if vector is not None else None),
+        )
+        mid = int(cur.lastrowid or 0)
+        if vector is not None:
+            self._reindex(mid, vector)
+        return mid
+
+    def delete(self, conn: sqlite.Connection, memory_id: int) -> bool:
+        """Delete a memory and the graph edges it asserted, in the caller's transaction."""
+        conn.execute("DELETE FROM graph_edges WHERE json_extract(provenance, '$.memory_id') = ?",
+                     (memory_id,))
+        gone = conn.execute("DELETE FROM memories WHERE id = ?", (memory_id,)).rowcount > 0
+        if gone and self._index is not None and memory_id in self._index:
+            self._index.remove([memory_id])
+            self._indexed = (self._indexed[0], self._indexed[1] - 1)
+        return gone
+
+    def _embed(self, text: str) -> np.ndarray | None:
+        if self._embedder is None:
+            return None
+        return np.asarray(self._embedder.embed([text])[0], dtype=np.float32)
+
+    def _near_duplicate(self, conn: sqlite.Connection, vector: np.ndarray, kind: str
+                        ) -> int | None:
+        index = self._ensure_index()
+        for mid, score in index.search(vector, 3):
+            if score < DUPLICATE_COSINE:
+                break
+            row = conn.execute("SELECT kind FROM memories WHERE id = ?", (mid,)).fetchone()
+            if row is not None and row[0] == kind:
+                return mid
+        return None
+
+    def _reindex(self, memory_id: int, vector: np.ndarray) -> None:
+        if self._index is None:
+            return
+        fresh = memory_id not in self._index
+        if not fresh:
+            self._index.remove([memory_id])
+        self._index.add([memory_id], vector[None, :])
+        top, count = self._indexed
+        self._indexed = (max(top, memory_id), count + (1 if fresh else 0))
+
+    # -- the vector layer --------------------------------------------------------------
+
+    def _ensure_index(self) -> VectorIndex:
+        """The index, rebuilt when another process changed the stored embeddings."""
+        row = self._store.query("SELECT coalesce(max(id), 0), count(*) FROM memories"
+                                " WHERE embedding IS NOT NULL")[0]
+        state = (int(row[0]), int(row[1]))
+        if self._index is None or state != self._indexed:
+            self._backfill()
+            rows = self._store.query("SELECT id, embedding FROM memories WHERE"
+                                     " embedding_model = ?", (EMBEDDING_MODEL,))
+            ids, matrix = load_vectors((r[0], r[1]) for r in rows)
+            self._index = VectorIndex()
+            if len(ids):
+                self._index.add(ids, matrix)
+            row = self._store.query("SELECT coalesce(max(id), 0), count(*) FROM memories"
+                                    " WHERE embedding IS NOT NULL")[0]
+            self._indexed = (int(row[0]), int(row[1]))
+        return self._index
+
+    def _backfill(self) -> None:
+        """Embed memories stored before the embedder was on."""
+        if self._embedder is None:
+            return
+        rows = self._store.query("SELECT id, text FROM memories WHERE embedding IS NULL")
+        for start in range(0, len(rows), 64):
+            chunk = rows[start:start + 64]
+            vectors = self._embedder.embed([r["text"] for r in chunk])
+            with self._store.transaction() as c:
+                c.executemany(
+                    "UPDATE memories SET embedding = ?, embedding_model = ? WHERE id = ?",
+                    [(encode_vector(v), EMBEDDING_MODEL, r["id"]) for r, v in zip(
+                        chunk, vectors, strict=True)])
 
     def add(self, text: str, kind: str = "note", provenance: dict[str, Any] | None = None
             ) -> Memory:
@@ -85,23 +231,13 @@ class Memories:
         Raises:
             InvalidInputError: empty or oversized text, or an unknown kind.
         """
-        text = text.strip()
-        if not text:
-            raise InvalidInputError("a memory needs some text")
-        if len(text) > MAX_MEMORY_CHARS:
-            raise InvalidInputError(f"a memory holds at most {MAX_MEMORY_CHARS} characters")
-        if kind not in MEMORY_KINDS:
-            raise InvalidInputError(f"memory kind must be one of {', '.join(MEMORY_KINDS)}")
-        now = _now()
-        prov = json.dumps(provenance or {"source": "manual"}, sort_keys=True)
         with self._store.transaction() as c:
-            cur = c.execute(
-                "INSERT INTO memories (text, kind, provenance, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?)", (text, kind, prov, now, now),
-            )
-            mid = int(cur.lastrowid or 0)
-        _log.info("memory %d added (kind %s, %d chars)", mid, kind, len(text))
-        return Memory(mid, text, kind, now, now, json.loads(prov))
+            mid = self.insert(c, text, kind, provenance or {"source": "manual"})
+        _log.info("memory %d stored (kind %s)", mid, kind)
+        memory = self.get(mid)
+        if memory is None:  # pragma: no cover - deleted by another process in between
+            raise InvalidInputError(f"memory #{mid} vanished")
+        return memory
 
     def get(self, memory_id: int) -> Memory | None:
         """One memory by id, or None."""
@@ -133,14 +269,38 @@ class Memories:
         )
         return [MemoryHit(_row_to_memory(r), -float(r["rank"])) for r in rows]
 
+    def recall(self, query: str, k: int = 5) -> list[MemoryHit]:
+        """Hybrid recall: semantic and keyword rankings fused by rank, then time decay.
+
+        Without an embedder this is keyword search alone.
+        """
+        if self._embedder is None:
+            return self.search(query, limit=k)
+        vector = self._embed(query)
+        pool = max(4 * k, 20)
+        semantic = [mid for mid, _ in self._ensure_index().search(vector, pool)
+                    ] if vector is not None else []
+        keyword = [h.memory.id for h in self.search(query, limit=pool)]
+        ids = sorted(set(semantic) | set(keyword))
+        if not ids:
+            return []
+        rows = {r["id"]: r for r in self._store.query(
+            f"SELECT * FROM memories WHERE id IN ({', '.join('?' * len(ids))})",  # noqa: S608
+            tuple(ids))}
+        now = datetime.now(UTC)
+        ages = {mid: _age_seconds(rows[mid]["updated_at"], now) if mid in rows else 0.0
+                for mid in ids}
+        fused = fuse_with_decay([semantic, keyword], ages, HALF_LIFE_S, floor=DECAY_FLOOR)
+        return [MemoryHit(_row_to_memory(rows[mid]), score) for mid, score in fused[:k]
+                if mid in rows]
+
     def forget(self, memory_id: int) -> bool:
         """Erase a memory from the table, the keyword index and the file pages.
 
         Returns False when no memory has that id.
         """
         with self._store.transaction() as c:
-            cur = c.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
-            if cur.rowcount == 0:
+            if not self.delete(c, memory_id):
                 return False
             _audit.append(c, "erasure", detail={"table": "memories", "rows": 1})
         self._on_erase()

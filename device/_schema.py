@@ -177,7 +177,12 @@ CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log BEGIN
 END;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1,)
+# v2: why each reply was given (the orchestrator's explanation, JSON), kept with the reply.
+_V2 = """
+ALTER TABLE messages ADD COLUMN explanation TEXT;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Tables holding the user's data, in an order that satisfies foreign keys on insert.

@@ -209,7 +209,33 @@ def pod_passwd(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         out.print("Passphrase changed.")
 
 
+@pod_app.command("consent")
+def pod_consent(
+    scope: Annotated[str, typer.Argument(help="What for, e.g. federated_training.")],
+    grant: Annotated[bool, typer.Option("--grant/--revoke", help="Give or withdraw it.")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Give or withdraw a consent (recorded in the audit log)."""
+    from covey.device._feedback import set_consent
+
+    if not scope.replace("_", "").isalnum():
+        raise InvalidInputError("a consent scope is letters, digits and underscores")
+    with open_pod(home) as pod:
+        set_consent(pod, scope, grant)
+    if as_json:
+        _emit_json({"scope": scope, "granted": grant})
+    else:
+        out.print(f"{'Granted' if grant else 'Withdrew'} consent: {scope}")
+
+
 # -- covey memory -------------------------------------------------------------------
+
+
+def _semantic(pod: Pod) -> None:
+    from covey.device._chat import enable_semantic_memory
+
+    enable_semantic_memory(pod, progress=lambda message: sys.stderr.write(message + "\n"))
 
 
 def _memory_rows(rows: list[dict[str, Any]], title: str) -> None:
@@ -232,6 +258,7 @@ def memory_add(
 ) -> None:
     """Remember something."""
     with open_pod(home) as pod:
+        _semantic(pod)
         memory = pod.memories.add(UserText(text), kind=kind)
     if as_json:
         _emit_json(memory.to_dict())
@@ -259,12 +286,18 @@ def memory_list(
 def memory_search(
     query: Annotated[str, typer.Argument(help="Words to look for.")],
     limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 10,
+    keyword: Annotated[bool, typer.Option("--keyword", help="Keywords only (no meaning).")
+                       ] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Search memories by keywords, best match first."""
+    """Search memories by meaning and keywords (hybrid), best match first."""
     with open_pod(home) as pod:
-        hits = pod.memories.search(UserText(query), limit=limit)
+        if keyword:
+            hits = pod.memories.search(UserText(query), limit=limit)
+        else:
+            _semantic(pod)
+            hits = pod.memories.recall(UserText(query), k=limit)
     rows = [{**h.memory.to_dict(), "score": round(h.score, 4)} for h in hits]
     if as_json:
         _emit_json(rows)

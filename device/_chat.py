@@ -1,0 +1,262 @@
+"""The chat runtime: one turn = store, remember, recall, assemble, generate, store.
+
+The same :class:`Assistant` serves `covey chat`, `covey serve` and the demo, so a turn
+is remembered, explained and audited the same way whoever asked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from covey.device._facts import extract_facts
+from covey.device._graph import PreferenceGraph
+from covey.device._orchestrator import Counter, Explanation, PromptBudget, PromptParts, assemble
+from covey.device._pod import Pod
+from covey.errors import InvalidInputError
+from covey.models import Generator, SamplingParams
+
+__all__ = ["Assistant", "ChatConfig", "Turn"]
+
+_log = logging.getLogger(__name__)
+MAX_MESSAGE_CHARS = 8000
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """How the assistant answers and remembers."""
+
+    recall_k: int = 4
+    recent_turns: int = 8
+    remember: bool = True
+    budget: PromptBudget = field(default_factory=PromptBudget)
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=48))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.recall_k <= 50:
+            raise ValueError("recall_k must be in 0..50")
+        if not 0 <= self.recent_turns <= 200:
+            raise ValueError("recent_turns must be in 0..200")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass
+class Turn:
+    """A reply being generated: iterate for text pieces; then read what it was built on."""
+
+    pieces: Iterator[str]
+    explanation: Explanation
+    session_id: str
+    user_message_id: int
+    reply_message_id: int = 0
+    text: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[str]:
+        return self.pieces
+
+
+class Assistant:
+    """Answers a user in sessions, remembering what they say."""
+
+    def __init__(self, pod: Pod, generator: Generator, count: Counter,
+                 config: ChatConfig | None = None, model_version: str = "base") -> None:
+        self.pod = pod
+        self.generator = generator
+        self.count = count
+        self.config = config or ChatConfig()
+        self.model_version = model_version
+        self.graph = PreferenceGraph(pod.store)
+        self._lock = threading.Lock()
+
+    # -- sessions --------------------------------------------------------------------
+
+    def new_session(self) -> str:
+        """Start a session (a conversation); returns its id."""
+        session_id = "s-" + secrets.token_hex(6)
+        with self.pod.store.transaction() as c:
+            c.execute("INSERT INTO conversations (session_id, started_at) VALUES (?, ?)",
+                      (session_id, _now()))
+        return session_id
+
+    def last_session(self) -> str | None:
+        """The most recent session, if any."""
+        rows = self.pod.store.query("SELECT session_id FROM conversations ORDER BY id DESC LIMIT 1")
+        return str(rows[0][0]) if rows else None
+
+    def _conversation(self, session_id: str) -> int:
+        rows = self.pod.store.query("SELECT id FROM conversations WHERE session_id = ?",
+                                    (session_id,))
+        if not rows:
+            raise InvalidInputError(f"no session {session_id}")
+        return int(rows[0][0])
+
+    def recent_turns(self, limit: int) -> list[tuple[str, str]]:
+        """The latest (role, text) turns across sessions, newest first (temporal layer)."""
+        rows = self.pod.store.query(
+            "SELECT role, content FROM messages WHERE role IN ('user', 'assistant')"
+            " ORDER BY id DESC LIMIT ?", (limit,))
+        return [(r[0], r[1]) for r in rows]
+
+    # -- a turn ----------------------------------------------------------------------
+
+    def respond(self, session_id: str, text: str, sampling: SamplingParams | None = None,
+                cancel: threading.Event | None = None) -> Turn:
+        """Store the user's message, learn from it, and start the reply.
+
+        Raises:
+            InvalidInputError: an empty or oversized message, or an unknown session.
+        """
+        text = text.strip()
+        if not text:
+            raise InvalidInputError("a message needs some text")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise InvalidInputError(f"a message holds at most {MAX_MESSAGE_CHARS} characters")
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        conversation = self._conversation(session_id)
+        previous = self.recent_turns(self.config.recent_turns)
+        message_id, learned = self._store_and_learn(conversation, text)
+        timings["store_s"] = time.perf_counter() - started
+
+        t0 = time.perf_counter()
+        hits = self.pod.memories.recall(text, self.config.recall_k) if self.config.recall_k else []
+        fresh = {m for m in learned}
+        memories = [(h.memory.id, h.memory.text, h.score) for h in hits
+                    if h.memory.id not in fresh]
+        timings["retrieve_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        prefs = [f.sentence() for f in self.graph.current()]
+        parts = PromptParts(message=text, preferences=prefs, memories=memories, turns=previous)
+        messages, explanation = assemble(parts, self.config.budget, self.count)
+        explanation.learned.extend(self.pod.memories.get(m).text  # type: ignore[union-attr]
+                                   for m in learned if self.pod.memories.get(m))
+        timings["assemble_s"] = time.perf_counter() - t0
+        turn = Turn(iter(()), explanation, session_id, message_id, timings=timings)
+        params = sampling or self.config.sampling
+        turn.pieces = self._generate(turn, conversation, messages, params, cancel)
+        return turn
+
+    def _store_and_learn(self, conversation: int, text: str) -> tuple[int, list[int]]:
+        learned: list[int] = []
+        with self.pod.store.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO messages (conversation_id, role, content, created_at)"
+                " VALUES (?, 'user', ?, ?)", (conversation, text, _now()))
+            message_id = int(cur.lastrowid or 0)
+            if not self.config.remember:
+                return message_id, learned
+            for fact in extract_facts(text):
+                memory_id = self.pod.memories.insert(c, fact.sentence, fact.kind, {
+                    "source": "chat", "message_id": message_id, "relation": fact.relation})
+                superseded = self.graph.assert_fact(c, fact, {"memory_id": memory_id,
+                                                              "message_id": message_id})
+                for old in superseded:
+                    if old.get("memory_id") and old["memory_id"] != memory_id:
+                        self.pod.memories.delete(c, int(old["memory_id"]))
+                learned.append(memory_id)
+        if learned:
+            _log.info("learned %d memories from message %d", len(learned), message_id)
+        return message_id, learned
+
+    def _generate(self, turn: Turn, conversation: int, messages: list[Any],
+                  params: SamplingParams, cancel: threading.Event | None) -> Iterator[str]:
+        t0 = time.perf_counter()
+        pieces: list[str] = []
+        with self._lock:  # one generation at a time per assistant: the model is shared
+            for piece in self.generator.stream_chat(messages, params, cancel):
+                if not pieces:
+                    turn.timings["first_token_s"] = time.perf_counter() - t0
+                pieces.append(piece)
+                yield piece
+        turn.timings["reply_s"] = time.perf_counter() - t0
+        turn.text = "".join(pieces).strip()
+        with self.pod.store.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO messages (conversation_id, role, content, model_version,"
+                " created_at, explanation) VALUES (?, 'assistant', ?, ?, ?, ?)",
+                (conversation, turn.text, self.model_version, _now(),
+                 json.dumps(turn.explanation.to_dict())))
+            turn.reply_message_id = int(cur.lastrowid or 0)
+            for memory in turn.explanation.memories:
+                c.execute("UPDATE memories SET last_used_at = ?, use_count = use_count + 1"
+                          " WHERE id = ?", (_now(), memory["id"]))
+
+    # -- looking back ----------------------------------------------------------------
+
+    def explain(self, message_id: int | None = None) -> dict[str, Any]:
+        """Why a reply (default: the last one) was given."""
+        where = " AND id = ?" if message_id is not None else ""
+        sql = ("SELECT id, explanation FROM messages WHERE role = 'assistant'"  # noqa: S608
+               f"{where} ORDER BY id DESC LIMIT 1")
+        rows = self.pod.store.query(sql, (message_id,) if message_id is not None else ())
+        if not rows:
+            raise InvalidInputError("there is no reply to explain yet")
+        explanation = json.loads(rows[0]["explanation"] or "{}")
+        for memory in explanation.get("memories", []):
+            found = self.pod.memories.get(memory["id"])
+            memory["text"] = found.text if found else "(forgotten since)"
+        return {"message_id": int(rows[0]["id"]), **explanation}
+
+    def forget_last_message(self) -> int:
+        """Erase the user's last message, its reply, and what was learned from it."""
+        rows = self.pod.store.query(
+            "SELECT id FROM messages WHERE role = 'user' ORDER BY id DESC LIMIT 1")
+        if not rows:
+            return 0
+        message_id = int(rows[0][0])
+        erased = 0
+        with self.pod.store.transaction() as c:
+            memories = [r[0] for r in c.execute("SELECT id, provenance FROM memories")
+                        if json.loads(r[1]).get("message_id") == message_id]
+            for memory_id in memories:
+                self.pod.memories.delete(c, memory_id)
+            erased += c.execute("DELETE FROM messages WHERE id >= ?", (message_id,)).rowcount
+            from covey.device import _audit
+
+            _audit.append(c, "erasure", detail={"table": "messages", "rows": erased,
+                                                "memories": len(memories)})
+        self.pod.store.checkpoint()
+        return erased
+
+
+def enable_semantic_memory(pod: Pod, progress: Any = None) -> None:
+    """Load the embedder (exporting it once, with a message) and turn on semantic recall."""
+    from covey.models import create_embedder
+
+    pod.memories.use_embedder(create_embedder("minilm-onnx", progress=progress))
+
+
+def open_assistant(pod: Pod, generator: str | None = None, url: str | None = None,
+                   model: str = "default", embeddings: bool = True,
+                   config: ChatConfig | None = None, progress: Any = None) -> Assistant:
+    """An assistant for ``pod``: the generator by name (``COVEY_GENERATOR``, default
+    ``onnx``; ``openai`` takes ``url`` or ``COVEY_OPENAI_URL``) and semantic memory."""
+    import os
+
+    from covey.models import ChatTokenizer, create_generator
+    from covey.models._artifacts import Artifacts
+
+    name = generator or os.environ.get("COVEY_GENERATOR", "onnx")
+    options: dict[str, Any] = {}
+    if name == "openai":
+        options = {"base_url": url or os.environ.get("COVEY_OPENAI_URL", ""), "model": model}
+    gen = create_generator(name, **options)
+    artifacts = Artifacts.load(verify=False)
+    tokenizer = ChatTokenizer.from_file(artifacts.path("tokenizer.json"))
+    if embeddings:
+        enable_semantic_memory(pod, progress)
+    version = artifacts.card["files"]["lm-int8.onnx"]["sha256"][:12]
+    return Assistant(pod, gen, lambda text: len(tokenizer.encode(text)), config,
+                     model_version=f"{name}:{version}" if name != "openai" else f"openai:{model}")

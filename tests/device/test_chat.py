@@ -1,0 +1,130 @@
+"""The pod at work: remembering across sessions, preference updates, feedback, forgetting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from covey.device import Pod
+from covey.device._chat import Assistant, open_assistant
+from covey.device._facts import extract_facts
+from covey.device._feedback import give_feedback, set_consent
+from covey.errors import InvalidInputError
+from covey.models import SamplingParams
+from tests.conftest import Covey
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+def _say(assistant: Assistant, session: str, text: str) -> tuple[str, dict]:
+    turn = assistant.respond(session, text, sampling=GREEDY)
+    reply = "".join(turn)
+    return reply, assistant.explain(turn.reply_message_id)
+
+
+@pytest.fixture
+def assistant(pod: Pod) -> Assistant:
+    return open_assistant(pod)
+
+
+def test_fact_from_one_session_is_used_in_a_later_one(assistant: Assistant) -> None:
+    first = assistant.new_session()
+    _, why = _say(assistant, first, "My sister is Ana and I live in Lisbon.")
+    assert why["learned"] == ["My sister is Ana.", "I live in Lisbon."]
+    later = assistant.new_session()
+    _say(assistant, later, "hello again")
+    reply, why = _say(assistant, later, "what do you know about my sister?")
+    assert isinstance(reply, str)
+    assert "sister: Ana" in why["preferences"]
+    assert any(m["text"] == "My sister is Ana." for m in why["memories"])
+    assert why["tokens"]["memories"] <= assistant.config.budget.memories
+
+
+def test_forgotten_memory_is_never_recalled_again(assistant: Assistant) -> None:
+    session = assistant.new_session()
+    _, why = _say(assistant, session, "My favorite color is teal.")
+    memory = assistant.pod.memories.recall("favorite color", 3)[0].memory
+    assert memory.text == "My favorite color is teal."
+    assert assistant.pod.memories.forget(memory.id)
+    assert all(h.memory.id != memory.id for h in assistant.pod.memories.recall("color", 5))
+    assert assistant.graph.lookup("favorite_color") is None
+    _, why = _say(assistant, session, "what is my favorite color?")
+    assert not any("teal" in p for p in why["preferences"])
+    assert not any(m["id"] == memory.id for m in why["memories"])
+
+
+def test_newer_preference_replaces_the_older(assistant: Assistant) -> None:
+    session = assistant.new_session()
+    _say(assistant, session, "I love coffee in the morning.")
+    _say(assistant, session, "Actually I hate coffee in the morning.")
+    tastes = [(f.relation, f.value) for f in assistant.graph.current()]
+    assert tastes == [("dislikes", "coffee in the morning")]
+    texts = [m.text for m in assistant.pod.memories.all()]
+    assert "I dislike coffee in the morning." in texts
+    assert "I like coffee in the morning." not in texts
+    # Functional facts: a new value replaces the old one.
+    _say(assistant, session, "I live in Porto.")
+    _say(assistant, session, "I live in Braga now.")
+    assert assistant.graph.lookup("lives_in").value == "Braga now"
+
+
+def test_near_duplicates_merge(assistant: Assistant) -> None:
+    a = assistant.pod.memories.add("I go swimming every Tuesday morning", kind="fact")
+    b = assistant.pod.memories.add("I go swimming every Tuesday morning.", kind="fact")
+    assert a.id == b.id
+    assert assistant.pod.memories.count() == 1
+
+
+def test_feedback_makes_training_examples(assistant: Assistant) -> None:
+    session = assistant.new_session()
+    _say(assistant, session, "hi there")
+    up = give_feedback(assistant.pod, rating=1)
+    assert up.example_id is not None and not up.consented
+    set_consent(assistant.pod, "federated_training", True)
+    _say(assistant, session, "what should I cook tonight?")
+    fixed = give_feedback(assistant.pod, correction="Try a mushroom risotto.")
+    down = give_feedback(assistant.pod, rating=-1)
+    assert fixed.consented and down.example_id is None
+    rows = assistant.pod.store.query(
+        "SELECT prompt, target, source, consented FROM training_examples ORDER BY id")
+    assert [tuple(r) for r in rows][1] == ("what should I cook tonight?",
+                                          "Try a mushroom risotto.", "correction", 1)
+    assert rows[0]["source"] == "accepted" and rows[0]["consented"] == 0
+    with pytest.raises(InvalidInputError):
+        give_feedback(assistant.pod)
+
+
+def test_forget_last_message(assistant: Assistant) -> None:
+    session = assistant.new_session()
+    _say(assistant, session, "My dog is Bolt.")
+    assert assistant.graph.lookup("dog") is not None
+    assert assistant.forget_last_message() == 2  # the message and its reply
+    assert assistant.graph.lookup("dog") is None
+    assert assistant.pod.memories.count() == 0
+    assert assistant.pod.export()["audit_log"][-1]["kind"] == "erasure"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("my day is fine", []),
+    ("I like it", []),
+    ("Call me Jo, I work at the bakery", [("name", "Jo"), ("works_at", "the bakery")]),
+    ("I'm allergic to peanuts", [("allergic_to", "peanuts")]),
+])
+def test_fact_patterns(text: str, expected: list[tuple[str, str]]) -> None:
+    assert [(f.relation, f.value) for f in extract_facts(text)] == expected
+
+
+def test_chat_cli(covey: Covey, home: Path) -> None:
+    h = ("--home", str(home))
+    assert covey("pod", "init", *h).returncode == 0
+    first = covey("chat", "My brother is Tom.", *h, "--json", "--seed", "1")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["learned"] == ["My brother is Tom."]
+    later = covey("chat", "tell me about my brother", "--new", "--explain", *h, "--json")
+    explanation = json.loads(later.stdout)["explanation"]
+    assert "brother: Tom" in explanation["preferences"]
+    assert covey("feedback", "--correct", "Your brother is Tom.", *h).returncode == 0
+    bad = covey("feedback", "--up", "--down", *h)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
