@@ -13,6 +13,7 @@ import covey
 from covey import logs
 from covey.device.chat_cli import chat, feedback
 from covey.device.cli import memory_app, pod_app
+from covey.device.serve_cli import serve
 from covey.errors import CoveyError
 from covey.models.cli import models_app
 
@@ -30,6 +31,7 @@ app.add_typer(memory_app, name="memory")
 app.add_typer(models_app, name="models")
 app.command("chat")(chat)
 app.command("feedback")(feedback)
+app.command("serve")(serve)
 
 _log = logging.getLogger("covey.cli")
 

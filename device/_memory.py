@@ -28,6 +28,9 @@ EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 DUPLICATE_COSINE = 0.95
 HALF_LIFE_S = 30 * 86400.0
 DECAY_FLOOR = 0.5
+# Below this cosine a memory is unrelated to the query: MiniLM gives unrelated short
+# sentences about 0.0 to 0.2, paraphrases 0.5 and more.
+MIN_SIMILARITY = 0.3
 _WORD = re.compile(r"\w+", re.UNICODE)
 _log = logging.getLogger(__name__)
 
@@ -278,8 +281,8 @@ class Memories:
             return self.search(query, limit=k)
         vector = self._embed(query)
         pool = max(4 * k, 20)
-        semantic = [mid for mid, _ in self._ensure_index().search(vector, pool)
-                    ] if vector is not None else []
+        semantic = [mid for mid, score in self._ensure_index().search(vector, pool)
+                    if score >= MIN_SIMILARITY] if vector is not None else []
         keyword = [h.memory.id for h in self.search(query, limit=pool)]
         ids = sorted(set(semantic) | set(keyword))
         if not ids:

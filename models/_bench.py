@@ -67,9 +67,15 @@ print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_ma
 """
 
 
+# Linux carries a process's peak RSS into a child made by fork and exec, so a child of
+# this (large) process would report at least our peak; a bare launcher starts small.
+_LAUNCHER = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
+
+
 def _peak_rss(backend: str) -> float:
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, backend], capture_output=True,
-                         text=True, check=True, timeout=300).stdout
+    out = subprocess.run([sys.executable, "-c", _LAUNCHER, sys.executable, "-c", _RSS_SCRIPT,
+                          backend], capture_output=True, text=True, check=True,
+                         timeout=300).stdout
     return round(float(json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]), 1)
 
 

@@ -88,7 +88,7 @@ def build(out: Path, model_cfg: ModelConfig | None = None, train_cfg: TrainConfi
     """Build every artifact into ``out`` and return the model card."""
     import torch
 
-    model_cfg = model_cfg or ModelConfig(dropout=0.1)
+    model_cfg = model_cfg or ModelConfig()
     train_cfg = train_cfg or TrainConfig()
     report = progress or (lambda stage, done, total: None)
     started = time.perf_counter()

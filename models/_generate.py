@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from covey.errors import CoveyError, InvalidInputError
-from covey.models._tokenizer import ASSISTANT, EOS, SYSTEM, USER, ChatMessage, ChatTokenizer
+from covey.models._tokenizer import ASSISTANT, BOS, EOS, SYSTEM, USER, ChatMessage, ChatTokenizer
 
 __all__ = [
     "GENERATORS",
@@ -37,7 +37,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 # Tokens that end the assistant's turn: the next speaker's marker or end of sequence.
-_END_OF_TURN = (EOS, USER, SYSTEM, ASSISTANT)
+_END_OF_TURN = (EOS, USER, SYSTEM, ASSISTANT, BOS)
 
 
 @dataclass(frozen=True)

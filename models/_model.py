@@ -35,7 +35,7 @@ class ModelConfig:
     context: int = 256
     n_layer: int = 4
     n_head: int = 4
-    d_model: int = 256
+    d_model: int = 192
     dropout: float = 0.0
     lora_rank: int = 8
     lora_alpha: float = 16.0

@@ -48,8 +48,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 class ChatTokenizer:
     """Encodes user text safely and renders chats in the model's format.
 
-    A chat renders as ``<|bos|> <|user|> text <|assistant|> text ...``; a reply to
-    generate starts after a trailing ``<|assistant|>`` and ends at ``<|eos|>``.
+    A chat renders as ``<|bos|> <|user|> text <|eos|> <|assistant|> text <|eos|> ...``:
+    every turn ends with ``<|eos|>``, so the model learns where its own turn ends. A reply
+    to generate starts after a trailing ``<|assistant|>``.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -91,6 +92,7 @@ class ChatTokenizer:
         for message in messages:
             ids.append(_ROLE_TOKEN[message.role])
             ids.extend(self.encode(message.content))
+            ids.append(EOS)
         if reply:
             ids.append(ASSISTANT)
         return ids
@@ -102,7 +104,7 @@ class ChatTokenizer:
         """
         ids = [BOS]
         if context:
-            ids += [USER, *self.encode(context)]
+            ids += [USER, *self.encode(context), EOS]
         ids.append(ASSISTANT)
         start = len(ids)
         ids += [*self.encode(reply), EOS]

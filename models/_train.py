@@ -20,10 +20,10 @@ class TrainConfig:
     """Optimisation settings of pretraining."""
 
     seed: int = 1234
-    steps: int = 700
+    steps: int = 1400
     batch_size: int = 16
     seq_len: int = 256
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.1
@@ -47,7 +47,7 @@ class TrainConfig:
 
 def token_stream(tok: ChatTokenizer, dialogues: Sequence[Sequence[tuple[str, str]]]
                  ) -> np.ndarray:
-    """All dialogues rendered and concatenated: ``<|bos|> <|user|> ... <|eos|>`` each."""
+    """All dialogues rendered as chats (every turn closed by ``<|eos|>``) and concatenated."""
     texts = [text for dialogue in dialogues for _, text in dialogue]
     encoded = iter(tok.encode_batch(texts))
     stream: list[int] = []
@@ -56,7 +56,7 @@ def token_stream(tok: ChatTokenizer, dialogues: Sequence[Sequence[tuple[str, str
         for role, _ in dialogue:
             stream.append(USER if role == "user" else ASSISTANT)
             stream.extend(next(encoded))
-        stream.append(EOS)
+            stream.append(EOS)
     return np.asarray(stream, dtype=np.int64)
 
 

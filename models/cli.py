@@ -32,7 +32,8 @@ def models_build(
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Where to write the artifacts (default: the shipped folder).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and sampling.")] = 1234,
-    steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 700,
+    steps: Annotated[int | None, typer.Option(
+        min=1, help="Training steps (default: the shipped model's).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the tokenizer and the base model on the public share; export int8 ONNX."""
@@ -52,7 +53,8 @@ def models_build(
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
-        card = build(target, ModelConfig(dropout=0.1), TrainConfig(seed=seed, steps=steps),
+        train = TrainConfig(seed=seed) if steps is None else TrainConfig(seed=seed, steps=steps)
+        card = build(target, ModelConfig(), train,
                      progress=report)
     if as_json:
         _emit_json(card)
@@ -110,16 +112,19 @@ def models_bench(
     quick: Annotated[bool, typer.Option("--quick", help="A short run.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Time to first token and decode speed, ONNX int8 against torch fp32."""
-    from covey.models._bench import run
+    """Time to first token, decode speed, memory; embedder throughput (against torch)."""
+    from covey.models import _bench, _bench_embedder
 
-    with err.status("benchmarking…"):
-        result = run(quick)
+    results = {}
+    for name, bench in (("language_model", _bench.run), ("embedder", _bench_embedder.run)):
+        with err.status(f"benchmarking the {name.replace('_', ' ')}…"):
+            results[name] = bench(quick)
     if as_json:
-        _emit_json(result)
+        _emit_json(results)
     else:
-        for line in result["summary"]:
-            out.print(line)
+        for result in results.values():
+            for line in result["summary"]:
+                out.print(line)
 
 
 @models_app.command("generate")

@@ -26,7 +26,7 @@ def _store(quick: bool) -> dict[str, Any]:
 
 def _embedder(quick: bool) -> dict[str, Any]:
     """The ONNX embedder against sentence-transformers: throughput and peak memory."""
-    from covey.simulations.bench._embedder import run
+    from covey.models._bench_embedder import run
 
     return run(quick)
 

@@ -1,0 +1,113 @@
+"""`covey serve`: the pod's OpenAI-compatible API on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import sys
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from covey.device._pod import Pod
+from covey.device.cli import HomeOpt, JsonOpt, home_for, passphrase
+from covey.errors import PodNotFoundError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+__all__ = ["DEFAULT_PORT", "serve"]
+
+DEFAULT_PORT = 8377
+_log = logging.getLogger(__name__)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: any free port).
+
+    Raises:
+        ListenError: the address is in use or not on this machine.
+    """
+    from covey.device._api import ListenError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(host, port, exc.strerror or "unknown host") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(host, port, exc.strerror or type(exc).__name__) from None
+    sock.setblocking(False)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(
+    home: HomeOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback only, unless "
+                                           "--allow-remote).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port).")
+                    ] = DEFAULT_PORT,
+    generator: Annotated[str | None, typer.Option(
+        help="onnx (default), torch, or openai (with --url).")] = None,
+    url: Annotated[str | None, typer.Option(help="OpenAI-compatible server URL.")] = None,
+    allow_remote: Annotated[bool, typer.Option(
+        "--allow-remote", help="Allow a non-loopback address (logs a warning).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve the pod's OpenAI-compatible API until Ctrl-C.
+
+    Every request needs `Authorization: Bearer <token>`, the token kept in api.token in
+    the pod home (created on first serve, mode 0600); /metrics needs it too. Each
+    response is recorded (size and route, never content) in the pod's audit log.
+    """
+    # Imported here: the server stack costs ~0.25 s, which no other command should pay.
+    import uvicorn
+
+    from covey.device._api import TOKEN_FILE, check_bind_host, create_app
+
+    check_bind_host(host, allow_remote)
+    resolved = home_for(home)
+    if not Pod.exists(resolved):
+        raise PodNotFoundError(resolved)
+    secret = passphrase()
+    sock = _listen(host, port)
+    app: FastAPI | None = None
+    try:
+        app = create_app(resolved, secret, generator, url)
+        address = _url(sock)
+        if as_json:
+            info = {"url": f"{address}/v1", "token_file": str(resolved / TOKEN_FILE)}
+            sys.stdout.write(json.dumps(info) + "\n")
+        else:
+            typer.echo(f"covey serve: {address}/v1 (OpenAI-compatible; Ctrl-C stops)")
+            typer.echo(f"  token: {resolved / TOKEN_FILE}  (Authorization: Bearer <token>)")
+        sys.stdout.flush()
+        # No uvicorn log config: its records go through covey's redacting handlers. No
+        # access log: a query string (?query=...) may be the user's words. No lifespan:
+        # the pod is closed below, even after a second Ctrl-C cut the shutdown short.
+        config = uvicorn.Config(app, log_config=None, access_log=False, ws="none",
+                                lifespan="off", timeout_graceful_shutdown=5)
+        _log.info("serving the local API on %s", address)
+        # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: stopping is success.
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+        if app is not None:
+            app.state.served.close()
+    if not as_json:
+        typer.echo("covey serve: stopped", err=True)
