@@ -305,6 +305,31 @@ def memory_search(
         _memory_rows(rows, f"{len(rows)} matches")
 
 
+@memory_app.command("compact")
+def memory_compact(
+    max_messages: Annotated[int, typer.Option(min=1, help="History limit in messages.")
+                            ] = 5000,
+    keep_recent: Annotated[int, typer.Option(min=0, help="Newest messages kept as they are.")
+                           ] = 500,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge duplicate memories; summarize and erase the oldest conversations."""
+    from covey.device._compaction import compact
+
+    if keep_recent > max_messages:
+        raise InvalidInputError("--keep-recent cannot exceed --max-messages")
+    with open_pod(home) as pod:
+        _semantic(pod)
+        report = compact(pod, max_messages=max_messages, keep_recent=keep_recent)
+    if as_json:
+        _emit_json(report.__dict__)
+    else:
+        out.print(f"merged {report.merged_memories} memories; summarized "
+                  f"{report.summarized_conversations} conversations "
+                  f"({report.erased_messages} messages erased)")
+
+
 @memory_app.command("forget")
 def memory_forget(
     memory_id: Annotated[int, typer.Argument(help="The id shown by `covey memory list`.")],
