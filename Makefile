@@ -7,6 +7,8 @@ STAMP   := $(VENV)/.installed
 # comes with the sqlcipher3 wheel: Debian's sqlcipher 3.4 cannot read the SQLCipher 4 format.
 DEB_PACKAGES :=
 PACKAGES := covey device models privacy aggregator protocols simulations tests
+# hnswlib compiles from source; a -march=native build cached by pip could crash elsewhere.
+export HNSWLIB_NO_NATIVE := 1
 
 .PHONY: setup system demo test test-fast lint typecheck bench clean
 

@@ -264,10 +264,12 @@ class Memories:
         match = fts_query(query)
         if match is None:
             return []
+        # Rank inside FTS5 first, then join only the winners: joining every match before
+        # sorting reads each matching row (embedding included) and was 10x slower at 100k.
         rows = self._store.query(
-            "SELECT m.*, bm25(memories_fts) AS rank FROM memories_fts"
-            " JOIN memories m ON m.id = memories_fts.rowid"
-            " WHERE memories_fts MATCH ? ORDER BY rank LIMIT ?",
+            "SELECT m.*, f.rank AS rank FROM (SELECT rowid, rank FROM memories_fts"
+            " WHERE memories_fts MATCH ? ORDER BY rank LIMIT ?) AS f"
+            " JOIN memories m ON m.id = f.rowid ORDER BY f.rank",
             (match, int(limit)),
         )
         return [MemoryHit(_row_to_memory(r), -float(r["rank"])) for r in rows]

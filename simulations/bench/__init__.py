@@ -38,8 +38,24 @@ def _models(quick: bool) -> dict[str, Any]:
     return run(quick)
 
 
+def _recall(quick: bool) -> dict[str, Any]:
+    """Memory retrieval latency at 1k / 10k / 100k memories, and insert throughput."""
+    from covey.simulations.bench._recall import run
+
+    return run(quick)
+
+
+def _turn(quick: bool) -> dict[str, Any]:
+    """A chat turn by stage, against bare generation."""
+    from covey.simulations.bench._turn import run
+
+    return run(quick)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "store": _store,
     "models": _models,
     "embedder": _embedder,
+    "recall": _recall,
+    "turn": _turn,
 }

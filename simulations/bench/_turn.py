@@ -1,0 +1,95 @@
+"""End-to-end chat turn against the model's bare generation, in the same run.
+
+A turn is timed by stage (store, retrieve, assemble, first token, full reply) on a pod
+holding ``memories`` memories; the baseline is the same generator answering the bare
+message with no memory. The overhead of memory is the ratio of time to first token.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["run"]
+
+_PROMPTS = ["what should I cook tonight?", "any plans for the weekend?", "how was your day?",
+            "do you remember where my sister lives?", "tell me something fun",
+            "I need ideas for a birthday present", "what music do I like?", "good morning!"]
+
+
+def _pct(samples: list[float]) -> dict[str, float]:
+    ms = np.asarray(samples) * 1000
+    return {f"p{q}_ms": round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)}
+
+
+def _fill(pod: Any, count: int, rng: np.random.Generator) -> None:
+    topics = ["sister", "garden", "cello", "Lisbon", "coffee", "marathon", "dentist", "cat",
+              "pasta", "jazz", "train", "book club", "birthday", "hiking", "office"]
+    texts = [f"Note {i}: the {rng.choice(topics)} and the {rng.choice(topics)} on "
+             f"day {int(rng.integers(1, 28))}" for i in range(count)]
+    with pod.store.transaction() as c:
+        for text in texts:
+            pod.memories.insert(c, text, "note", {"source": "bench"})
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Time turns with memory against bare generation."""
+    from covey.device import Pod
+    from covey.device._chat import open_assistant
+    from covey.models import ChatMessage, SamplingParams
+
+    turns, memories = (8, 200) if quick else (40, 1000)
+    params = SamplingParams(max_tokens=32, temperature=0.0)
+    rng = np.random.default_rng(0)
+    stages: dict[str, list[float]] = {k: [] for k in ("retrieve_s", "assemble_s",
+                                                      "first_token_s", "reply_s")}
+    turn_first: list[float] = []
+    bare_first: list[float] = []
+    bare_full: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="covey-bench-") as tmp:
+        pod = Pod.create(Path(tmp) / "pod", secrets.token_urlsafe(12))
+        try:
+            assistant = open_assistant(pod)
+            print(f"  [turn] storing {memories} memories", file=sys.stderr, flush=True)
+            _fill(pod, memories, rng)
+            session = assistant.new_session()
+            generator = assistant.generator
+            for i in range(turns):
+                prompt = _PROMPTS[i % len(_PROMPTS)]
+                t0 = time.perf_counter()
+                pieces = generator.stream_chat([ChatMessage("user", prompt)], params)
+                next(iter(pieces), None)
+                bare_first.append(time.perf_counter() - t0)
+                for _ in pieces:
+                    pass
+                bare_full.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                turn = assistant.respond(session, prompt, sampling=params)
+                it = iter(turn)
+                next(it, None)
+                turn_first.append(time.perf_counter() - t0)
+                for _ in it:
+                    pass
+                for key in stages:
+                    stages[key].append(turn.timings.get(key, 0.0))
+        finally:
+            pod.close()
+    ratio = float(np.median(turn_first) / np.median(bare_first))
+    results = {"stages": {k: _pct(v) for k, v in stages.items()},
+               "turn_first_token": _pct(turn_first), "bare_first_token": _pct(bare_first),
+               "bare_full_reply": _pct(bare_full),
+               "first_token_overhead_ratio": round(ratio, 3)}
+    summary = [
+        f"turn on {memories} memories: retrieve p50 {results['stages']['retrieve_s']['p50_ms']}"
+        f" ms, assemble p50 {results['stages']['assemble_s']['p50_ms']} ms",
+        f"first token with memory p50 {results['turn_first_token']['p50_ms']} ms vs bare "
+        f"{results['bare_first_token']['p50_ms']} ms: ratio {ratio:.2f}",
+    ]
+    config = {"turns": turns, "memories": memories, "max_tokens": 32, "sampling": "greedy"}
+    return {"config": config, "results": results, "summary": summary}
