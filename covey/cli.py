@@ -33,7 +33,7 @@ app.command("chat")(chat)
 app.command("feedback")(feedback)
 app.command("serve")(serve)
 
-_log = logging.getLogger("covey.cli")
+_log = logging.getLogger(logs.CRASH_LOGGER)
 
 
 def _version(value: bool) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from covey.privacy import RedactingFilter
 
-__all__ = ["configure", "log_file"]
+__all__ = ["CRASH_LOGGER", "configure", "log_file"]
+
+CRASH_LOGGER = "covey.crash"
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _installed: list[logging.Handler] = []
@@ -52,6 +54,8 @@ def configure(home: Path | None = None, level: int = logging.INFO) -> None:
 
     stderr = logging.StreamHandler()
     stderr.setLevel(logging.WARNING)
+    # Crash reports carry a traceback: the log file gets it, the terminal gets one line.
+    stderr.addFilter(lambda record: record.name != CRASH_LOGGER)
     stderr.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     _installed.append(stderr)
 

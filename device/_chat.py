@@ -126,6 +126,7 @@ class Assistant:
         started = time.perf_counter()
         conversation = self._conversation(session_id)
         previous = self.recent_turns(self.config.recent_turns)
+        self.pod.memories.prepare()  # the vector index is built before the write below
         message_id, learned = self._store_and_learn(conversation, text)
         timings["store_s"] = time.perf_counter() - started
 

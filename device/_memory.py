@@ -174,7 +174,8 @@ class Memories:
 
     def _near_duplicate(self, conn: sqlite.Connection, vector: np.ndarray, kind: str
                         ) -> int | None:
-        index = self._ensure_index()
+        # Inside the caller's transaction: read-only, so no backfill here.
+        index = self._ensure_index(backfill=False)
         for mid, score in index.search(vector, 3):
             if score < DUPLICATE_COSINE:
                 break
@@ -195,13 +196,18 @@ class Memories:
 
     # -- the vector layer --------------------------------------------------------------
 
-    def _ensure_index(self) -> VectorIndex:
-        """The index, rebuilt when another process changed the stored embeddings."""
+    def _ensure_index(self, backfill: bool = True) -> VectorIndex:
+        """The index, rebuilt when another process changed the stored embeddings.
+
+        ``backfill`` embeds memories stored without an embedding first; it writes, so it
+        must not run inside another transaction.
+        """
         row = self._store.query("SELECT coalesce(max(id), 0), count(*) FROM memories"
                                 " WHERE embedding IS NOT NULL")[0]
         state = (int(row[0]), int(row[1]))
         if self._index is None or state != self._indexed:
-            self._backfill()
+            if backfill:
+                self._backfill()
             rows = self._store.query("SELECT id, embedding FROM memories WHERE"
                                      " embedding_model = ?", (EMBEDDING_MODEL,))
             ids, matrix = load_vectors((r[0], r[1]) for r in rows)
@@ -234,6 +240,7 @@ class Memories:
         Raises:
             InvalidInputError: empty or oversized text, or an unknown kind.
         """
+        self.prepare()
         with self._store.transaction() as c:
             mid = self.insert(c, text, kind, provenance or {"source": "manual"})
         _log.info("memory %d stored (kind %s)", mid, kind)
@@ -273,6 +280,11 @@ class Memories:
             (match, int(limit)),
         )
         return [MemoryHit(_row_to_memory(r), -float(r["rank"])) for r in rows]
+
+    def prepare(self) -> None:
+        """Build the vector index now (it embeds and writes, so not inside a transaction)."""
+        if self._embedder is not None:
+            self._ensure_index()
 
     def recall(self, query: str, k: int = 5) -> list[MemoryHit]:
         """Hybrid recall: semantic and keyword rankings fused by rank, then time decay.

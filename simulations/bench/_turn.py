@@ -81,7 +81,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         finally:
             pod.close()
     ratio = float(np.median(turn_first) / np.median(bare_first))
-    results = {"stages": {k: _pct(v) for k, v in stages.items()},
+    results: dict[str, Any] = {"stages": {k: _pct(v) for k, v in stages.items()},
                "turn_first_token": _pct(turn_first), "bare_first_token": _pct(bare_first),
                "bare_full_reply": _pct(bare_full),
                "first_token_overhead_ratio": round(ratio, 3)}
