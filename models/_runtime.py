@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from covey.models._artifacts import Artifacts
 from covey.models._generate import OnnxGenerator, TorchGenerator
-from covey.models._model import ModelConfig, TinyLM
 from covey.models._onnx import OnnxLM
 from covey.models._tokenizer import ChatTokenizer
+
+if TYPE_CHECKING:  # torch is loaded only by the torch paths: an ONNX pod never pays for it
+    from covey.models._model import ModelConfig, TinyLM
 
 __all__ = ["load_model", "load_onnx_generator", "load_torch_generator"]
 
 
 def _config(card: dict[str, Any]) -> ModelConfig:
+    from covey.models._model import ModelConfig
+
     spec = dict(card["model"])
     spec["lora_targets"] = tuple(spec.get("lora_targets", ()))
     spec["dropout"] = 0.0  # inference
@@ -25,6 +29,8 @@ def _config(card: dict[str, Any]) -> ModelConfig:
 def load_model(folder: Path | None = None) -> tuple[TinyLM, ChatTokenizer, Artifacts]:
     """The fp32 torch model with its tokenizer, from verified artifacts."""
     from safetensors.torch import load_file
+
+    from covey.models._model import TinyLM
 
     artifacts = Artifacts.load(folder)
     model = TinyLM(_config(artifacts.card))

@@ -125,3 +125,17 @@ def test_cli(covey: Covey) -> None:
     raw = covey("models", "generate", "I went to the", "--raw", "--backend", "torch",
                 "--temperature", "0")
     assert raw.returncode == 0 and raw.stdout.strip(), raw.stderr
+
+
+def test_onnx_generation_does_not_load_torch() -> None:
+    """A pod answering with the int8 model never pays torch's memory."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom covey.models import ChatMessage, SamplingParams, create_generator\n"
+            "g = create_generator('onnx')\n"
+            "''.join(g.stream_chat([ChatMessage('user', 'hi')], SamplingParams(max_tokens=4)))\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.strip()
+    assert out == "False"
