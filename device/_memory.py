@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +32,10 @@ DECAY_FLOOR = 0.5
 # Below this cosine a memory is unrelated to the query: MiniLM gives unrelated short
 # sentences about 0.0 to 0.2, paraphrases 0.5 and more.
 MIN_SIMILARITY = 0.3
+# A keyword found in more than this share of memories ("the", "my") ranks nothing and
+# makes FTS5 read most of the index; it is left out of keyword queries on larger stores.
+COMMON_WORD_SHARE = 0.05
+COMMON_WORD_MIN_MEMORIES = 200
 _WORD = re.compile(r"\w+", re.UNICODE)
 _log = logging.getLogger(__name__)
 
@@ -70,6 +75,13 @@ def _now() -> str:
 def _row_to_memory(row: Any) -> Memory:
     return Memory(row["id"], row["text"], row["kind"], row["created_at"], row["updated_at"],
                   json.loads(row["provenance"]))
+
+
+def _fold(chunk: str) -> list[str]:
+    """Words of a chunk as the index stores them (lower case, diacritics removed)."""
+    decomposed = unicodedata.normalize("NFKD", chunk.lower())
+    plain = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return _WORD.findall(plain)
 
 
 def fts_query(text: str) -> str | None:
@@ -266,9 +278,29 @@ class Memories:
             sql += f" LIMIT {int(limit)}"
         return [_row_to_memory(r) for r in self._store.query(sql, params)]
 
+    def _specific_words(self, query: str) -> str:
+        """``query`` without the words that most memories contain (on larger stores)."""
+        total = self.count()
+        chunks = query.split()
+        if total < COMMON_WORD_MIN_MEMORIES or not chunks:
+            return query
+        self._store.conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp.memories_vocab"
+                                 " USING fts5vocab(main, memories_fts, row)")
+        tokens = {c: _fold(c) for c in chunks}
+        terms = sorted({t for ts in tokens.values() for t in ts})
+        if not terms:
+            return query
+        marks = ", ".join("?" * len(terms))
+        df = {r[0]: int(r[1]) for r in self._store.query(
+            f"SELECT term, doc FROM temp.memories_vocab WHERE term IN ({marks})",  # noqa: S608
+            tuple(terms))}
+        limit = COMMON_WORD_SHARE * total
+        kept = [c for c in chunks if any(df.get(t, 0) <= limit for t in tokens[c])]
+        return " ".join(kept)
+
     def search(self, query: str, limit: int = 10) -> list[MemoryHit]:
         """Keyword search over memories, best match first (BM25)."""
-        match = fts_query(query)
+        match = fts_query(self._specific_words(query))
         if match is None:
             return []
         # Rank inside FTS5 first, then join only the winners: joining every match before

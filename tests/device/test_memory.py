@@ -88,3 +88,12 @@ def test_erased_text_is_gone_from_the_file_pages(tmp_path: Path) -> None:
     store.close()
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
     assert canary.encode() not in raw
+
+
+def test_common_words_do_not_drive_keyword_search(pod: Pod) -> None:
+    for i in range(300):
+        pod.memories.add(f"the note number {i} about the weather")
+    target = pod.memories.add("the sister lives by the harbour")
+    hits = pod.memories.search("the sister")
+    assert [h.memory.id for h in hits] == [target.id]
+    assert pod.memories.search("the the") == []  # only common words: nothing specific to find
