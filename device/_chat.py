@@ -132,17 +132,16 @@ class Assistant:
 
         t0 = time.perf_counter()
         hits = self.pod.memories.recall(text, self.config.recall_k) if self.config.recall_k else []
-        fresh = {m for m in learned}
         memories = [(h.memory.id, h.memory.text, h.score) for h in hits
-                    if h.memory.id not in fresh]
+                    if h.memory.id not in learned]
         timings["retrieve_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         prefs = [f.sentence() for f in self.graph.current()]
         parts = PromptParts(message=text, preferences=prefs, memories=memories, turns=previous)
         messages, explanation = assemble(parts, self.config.budget, self.count)
-        explanation.learned.extend(self.pod.memories.get(m).text  # type: ignore[union-attr]
-                                   for m in learned if self.pod.memories.get(m))
+        found = (self.pod.memories.get(m) for m in learned)
+        explanation.learned.extend(memory.text for memory in found if memory is not None)
         timings["assemble_s"] = time.perf_counter() - t0
         turn = Turn(iter(()), explanation, session_id, message_id, timings=timings)
         params = sampling or self.config.sampling

@@ -106,9 +106,3 @@ class PreferenceGraph:
     def lookup(self, relation: str) -> GraphFact | None:
         """The current value of a relation, if any."""
         return next((f for f in self.current() if f.relation == relation), None)
-
-    def forget_memory(self, conn: sqlite.Connection, memory_id: int) -> int:
-        """Remove the edges a forgotten memory asserted; returns how many."""
-        return int(conn.execute(
-            "DELETE FROM graph_edges WHERE json_extract(provenance, '$.memory_id') = ?",
-            (memory_id,)).rowcount)

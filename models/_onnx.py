@@ -12,7 +12,6 @@ Outputs: ``logits`` (B, T, V) and ``present_key_i`` / ``present_value_i`` (B, nh
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -160,8 +159,3 @@ class OnnxLM:
 def _static(shape: list[Any]) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)  # LoRA inputs have fixed shapes
 
-
-def model_bytes(path: Path) -> bytes:
-    """Read a model file into memory (the session is built from bytes, not a path)."""
-    buffer = io.BytesIO(path.read_bytes())
-    return buffer.getvalue()
