@@ -1,11 +1,38 @@
-"""Privacy: PII redaction now; DP mechanisms, accountants and audit reports follow.
+"""Privacy: DP mechanisms and accountants, and PII redaction.
 
 Public surface:
-    redact           replace personal data patterns in a string
-    UserText         marks a value as user text so logging never renders it
-    RedactingFilter  a logging filter that applies both, installed by default
+    DPConfig, Mode, AdaptiveClipping    the DP settings of a run, and what they guarantee
+    clip_update, add_gaussian_noise     the mechanisms a round applies
+    GaussianRounds                      one segment of a privacy history (z, q, rounds)
+    ACCOUNTANTS, get_accountant         accountants by name: ``rdp``, ``prv``
+    epsilon_spent, noise_for_epsilon    epsilon of a history; the noise for a target
+    redact                              replace personal data patterns in a string
+    UserText                            marks a value as user text so logging never renders it
+    RedactingFilter                     a logging filter that applies both, installed by default
 """
 
+from covey.privacy._accounting import (
+    ACCOUNTANTS,
+    GaussianRounds,
+    epsilon_spent,
+    get_accountant,
+    noise_for_epsilon,
+)
+from covey.privacy._dp import AdaptiveClipping, DPConfig, Mode, add_gaussian_noise, clip_update
 from covey.privacy._redact import RedactingFilter, UserText, redact
 
-__all__ = ["RedactingFilter", "UserText", "redact"]
+__all__ = [
+    "ACCOUNTANTS",
+    "AdaptiveClipping",
+    "DPConfig",
+    "GaussianRounds",
+    "Mode",
+    "RedactingFilter",
+    "UserText",
+    "add_gaussian_noise",
+    "clip_update",
+    "epsilon_spent",
+    "get_accountant",
+    "noise_for_epsilon",
+    "redact",
+]

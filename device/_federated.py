@@ -1,0 +1,67 @@
+"""The client side of a federated round, as one pure function shared by every backend.
+
+``train_update`` takes the pod's consented examples and the current global adapter and
+returns the update that may leave the device: the change of the adapter, clipped to L2
+norm C and, in ``local`` mode, noised. It imports no Flower and touches no store, so the
+pod's ClientApp, Flower's simulation runtime, the in-process simulation engine and the
+tests all run the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from covey.privacy import DPConfig, add_gaussian_noise, clip_update
+
+if TYPE_CHECKING:
+    from covey.models import Adapter, ChatTokenizer, Example, TinyLM
+    from covey.models._finetune import FinetuneConfig
+
+__all__ = ["ClientUpdate", "train_update"]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a pod sends (``delta``) and what it may report about it (no example text)."""
+
+    delta: np.ndarray  # float32, flat, the order of Adapter.flat()
+    norm: float  # L2 norm before clipping
+    clipped: bool  # whether clipping scaled the update down
+    examples: int
+    tokens: int
+    loss_before: float
+    loss_after: float
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the update's values as sent."""
+        return int(self.delta.nbytes)
+
+
+def train_update(model: TinyLM, tok: ChatTokenizer, examples: Sequence[Example],
+                 global_adapter: Adapter, train: FinetuneConfig, dp: DPConfig,
+                 rng: np.random.Generator | None = None) -> ClientUpdate:
+    """Train ``global_adapter`` on ``examples`` and return the clipped (and noised) delta.
+
+    The clip norm is ``dp.clip_norm`` (``inf`` turns clipping off). In ``local`` mode
+    Gaussian noise of standard deviation ``z * C`` is added here, on the device; in
+    ``central`` mode the aggregator adds it.
+
+    Raises:
+        ValueError: no examples, or training produced a non-finite update.
+    """
+    from covey.models._finetune import finetune_adapter
+
+    if not examples:
+        raise ValueError("no training examples")
+    result = finetune_adapter(model, tok, examples, global_adapter, train)
+    delta = result.adapter.flat() - global_adapter.flat()
+    clipped, norm = clip_update(delta, dp.clip_norm)
+    if dp.mode == "local":
+        clipped = add_gaussian_noise(clipped, dp.noise_multiplier * dp.clip_norm, rng)
+    return ClientUpdate(clipped, norm, norm > dp.clip_norm, result.examples, result.tokens,
+                        result.loss_before, result.loss_after)
