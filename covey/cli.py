@@ -11,6 +11,7 @@ import typer
 
 import covey
 from covey import logs
+from covey.aggregator.cli import aggregator_app, train
 from covey.device.chat_cli import chat, feedback
 from covey.device.cli import memory_app, pod_app
 from covey.device.serve_cli import serve
@@ -29,6 +30,8 @@ app = typer.Typer(
 app.add_typer(pod_app, name="pod")
 app.add_typer(memory_app, name="memory")
 app.add_typer(models_app, name="models")
+app.add_typer(aggregator_app, name="aggregator")
+app.command("train")(train)
 app.command("chat")(chat)
 app.command("feedback")(feedback)
 app.command("serve")(serve)

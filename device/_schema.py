@@ -182,7 +182,15 @@ _V2 = """
 ALTER TABLE messages ADD COLUMN explanation TEXT;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+# v3: a ledger row says how many Gaussian releases it charges (the whole planned run at
+# the first participation in a central-mode run, one per participation in local mode),
+# and which model version the update was computed from.
+_V3 = """
+ALTER TABLE ledger ADD COLUMN rounds INTEGER NOT NULL DEFAULT 1 CHECK (rounds >= 0);
+ALTER TABLE ledger ADD COLUMN model_version TEXT;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Tables holding the user's data, in an order that satisfies foreign keys on insert.

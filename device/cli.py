@@ -119,11 +119,20 @@ def _read_export(path: Path) -> dict[str, Any]:
 @pod_app.command("status")
 def pod_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Identity, encryption, counts, and checks of every page and of the audit chain."""
+    from covey.device._join import node_key, supernode
+    from covey.device._participation import budget_policy, spent
+
     with open_pod(home) as pod:
         status = pod.status()
+        policy, used = budget_policy(pod), spent(pod)
     chain = status.audit_chain
+    node = supernode(Path(status.home))
+    federation: dict[str, Any] = {"node_key": str(node_key(Path(status.home))),
+                                  "supernode": node,
+                  "epsilon_spent": used if used != float("inf") else None,
+                  "max_epsilon": policy.max_epsilon, "delta": policy.delta}
     if as_json:
-        _emit_json(status.to_dict())
+        _emit_json({**status.to_dict(), "federation": federation})
     else:
         table = Table(show_header=False, box=None)
         table.add_row("pod", f"{status.name} ({status.pod_id})")
@@ -143,6 +152,11 @@ def pod_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         table.add_row("audit chain", f"{verdict} ({chain['entries']} entries)")
         table.add_row("integrity", "[green]ok[/]" if not status.integrity else
                       f"[red]{len(status.integrity)} problems[/]")
+        table.add_row("node key", f"{federation['node_key']} (the operator admits this file)")
+        table.add_row("federation", f"joined {node['superlink']} (SuperNode pid {node['pid']})"
+                      if node else "not joined")
+        table.add_row("privacy budget", f"epsilon {used:.3g} of {policy.max_epsilon:g} spent "
+                      f"(delta {policy.delta:g})")
         out.print(table)
     if status.integrity:
         raise StoreCorruptError(Path(status.home) / "pod.db",
@@ -227,6 +241,79 @@ def pod_consent(
         _emit_json({"scope": scope, "granted": grant})
     else:
         out.print(f"{'Granted' if grant else 'Withdrew'} consent: {scope}")
+
+
+@pod_app.command("join")
+def pod_join(
+    superlink: Annotated[str, typer.Option("--superlink", help="The aggregator, HOST:PORT.")],
+    root_cert: Annotated[Path, typer.Option("--root-cert", help="The aggregator's CA "
+                                            "certificate (ca.crt).")],
+    aggregator_key: Annotated[Path | None, typer.Option(
+        "--aggregator-key", help="The aggregator's model-signing key (signing.pub); "
+        "default: next to the root certificate's folder.")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Take part in federated training: start this pod's SuperNode (TLS, node key)."""
+    from covey.device._join import join
+
+    resolved = home_for(home)
+    if not Pod.exists(resolved):
+        raise PodNotFoundError(resolved)
+    info = join(resolved, passphrase(), superlink, root_cert, aggregator_key)
+    if as_json:
+        _emit_json(info)
+    else:
+        out.print(f"Joined {superlink}: SuperNode pid {info['pid']} (stop it with "
+                  "`covey pod leave`)")
+
+
+@pod_app.command("leave")
+def pod_leave(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Stop this pod's SuperNode."""
+    from covey.device._join import leave
+
+    stopped = leave(home_for(home))
+    if as_json:
+        _emit_json({"stopped": stopped})
+    else:
+        out.print("Stopped the SuperNode." if stopped else "No SuperNode was running.")
+
+
+@pod_app.command("budget")
+def pod_budget(
+    max_epsilon: Annotated[float | None, typer.Option(
+        "--max-epsilon", help="Set the most epsilon federated rounds may ever take.")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The user's privacy budget: epsilon spent, the maximum, and every ledger entry."""
+    from covey.device._participation import budget_policy, set_budget_policy, spent
+
+    with open_pod(home) as pod:
+        if max_epsilon is not None:
+            try:
+                set_budget_policy(pod, max_epsilon)
+            except ValueError as exc:
+                raise InvalidInputError(str(exc)) from None
+        policy, used = budget_policy(pod), spent(pod)
+        rows = [dict(r) for r in pod.store.query(
+            "SELECT run_id, round, mode, accountant, epsilon, delta, noise_multiplier,"
+            " clip_norm, sample_rate, rounds, model_version, created_at FROM ledger ORDER BY id")]
+    result = {"epsilon_spent": used if used != float("inf") else None,
+              "max_epsilon": policy.max_epsilon, "delta": policy.delta,
+              "accountant": policy.accountant, "ledger": rows}
+    if as_json:
+        _emit_json(result)
+        return
+    out.print(f"epsilon spent {used:.4g} of {policy.max_epsilon:g} (delta {policy.delta:g}, "
+              f"{policy.accountant} accountant over the whole ledger)")
+    table = Table("run", "round", "mode", "z", "C", "q", "rounds charged", "epsilon after")
+    for r in rows:
+        table.add_row(r["run_id"], str(r["round"]), r["mode"], f"{r['noise_multiplier']:.3g}",
+                      f"{r['clip_norm']:.3g}", f"{r['sample_rate']:.3g}", str(r["rounds"]),
+                      f"{r['epsilon']:.4g}")
+    out.print(table)
 
 
 # -- covey memory -------------------------------------------------------------------

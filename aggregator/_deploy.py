@@ -1,0 +1,318 @@
+"""Deployment on real Flower parts: certificates, the SuperLink, admitted pods, runs.
+
+Everything the aggregator keeps lives in its home folder (``--home``)::
+
+    certs/ca.crt ca.key server.pem server.key   the CA pods trust and the server's TLS
+    registry/                                   signed model versions (see _registry)
+    runs/RUN.json                               run records
+    flwr/config.toml                            the flwr CLI's connection to our SuperLink
+    state.db                                    the SuperLink's state
+    logs/                                       process logs
+    processes.json                              what covey started (pids), for stop
+    metrics.json                                counters the metrics endpoint serves
+
+Flower 1.42 serves Fleet, Control and the ServerApp runtime on one HTTPS port; with
+``--enable-supernode-auth`` only SuperNodes whose public keys were registered with
+``flwr supernode register`` may connect.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from covey._files import write_atomic
+from covey._processes import alive, flower_bin, flower_env, free_port, stop_process
+from covey.errors import CoveyError, InvalidInputError
+
+__all__ = ["AggregatorError", "AggregatorHome"]
+
+FLOWER_APP = Path(__file__).with_name("flower_app")
+CONNECTION = "covey"
+DEFAULT_PORT = 9443
+
+
+class AggregatorError(CoveyError):
+    """The aggregator or its SuperLink cannot do what was asked."""
+
+    exit_code = 9
+
+
+def _name(cn: str) -> Any:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+class AggregatorHome:
+    """The aggregator's folder and the processes it runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.absolute()
+        self.certs = self.path / "certs"
+        self.flwr_home = self.path / "flwr"
+        self.logs = self.path / "logs"
+        self.runs = self.path / "runs"
+
+    # -- certificates ------------------------------------------------------------------
+    @property
+    def root_cert(self) -> Path:
+        """The CA certificate pods pass to ``covey pod join --root-cert``."""
+        return self.certs / "ca.crt"
+
+    def make_certs(self, hosts: list[str] | None = None, days: int = 365,
+                   force: bool = False) -> Path:
+        """Create a CA and a server certificate for ``hosts`` (default: the loopback)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        if self.root_cert.exists() and not force:
+            raise InvalidInputError(f"certificates already exist in {self.certs} "
+                                    "(--force replaces them; pods must then rejoin)")
+        hosts = hosts or ["127.0.0.1", "localhost", "::1"]
+        now = datetime.datetime.now(datetime.UTC)
+        ca_key = ec.generate_private_key(ec.SECP384R1())
+        ca = (x509.CertificateBuilder().subject_name(_name("covey aggregator CA"))
+              .issuer_name(_name("covey aggregator CA")).public_key(ca_key.public_key())
+              .serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(minutes=5))
+              .not_valid_after(now + datetime.timedelta(days=days))
+              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+              .add_extension(x509.KeyUsage(True, False, False, False, False, True, True,
+                                           False, False), critical=True)
+              .sign(ca_key, hashes.SHA256()))
+        sans: list[x509.GeneralName] = []
+        for h in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                sans.append(x509.DNSName(h))
+        key = ec.generate_private_key(ec.SECP384R1())
+        cert = (x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=days))
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage(
+                    [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        pem = serialization.Encoding.PEM
+        pkcs8 = serialization.PrivateFormat.PKCS8
+        self.certs.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.certs / "ca.key",
+                     ca_key.private_bytes(pem, pkcs8, serialization.NoEncryption()))
+        write_atomic(self.certs / "server.key",
+                     key.private_bytes(pem, pkcs8, serialization.NoEncryption()))
+        write_atomic(self.certs / "server.pem", cert.public_bytes(pem), mode=0o644)
+        write_atomic(self.root_cert, ca.public_bytes(pem), mode=0o644)
+        return self.root_cert
+
+    # -- state files -------------------------------------------------------------------
+    def registry(self) -> Any:
+        """The model registry in this home."""
+        from covey.aggregator._registry import Registry
+
+        return Registry(self.path / "registry")
+
+    def run_record(self, run_id: str) -> Path:
+        """Where the record of run ``run_id`` is written."""
+        self.runs.mkdir(parents=True, exist_ok=True)
+        return self.runs / f"{run_id}.json"
+
+    def _read(self, name: str, default: Any) -> Any:
+        path = self.path / name
+        if not path.exists():
+            return default
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            raise AggregatorError(f"{path} is corrupt (not JSON)") from None
+
+    def _write(self, name: str, data: Any) -> None:
+        write_atomic(self.path / name, (json.dumps(data, indent=2) + "\n").encode())
+
+    @property
+    def processes(self) -> dict[str, Any]:
+        """What ``start`` launched: {"superlink": {"pid", "port"}, "metrics": {...}}."""
+        procs: dict[str, Any] = self._read("processes.json", {})
+        return {k: v for k, v in procs.items() if alive(int(v["pid"]))}
+
+    def record_round(self, stats: dict[str, Any]) -> None:
+        """Add a finished round to the counters the metrics endpoint serves."""
+        m = self._read("metrics.json", {"rounds": 0, "participants": 0, "rejected": {},
+                                         "refused": {}, "round_seconds": [], "epsilon": 0.0})
+        m["rounds"] += 1
+        m["participants"] += int(stats.get("accepted", 0))
+        for key in ("rejected", "refused"):
+            for reason, n in dict(stats.get(key, {})).items():
+                m[key][reason] = m[key].get(reason, 0) + int(n)
+        m["round_seconds"].append(float(stats.get("seconds", 0.0)))
+        m["epsilon"] = stats.get("epsilon") or 0.0
+        m["last_participants"] = int(stats.get("accepted", 0))
+        self._write("metrics.json", m)
+
+    def metrics(self) -> dict[str, Any]:
+        """The counters (empty before the first round)."""
+        return dict(self._read("metrics.json", {}))
+
+    # -- the SuperLink -------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        """host:port of the SuperLink."""
+        cfg = self._read("aggregator.json", {})
+        return f"{cfg.get('host', '127.0.0.1')}:{cfg.get('port', DEFAULT_PORT)}"
+
+    def _flwr(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        result = subprocess.run([flower_bin("flwr"), *args, "--format", "json"],
+                                capture_output=True, text=True, env=flower_env(self.flwr_home),
+                                cwd=self.path, timeout=timeout, check=False)
+        out = result.stdout
+        try:
+            data: dict[str, Any] = json.loads(out[out.index("{"):])
+        except ValueError:
+            text = re.sub(r"[\u2500-\u257f]|\bError\b", " ", result.stderr or out)
+            raise AggregatorError(f"flwr {args[0]} failed: "
+                                  f"{' '.join(text.split())[-300:]}") from None
+        if not data.get("success", False):
+            raise AggregatorError(f"flwr {args[0]} failed: "
+                                  f"{data.get('error-message', data)}")
+        return data
+
+    def start(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+              metrics_port: int = 0, timeout: float = 60.0) -> dict[str, Any]:
+        """Start the SuperLink (TLS, SuperNode authentication) and the metrics endpoint."""
+        import httpx
+
+        if "superlink" in self.processes:
+            raise AggregatorError(f"the aggregator in {self.path} is already running "
+                                  f"(pid {self.processes['superlink']['pid']})")
+        if not self.root_cert.exists():
+            raise AggregatorError(f"no certificates in {self.certs}: "
+                                  "run `covey aggregator certs` first")
+        for d in (self.logs, self.flwr_home, self.runs):
+            d.mkdir(parents=True, exist_ok=True)
+        self.registry()  # creates the signing key on first start
+        connect = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
+        self._write("aggregator.json", {"host": connect, "port": port})
+        write_atomic(self.flwr_home / "config.toml", (
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{connect}:{port}"\nroot-certificates = "{self.root_cert}"\n'
+        ).encode())
+        env = flower_env(self.flwr_home)
+        with open(self.logs / "superlink.log", "ab") as log:
+            link = subprocess.Popen(
+                [flower_bin("flower-superlink"), "--ssl-ca-certfile", str(self.root_cert),
+                 "--ssl-certfile", str(self.certs / "server.pem"),
+                 "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth",
+                 "--host", host, "--port", str(port), "--database", str(self.path / "state.db"),
+                 "--disable-runtime-dependency-installation"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.path,
+                start_new_session=True)
+        procs: dict[str, Any] = {"superlink": {"pid": link.pid, "port": port}}
+        self._write("processes.json", procs)
+        deadline = time.monotonic() + timeout
+        while True:
+            if link.poll() is not None:
+                tail = (self.logs / "superlink.log").read_text(errors="replace")[-400:]
+                raise AggregatorError(f"the SuperLink exited (code {link.returncode}): "
+                                      f"{tail.strip().splitlines()[-1] if tail.strip() else ''}")
+            try:
+                if httpx.get(f"https://{connect}:{port}/health", verify=str(self.root_cert),
+                             timeout=1.0).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                stop_process(link.pid)
+                raise AggregatorError(f"the SuperLink did not become healthy in {timeout:g} s")
+            time.sleep(0.3)
+        metrics_port = metrics_port or free_port()
+        with open(self.logs / "metrics.log", "ab") as log:
+            metrics = subprocess.Popen(
+                [sys.executable, "-m", "covey.aggregator._metrics", str(self.path),
+                 str(metrics_port)], stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        procs["metrics"] = {"pid": metrics.pid, "port": metrics_port}
+        self._write("processes.json", procs)
+        return self.status()
+
+    def stop(self) -> list[str]:
+        """Stop every process ``start`` launched; returns their names."""
+        stopped = []
+        for name, info in self.processes.items():
+            stop_process(int(info["pid"]))
+            stopped.append(name)
+        self._write("processes.json", {})
+        return stopped
+
+    def admit(self, public_key_file: Path, name: str | None = None) -> dict[str, Any]:
+        """Register a pod's SuperNode public key so it may connect."""
+        if "superlink" not in self.processes:
+            raise AggregatorError("the aggregator is not running: `covey aggregator start`")
+        try:
+            text = public_key_file.read_text().strip()
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read {public_key_file}: {exc.strerror}") from None
+        if not text.startswith("ecdsa-sha2-nistp"):
+            raise InvalidInputError(f"{public_key_file} is not a pod's node key "
+                                    "(an OpenSSH ecdsa-sha2-nistp384 public key)")
+        args = ["supernode", "register", str(public_key_file.absolute()), CONNECTION]
+        if name:
+            args += ["--name", name]
+        data = self._flwr(*args)
+        return {"node_id": data.get("node-id"), "key_file": str(public_key_file)}
+
+    def admitted(self) -> list[dict[str, Any]]:
+        """The registered SuperNodes and whether each is online."""
+        if "superlink" not in self.processes:
+            return []
+        data = self._flwr("supernode", "list", CONNECTION)
+        return list(data.get("nodes", data.get("supernodes", [])))
+
+    def status(self) -> dict[str, Any]:
+        """What `covey aggregator status --json` prints."""
+        procs = self.processes
+        registry = self.registry() if (self.path / "registry").exists() else None
+        return {
+            "home": str(self.path),
+            "running": "superlink" in procs,
+            "superlink": self.address,
+            "root_cert": str(self.root_cert),
+            "signing_key": str(registry.public_key_path) if registry else None,
+            "metrics": (f"http://127.0.0.1:{procs['metrics']['port']}/metrics"
+                        if "metrics" in procs else None),
+            "pids": {k: v["pid"] for k, v in procs.items()},
+            "admitted": self.admitted() if "superlink" in procs else [],
+            "model_version": registry.current_id if registry else None,
+            "runs": sorted(p.stem for p in self.runs.glob("*.json")) if self.runs.exists()
+            else [],
+        }
+
+    # -- runs ----------------------------------------------------------------------------
+    def submit(self, run_config: dict[str, Any]) -> str:
+        """Start a run of covey's Flower app with ``run_config``; returns Flower's run id."""
+        if "superlink" not in self.processes:
+            raise AggregatorError("the aggregator is not running: `covey aggregator start`")
+        pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        data = self._flwr("run", str(FLOWER_APP), CONNECTION, "--run-config", pairs)
+        return str(data["run-id"])
+
+    def run_status(self, flower_run_id: str) -> tuple[str, str]:
+        """Flower's status of a run and its details."""
+        data = self._flwr("list", CONNECTION, "--run-id", flower_run_id)
+        run = (data.get("runs") or [{}])[0]
+        return str(run.get("status", "unknown")), str(run.get("status-details", ""))
+
+    def stop_run(self, flower_run_id: str) -> None:
+        """Ask the SuperLink to stop a run."""
+        self._flwr("stop", flower_run_id, CONNECTION)

@@ -1,0 +1,256 @@
+"""A federated training run on the aggregator, independent of the transport.
+
+:func:`run_federated` drives the rounds: sample pods, send each the signed current
+version and the round's DP settings, collect replies until the round's timeout, check
+and aggregate (``covey.aggregator._strategy``), evaluate on the public share's held-out
+users, register and sign the new version (or roll back a version whose perplexity is
+more than 10 % worse than the best), account epsilon, and write the run record.
+
+The Flower ServerApp supplies a :class:`Transport` over real SuperNodes; the in-process
+simulation engine supplies one that calls the pods' code directly. One code path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from covey._files import write_atomic
+from covey.aggregator._registry import Registry
+from covey.aggregator._strategy import PodUpdate, aggregate, poisson_sample
+from covey.errors import CoveyError
+from covey.privacy import AdaptiveClipping, DPConfig, GaussianRounds, epsilon_spent
+
+__all__ = ["PodReply", "RoundPayload", "RunConfig", "Transport", "run_federated"]
+
+_log = logging.getLogger(__name__)
+
+#: A version whose held-out perplexity exceeds the best one's by more than this is rolled back.
+ROLLBACK_TOLERANCE = 0.10
+
+
+class RunError(CoveyError):
+    """A federated run could not go on (too few pods, no noise meets the target, ...)."""
+
+    exit_code = 9
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of one federated run (``covey train`` options)."""
+
+    rounds: int = 3
+    dp: DPConfig = field(default_factory=DPConfig)
+    target_epsilon: float | None = None  # what the noise multiplier was solved for
+    min_pods: int = 2
+    round_timeout: float = 120.0
+    wait_timeout: float = 60.0
+    local_epochs: int = 1
+    lr: float = 5e-3
+    max_examples: int = 256
+    eval_examples: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError("rounds must be at least 1")
+        if self.min_pods < 1:
+            raise ValueError("min_pods must be at least 1")
+        if self.round_timeout <= 0 or self.wait_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        d = asdict(self)
+        d["dp"] = {**asdict(self.dp), "adaptive": asdict(self.dp.adaptive)
+                   if self.dp.adaptive else None}
+        return d
+
+
+@dataclass(frozen=True)
+class RoundPayload:
+    """What every sampled pod receives in a round (the same for all of them)."""
+
+    run_id: str
+    round: int
+    planned_rounds: int
+    dp: DPConfig
+    version: dict[str, Any]
+    signature: bytes
+    adapter: bytes
+    local_epochs: int
+    lr: float
+    max_examples: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class PodReply:
+    """A pod's answer: an update, or a refusal with its code, or a transport error."""
+
+    node_id: int
+    values: np.ndarray | None = None
+    version: str = ""
+    examples: int = 0
+    clipped: bool = False
+    refusal: str = ""  # a RoundRefused code, or "error" for a crash or malformed reply
+    message: str = ""
+
+
+class Transport(Protocol):
+    """How the aggregator reaches pods."""
+
+    def node_ids(self) -> list[int]:
+        """The pods connected now."""
+        ...
+
+    def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+              ) -> list[PodReply]:
+        """Send ``payload`` to ``nodes``; the replies that arrived within ``timeout``."""
+        ...
+
+
+Evaluator = Callable[[bytes], dict[str, float]]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _wait_for_pods(transport: Transport, cfg: RunConfig) -> list[int]:
+    deadline = time.monotonic() + cfg.wait_timeout
+    while True:
+        nodes = sorted(transport.node_ids())
+        if len(nodes) >= cfg.min_pods:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RunError(f"only {len(nodes)} of the {cfg.min_pods} pods needed connected "
+                           f"within {cfg.wait_timeout:g} s")
+        time.sleep(0.5)
+
+
+def run_epsilon(cfg: RunConfig, rounds: int, accountant: str | None = None) -> float:
+    """Epsilon of ``rounds`` rounds of this run's mechanism (inf when not private).
+
+    Central mode accounts the aggregator's Poisson sampling at rate q; local mode is the
+    bound for one pod's own releases, one per round, without amplification.
+    """
+    dp = cfg.dp
+    if not dp.private:
+        return math.inf
+    if rounds == 0:
+        return 0.0
+    return epsilon_spent([GaussianRounds(dp.noise_multiplier, dp.amplified_rate, rounds)],
+                         dp.delta, accountant or dp.accountant)
+
+
+def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_id: str,
+                  evaluator: Evaluator, record_path: Path,
+                  on_round: Callable[[dict[str, Any]], None] | None = None,
+                  rng: np.random.Generator | None = None) -> dict[str, Any]:
+    """Run ``cfg.rounds`` rounds and return the run record (also written to ``record_path``).
+
+    Raises:
+        RunError: too few pods connected in time, or no current version to start from.
+    """
+    rng = rng or np.random.default_rng()
+    current = registry.current_id
+    if current is None:
+        raise RunError("the registry has no model version to start from")
+    version, adapter_bytes, signature = registry.get(current)
+    best_id, best_ppl = current, float(version.metrics.get("perplexity", math.inf))
+    nodes = _wait_for_pods(transport, cfg)
+    population = len(nodes)
+    dp = cfg.dp
+    expected = dp.sample_rate * population
+    clip = dp.clip_norm
+    adaptive: AdaptiveClipping | None = dp.adaptive
+    update_z = (adaptive.update_noise_multiplier(dp.noise_multiplier, expected)
+                if adaptive and dp.private else dp.noise_multiplier)
+    from covey.models import Adapter
+
+    size = Adapter.from_bytes(adapter_bytes).num_parameters
+    record: dict[str, Any] = {
+        "run_id": run_id, "started_at": _now(), "config": cfg.to_dict(),
+        "mechanism": dp.statement(), "population": population, "rounds": [],
+        "start_version": current,
+    }
+
+    def save(status: str) -> None:
+        record["status"] = status
+        record["finished_at"] = _now() if status != "running" else None
+        write_atomic(record_path, (json.dumps(record, indent=2) + "\n").encode(), mode=0o644)
+
+    save("running")
+    for rnd in range(1, cfg.rounds + 1):
+        t0 = time.monotonic()
+        connected = sorted(transport.node_ids())
+        sampled = poisson_sample(connected, dp.sample_rate, rng)
+        round_dp = DPConfig(dp.mode, dp.noise_multiplier, clip, dp.sample_rate, dp.delta,
+                            dp.accountant, None)
+        payload = RoundPayload(run_id, rnd, cfg.rounds, round_dp, json.loads(
+            version.canonical()), signature, adapter_bytes, cfg.local_epochs, cfg.lr,
+            cfg.max_examples, cfg.seed + rnd)
+        replies = transport.train(sampled, payload, cfg.round_timeout) if sampled else []
+        refused = Counter(r.refusal for r in replies if r.refusal)
+        updates = [PodUpdate(r.node_id, r.values, r.examples, r.version)
+                   for r in replies if not r.refusal and r.values is not None]
+        result = aggregate(updates, size, version.id, round_dp, max(expected, 1e-9), rng,
+                           noise_multiplier=update_z)
+        stats: dict[str, Any] = {
+            "round": rnd, "connected": len(connected), "sampled": len(sampled),
+            "replied": len(replies), "accepted": result.accepted,
+            "rejected": dict(result.rejected), "refused": dict(refused),
+            "timed_out": len(sampled) - len(replies), "clip_norm": clip,
+            "noise_std_of_average": result.noise_std,
+        }
+        if result.accepted >= cfg.min_pods:
+            base = Adapter.from_bytes(adapter_bytes)
+            new_bytes = base.with_flat(base.flat() + result.delta).to_bytes()
+            metrics = evaluator(new_bytes)
+            eps = run_epsilon(cfg, rnd)
+            new, new_sig = registry.add(new_bytes, parent=version.id, round=rnd, run_id=run_id,
+                                        metrics=metrics, epsilon=eps if math.isfinite(eps)
+                                        else -1.0)
+            stats.update(version=new.id, **metrics)
+            ppl = metrics.get("perplexity", math.inf)
+            if ppl > best_ppl * (1 + ROLLBACK_TOLERANCE):
+                stats["rolled_back_to"] = best_id
+                version, adapter_bytes, signature = registry.get(best_id)
+            else:
+                version, adapter_bytes, signature = new, new_bytes, new_sig
+                if ppl < best_ppl:
+                    best_id, best_ppl = new.id, ppl
+            registry.activate(version.id)
+        else:
+            stats["skipped"] = (f"{result.accepted} accepted updates, fewer than the "
+                                f"{cfg.min_pods} required")
+        if adaptive and dp.private:
+            clip = adaptive.next_clip(clip, result.unclipped, max(expected, 1e-9), rng)
+        eps = run_epsilon(cfg, rnd)
+        stats["epsilon"] = eps if math.isfinite(eps) else None
+        stats["seconds"] = round(time.monotonic() - t0, 3)
+        record["rounds"].append(stats)
+        save("running")
+        if on_round:
+            on_round(stats)
+    final = run_epsilon(cfg, cfg.rounds)
+    record["epsilon"] = final if math.isfinite(final) else None
+    record["delta"] = dp.delta
+    if dp.private:
+        other = "prv" if dp.accountant == "rdp" else "rdp"
+        record["epsilon_check"] = {"accountant": other,
+                                   "epsilon": run_epsilon(cfg, cfg.rounds, other)}
+    record["final_version"] = version.id
+    save("completed")
+    return record

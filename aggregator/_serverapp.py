@@ -1,0 +1,124 @@
+"""The aggregator's Flower ServerApp: ``run_federated`` over real SuperNodes.
+
+``covey train`` starts it with ``flwr run`` on the aggregator's SuperLink; every setting
+comes in the run config (see ``aggregator/flower_app/pyproject.toml``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from covey.aggregator._rounds import PodReply, RoundPayload, RunConfig, run_federated
+from covey.privacy import AdaptiveClipping, DPConfig
+
+__all__ = ["app", "payload_record", "run_config_from"]
+
+_log = logging.getLogger(__name__)
+
+#: Error code a pod uses to refuse a round (the reason is JSON: {"code", "message"}).
+REFUSAL_CODE = 4001
+
+
+def run_config_from(rc: dict[str, Any]) -> RunConfig:
+    """The run's settings from Flower's run config (keys spelled with dashes)."""
+    adaptive = (AdaptiveClipping(float(rc["adaptive-quantile"]))
+                if float(rc.get("adaptive-quantile", 0.0)) > 0 else None)
+    dp = DPConfig(mode=str(rc["mode"]), noise_multiplier=float(rc["noise-multiplier"]),  # type: ignore[arg-type]
+                  clip_norm=float(rc["clip-norm"]), sample_rate=float(rc["sample-rate"]),
+                  delta=float(rc["delta"]), accountant=str(rc["accountant"]), adaptive=adaptive)
+    target = float(rc.get("target-epsilon", 0.0))
+    return RunConfig(rounds=int(rc["rounds"]), dp=dp, target_epsilon=target or None,
+                     min_pods=int(rc["min-pods"]), round_timeout=float(rc["round-timeout"]),
+                     wait_timeout=float(rc["wait-timeout"]),
+                     local_epochs=int(rc["local-epochs"]), lr=float(rc["lr"]),
+                     max_examples=int(rc["max-examples"]),
+                     eval_examples=int(rc["eval-examples"]), seed=int(rc["seed"]))
+
+
+def payload_record(p: RoundPayload) -> RecordDict:
+    """A round's payload as Flower records (the adapter travels as the signed bytes)."""
+    return RecordDict({"round": ConfigRecord({
+        "run-id": p.run_id, "round": p.round, "planned-rounds": p.planned_rounds,
+        "mode": p.dp.mode, "noise-multiplier": p.dp.noise_multiplier,
+        "clip-norm": p.dp.clip_norm, "sample-rate": p.dp.sample_rate, "delta": p.dp.delta,
+        "accountant": p.dp.accountant, "version": json.dumps(p.version),
+        "signature": p.signature, "adapter": p.adapter, "local-epochs": p.local_epochs,
+        "lr": p.lr, "max-examples": p.max_examples, "seed": p.seed,
+    })})
+
+
+def _reply(msg: Message, version: str) -> PodReply:
+    node = int(msg.metadata.src_node_id)
+    if msg.has_error():
+        code, text = "error", str(msg.error.reason or "")
+        if msg.error.code == REFUSAL_CODE:
+            try:
+                detail = json.loads(text)
+                code, text = str(detail["code"]), str(detail["message"])
+            except (ValueError, KeyError, TypeError):
+                pass
+        return PodReply(node, refusal=code, message=text)
+    try:
+        values = msg.content.array_records["update"].to_numpy_ndarrays()[0]
+        metrics: dict[str, Any] = dict(msg.content.metric_records["metrics"])
+        return PodReply(node, values=np.asarray(values), version=str(
+            msg.content.config_records["info"]["version"]), examples=int(metrics["examples"]),
+            clipped=bool(metrics["clipped"]))
+    except (KeyError, IndexError, TypeError, ValueError):
+        # A reply we cannot read is an update the strategy rejects as malformed.
+        return PodReply(node, values=np.empty(0, np.float32), version=version, examples=0)
+
+
+class FlowerTransport:
+    """Reaches pods through the SuperLink's grid."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def node_ids(self) -> list[int]:
+        return [int(n) for n in self.grid.get_node_ids()]
+
+    def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+              ) -> list[PodReply]:
+        content = payload_record(payload)
+        messages = [Message(content, dst_node_id=n, message_type="train",
+                            group_id=f"{payload.run_id}:{payload.round}") for n in nodes]
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        return [_reply(m, str(payload.version.get("id"))) for m in replies]
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the configured rounds and write the run record into the aggregator home."""
+    from covey.aggregator._deploy import AggregatorHome
+    from covey.aggregator._evaluation import PublicEvaluator
+
+    rc = dict(context.run_config)
+    home = AggregatorHome(Path(str(rc["home"])))
+    cfg = run_config_from(rc)
+    run_id = str(rc.get("run-name") or context.run_id)
+    evaluator = PublicEvaluator(cfg.eval_examples)
+    registry = home.registry()
+    if registry.current_id is None:
+        initial = evaluator.initial_adapter(cfg.seed)
+        first, _ = registry.add(initial, parent=None, round=0, run_id=run_id,
+                                metrics=evaluator(initial), epsilon=0.0)
+        registry.activate(first.id)
+
+    def progress(stats: dict[str, Any]) -> None:
+        home.record_round(stats)
+        print(json.dumps({"covey-round": stats}), flush=True)
+
+    run_federated(FlowerTransport(grid), registry, cfg, run_id, evaluator,
+                  home.run_record(run_id), on_round=progress)

@@ -1,0 +1,91 @@
+"""The pod's Flower ClientApp: a thin adapter from Flower messages to ``take_part``.
+
+The SuperNode that ``covey pod join`` starts passes, in its node config, the pod home
+(``pod-home``), the pinned aggregator signing key (``aggregator-key``, a file) and the
+SuperLink address (``superlink``, for the audit log); the passphrase comes from
+``COVEY_PASSPHRASE`` in the SuperNode's environment.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from covey.device._participation import RoundRefused, RoundRequest, refusal_detail, take_part
+from covey.errors import CoveyError
+from covey.privacy import DPConfig
+
+__all__ = ["app", "request_from"]
+
+REFUSAL_CODE = 4001
+_MODEL: dict[str, Any] = {}
+
+
+def request_from(cfg: Mapping[str, Any], peer: str) -> RoundRequest:
+    """Parse the aggregator's round config (raises ValueError/KeyError/TypeError)."""
+    dp = DPConfig(mode=cfg["mode"], noise_multiplier=float(cfg["noise-multiplier"]),
+                  clip_norm=float(cfg["clip-norm"]), sample_rate=float(cfg["sample-rate"]),
+                  delta=float(cfg["delta"]), accountant=str(cfg["accountant"]))
+    signature, adapter = cfg["signature"], cfg["adapter"]
+    if not isinstance(signature, bytes) or not isinstance(adapter, bytes):
+        raise TypeError("signature and adapter must be bytes")
+    return RoundRequest(
+        run_id=str(cfg["run-id"]), round=int(cfg["round"]),
+        planned_rounds=int(cfg["planned-rounds"]), dp=dp,
+        version=json.loads(str(cfg["version"])), signature=signature, adapter=adapter,
+        local_epochs=int(cfg["local-epochs"]), lr=float(cfg["lr"]),
+        max_examples=int(cfg["max-examples"]), seed=int(cfg["seed"]),
+        peer=peer)
+
+
+def _model() -> tuple[Any, Any]:
+    if "model" not in _MODEL:
+        from covey.models import load_model
+
+        _MODEL["model"], _MODEL["tok"], _ = load_model()
+    return _MODEL["model"], _MODEL["tok"]
+
+
+def _refuse(msg: Message, code: str, text: str) -> Message:
+    return Message(Error(code=REFUSAL_CODE, reason=refusal_detail(RoundRefused(code, text))),
+                   reply_to=msg)
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Take part in a round, or refuse it with a reason the aggregator can count."""
+    from covey.device._pod import Pod
+
+    node = context.node_config
+    peer = str(node.get("superlink", ""))
+    try:
+        request = request_from(dict(msg.content.config_records["round"]), peer)
+    except (KeyError, TypeError, ValueError) as exc:
+        return _refuse(msg, "malformed", f"refused: malformed round message ({type(exc).__name__})")
+    try:
+        key = base64.b64decode(Path(str(node["aggregator-key"])).read_text().strip())
+        passphrase = os.environ.get("COVEY_PASSPHRASE", "")
+        with Pod.open(Path(str(node["pod-home"])), passphrase) as pod:
+            model, tok = _model()
+            update, epsilon = take_part(pod, request, model, tok, key)
+    except RoundRefused as exc:
+        return _refuse(msg, exc.code, str(exc))
+    except (CoveyError, OSError, KeyError) as exc:
+        return _refuse(msg, "pod_error", f"refused: {exc}")
+    return Message(RecordDict({
+        "update": ArrayRecord([update.delta]),
+        "metrics": MetricRecord({"examples": update.examples, "clipped": int(update.clipped),
+                                 "epsilon": epsilon, "loss_before": update.loss_before,
+                                 "loss_after": update.loss_after}),
+        "info": ConfigRecord({"version": str(request.version.get("id"))}),
+    }), reply_to=msg)
