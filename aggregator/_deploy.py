@@ -22,6 +22,7 @@ import datetime
 import ipaddress
 import json
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -227,7 +228,8 @@ class AggregatorHome:
                 raise AggregatorError(f"the SuperLink exited (code {link.returncode}): "
                                       f"{tail.strip().splitlines()[-1] if tail.strip() else ''}")
             try:
-                if httpx.get(f"https://{connect}:{port}/health", verify=str(self.root_cert),
+                trust = ssl.create_default_context(cafile=str(self.root_cert))
+                if httpx.get(f"https://{connect}:{port}/health", verify=trust,
                              timeout=1.0).is_success:
                     break
             except httpx.HTTPError:

@@ -62,7 +62,8 @@ def _check_reachable(superlink: str, root_cert: Path) -> None:
     import httpx
 
     try:
-        response = httpx.get(f"https://{superlink}/health", verify=str(root_cert), timeout=5.0)
+        trust = ssl.create_default_context(cafile=str(root_cert))
+        response = httpx.get(f"https://{superlink}/health", verify=trust, timeout=5.0)
     except httpx.ConnectError as exc:
         if isinstance(exc.__cause__, ssl.SSLError) or "CERTIFICATE" in str(exc).upper():
             raise JoinError(f"the aggregator's certificate at {superlink} does not verify "
