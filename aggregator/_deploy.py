@@ -26,6 +26,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +315,42 @@ class AggregatorHome:
         data = self._flwr("list", CONNECTION, "--run-id", flower_run_id)
         run = (data.get("runs") or [{}])[0]
         return str(run.get("status", "unknown")), str(run.get("status-details", ""))
+
+    def train(self, run_config: dict[str, Any],
+              on_round: Callable[[dict[str, Any]], None] | None = None,
+              on_start: Callable[[str], None] | None = None, poll: float = 1.0
+              ) -> dict[str, Any]:
+        """Run covey's Flower app to the end; returns the run record.
+
+        ``run_config`` must name the run (``run-name``); ``on_round`` sees each round's
+        statistics as the ServerApp records them.
+
+        Raises:
+            AggregatorError: the run failed or was stopped (with Flower's reason).
+        """
+        run_name = str(run_config["run-name"])
+        record_path = self.run_record(run_name)
+        flower_id = self.submit({**run_config, "home": str(self.path)})
+        if on_start:
+            on_start(flower_id)
+        shown = 0
+        record: dict[str, Any] = {}
+        while True:
+            state, details = self.run_status(flower_id)
+            if record_path.exists():
+                record = json.loads(record_path.read_text())
+            for stats in record.get("rounds", [])[shown:]:
+                shown += 1
+                if on_round:
+                    on_round(stats)
+            if state.startswith("finished"):
+                break
+            time.sleep(poll)
+        if state != "finished:completed" or record.get("status") != "completed":
+            raise AggregatorError(f"run {run_name} {state.removeprefix('finished:')}: "
+                                  f"{details or 'see the aggregator logs'}")
+        record["record_path"] = str(record_path)
+        return record
 
     def stop_run(self, flower_run_id: str) -> None:
         """Ask the SuperLink to stop a run."""

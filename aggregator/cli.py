@@ -7,7 +7,6 @@ import math
 import os
 import secrets
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from covey.aggregator._deploy import DEFAULT_PORT, AggregatorError, AggregatorHome
+from covey.aggregator._deploy import DEFAULT_PORT, AggregatorHome
 from covey.errors import InvalidInputError
 
 __all__ = ["aggregator_app", "train"]
@@ -179,7 +178,7 @@ def train(
     agg = AggregatorHome(home)
     run_name = f"run-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     config = {
-        "home": str(home.absolute()), "run-name": run_name, "rounds": rounds, "mode": mode,
+        "run-name": run_name, "rounds": rounds, "mode": mode,
         "noise-multiplier": dp.noise_multiplier, "target-epsilon": target_epsilon or 0.0,
         "clip-norm": clip_norm, "sample-rate": sample_rate, "delta": delta,
         "accountant": accountant, "adaptive-quantile": adaptive_quantile,
@@ -187,34 +186,25 @@ def train(
         "local-epochs": local_epochs, "lr": lr, "max-examples": 256,
         "eval-examples": int(os.environ.get("COVEY_EVAL_EXAMPLES", "200")), "seed": 0,
     }
-    flower_id = agg.submit(config)
-    record_path = agg.run_record(run_name)
-    shown = 0
     if not as_json:
-        out.print(f"Run {run_name} (Flower run {flower_id}): {rounds} rounds, {mode} DP, "
-                  f"z={dp.noise_multiplier:.4g}, C={clip_norm:g}, q={sample_rate:g}")
-    while True:
-        state, details = agg.run_status(flower_id)
-        record = json.loads(record_path.read_text()) if record_path.exists() else {}
-        for stats in record.get("rounds", [])[shown:]:
-            shown += 1
-            if not as_json:
-                eps = stats.get("epsilon")
-                out.print(f"  round {stats['round']}/{rounds}: {stats['accepted']} updates, "
-                          f"{sum(stats['rejected'].values())} rejected, "
-                          f"{sum(stats['refused'].values())} refused, "
-                          f"perplexity {stats.get('perplexity', float('nan')):.2f}, "
-                          f"epsilon {eps if eps is None else round(eps, 4)}, "
-                          f"{stats['seconds']:.1f} s")
-        if state.startswith("finished"):
-            break
-        time.sleep(1.0)
-    if state != "finished:completed" or record.get("status") != "completed":
-        raise AggregatorError(f"run {run_name} {state.removeprefix('finished:')}: "
-                              f"{details or 'see the aggregator logs'}")
-    record["record_path"] = str(record_path)
-    _emit(record, as_json, f"Done: epsilon {record['epsilon']} at delta {record['delta']:g} "
-          f"({record['config']['dp']['accountant']}; "
-          f"{record.get('epsilon_check', {}).get('accountant', '-')} says "
-          f"{record.get('epsilon_check', {}).get('epsilon', '-')}), model version "
-          f"{record['final_version']}; record {record_path}")
+        out.print(f"Run {run_name}: {rounds} rounds, {mode} DP, z={dp.noise_multiplier:.4g}, "
+                  f"C={clip_norm:g}, q={sample_rate:g}")
+    record = agg.train(config, on_round=None if as_json else _print_round(rounds))
+    check = record.get("epsilon_check", {})
+    _emit(record, as_json, f"Done: epsilon {record['epsilon']:.4g} at delta {record['delta']:g} "
+          f"({record['config']['dp']['accountant']}; {check.get('accountant', '-')} says "
+          f"{check.get('epsilon', float('nan')):.4g}), model version "
+          f"{record['final_version']}; record {record['record_path']}")
+
+
+def _print_round(rounds: int) -> Any:
+    def show(stats: dict[str, Any]) -> None:
+        eps = stats.get("epsilon")
+        rolled = f", rolled back to {stats['rolled_back_to']}" if "rolled_back_to" in stats \
+            else ""
+        out.print(f"  round {stats['round']}/{rounds}: {stats['accepted']} updates, "
+                  f"{sum(stats['rejected'].values())} rejected, "
+                  f"{sum(stats['refused'].values())} refused, perplexity "
+                  f"{stats.get('perplexity', float('nan')):.2f}, epsilon "
+                  f"{'n/a' if eps is None else f'{eps:.4g}'}, {stats['seconds']:.1f} s{rolled}")
+    return show

@@ -42,6 +42,70 @@ def _say(console: Console, assistant: object, session: str, text: str) -> int:
     return turn.reply_message_id
 
 
+def _federate(console: Console, home: Path, passphrase: str, tmp: Path) -> None:
+    """Two more pods and the demo pod train the shared adapter on a loopback SuperLink."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from covey._processes import free_port
+    from covey.aggregator._deploy import AggregatorHome
+    from covey.device._feedback import TRAINING_CONSENT, set_consent
+    from covey.device._join import join, leave, node_key
+    from covey.device._participation import import_examples, spent
+    from covey.models import load_corpus
+    from covey.privacy import noise_for_epsilon
+
+    agg = AggregatorHome(tmp / "aggregator")
+    agg.make_certs()
+    started = time.perf_counter()
+    status = agg.start(port=free_port())
+    console.print(f"  aggregator: SuperLink on {status['superlink']} with TLS and node "
+                  f"authentication ({time.perf_counter() - started:.1f} s)")
+    pods = [home]
+    users = [u for u in load_corpus().federated if len(u.train) >= 20][:2]
+    for i, user in enumerate(users):
+        other = tmp / f"pod-{i + 2}"
+        with Pod.create(other, passphrase, name=f"device-{i + 2}") as pod:
+            set_consent(pod, TRAINING_CONSENT, True)
+            import_examples(pod, user.train[:24])
+        pods.append(other)
+    try:
+        for p in pods:
+            agg.admit(node_key(p))
+        with ThreadPoolExecutor(len(pods)) as pool:
+            list(pool.map(lambda p: join(p, passphrase, status["superlink"], agg.root_cert,
+                                         agg.registry().public_key_path), pods))
+        console.print(f"  {len(pods)} pods admitted and joined (one SuperNode each)")
+        rounds, target = 2, 8.0
+        z = noise_for_epsilon(target, 1e-5, 1.0, rounds)
+        config = {"run-name": f"demo-{secrets.token_hex(3)}", "rounds": rounds,
+                  "mode": "central", "noise-multiplier": z, "target-epsilon": target,
+                  "min-pods": len(pods), "eval-examples": 60}
+        console.print(f"  training: {rounds} rounds, central DP, z={z:.3f} solved for "
+                      f"epsilon {target:g} at delta 1e-5, clip C=1")
+
+        def show(stats: dict[str, object]) -> None:
+            rolled = (f"; quality fell >10 %, rolled back to {stats['rolled_back_to']}"
+                      if "rolled_back_to" in stats else "")
+            console.print(f"    round {stats['round']}: {stats['accepted']} updates, "
+                          f"held-out perplexity {stats.get('perplexity')}, epsilon "
+                          f"{float(str(stats['epsilon'])):.3f}{rolled}")
+
+        record = agg.train(config, on_round=show)
+        console.print(f"  run done: epsilon {record['epsilon']:.3f} at delta "
+                      f"{record['delta']:g} (RDP; PRV says "
+                      f"{record['epsilon_check']['epsilon']:.3f}); model version "
+                      f"{record['final_version']}, signed by the aggregator")
+        with Pod.open(home, passphrase) as pod:
+            console.print(f"  this pod's ledger: epsilon {spent(pod):.3f} spent of "
+                          "its user's maximum 10 (it refuses rounds past that)")
+        console.print("  (three pods cannot outvote the noise: DP needs many users; "
+                      "see `make bench` and the README)", style="dim")
+    finally:
+        for p in pods:
+            leave(p)
+        agg.stop()
+
+
 def run(console: Console | None = None) -> None:
     """Create a pod, chat across sessions, correct, forget, export, and crypto-shred it."""
     from covey.device._chat import open_assistant
@@ -83,7 +147,11 @@ def run(console: Console | None = None) -> None:
             console.print(f"  correction stored as training example #{result.example_id} "
                           f"(consented: {result.consented})")
 
-            console.print(Rule("5. forget a memory"))
+        console.print(Rule("5. a federated round: pods improve a shared model, privately"))
+        _federate(console, home, passphrase, Path(tmp))
+
+        with Pod.open(home, passphrase) as pod:
+            console.print(Rule("6. forget a memory"))
             sister = next(h.memory for h in pod.memories.recall("my sister", 3)
                           if "sister" in h.memory.text)
             pod.memories.forget(sister.id)
@@ -91,7 +159,7 @@ def run(console: Console | None = None) -> None:
             console.print(f"  forgot #{sister.id} ({sister.text!r}); recall for 'sister' now: "
                           f"{left}", markup=False)
 
-            console.print(Rule("6. status and export (your right of access)"))
+            console.print(Rule("7. status and export (your right of access)"))
             status = pod.status()
             console.print(f"  {status.counts['memories']} memories, "
                           f"{status.counts['messages']} messages, "
@@ -104,7 +172,7 @@ def run(console: Console | None = None) -> None:
                           f"messages, {len(document['audit_log'])} audit entries")
             os.remove(export_file)
 
-        console.print(Rule("7. crypto-shred the pod"))
+        console.print(Rule("8. crypto-shred the pod"))
         removed = Pod.forget(home)
         console.print(f"  data key destroyed, removed {', '.join(removed)}")
         try:

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["alive", "flower_bin", "flower_env", "free_port", "stop_process"]
+__all__ = ["alive", "descendants", "flower_bin", "flower_env", "free_port", "stop_process"]
 
 
 def flower_bin(name: str) -> str:
@@ -37,7 +37,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True,
                          check=False).stdout
     children: dict[int, list[int]] = {}
@@ -68,7 +68,7 @@ def alive(pid: int) -> bool:
 
 def stop_process(pid: int, timeout: float = 15.0) -> None:
     """SIGTERM ``pid`` and everything it started; SIGKILL what is left after ``timeout``."""
-    family = [pid, *_descendants(pid)]
+    family = [pid, *descendants(pid)]
     for p in family:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGTERM)

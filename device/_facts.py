@@ -35,8 +35,13 @@ class Fact:
         return (self.relation, "") if self.functional else ("taste", self.value.lower())
 
 
+# Words about time at the end of a value ("I hate spicy food now") are not part of it.
+_TIME_TAIL = re.compile(r"(?:\s+(?:now|anymore|any more|these days|nowadays|again|lately|"
+                        r"too|as well|a lot|so much|very much))+$", re.I)
+
+
 def _tidy(value: str) -> str:
-    return re.sub(r"\s+", " ", value).strip(" '\"")
+    return _TIME_TAIL.sub("", re.sub(r"\s+", " ", value).strip(" '\""))
 
 
 _PATTERNS: tuple[tuple[re.Pattern[str], str, str, bool, str], ...] = (

@@ -65,6 +65,10 @@ def _check_reachable(superlink: str, root_cert: Path) -> None:
         trust = ssl.create_default_context(cafile=str(root_cert))
         response = httpx.get(f"https://{superlink}/health", verify=trust, timeout=5.0)
     except httpx.ConnectError as exc:
+        if "expired" in str(exc).lower():
+            raise JoinError(f"the aggregator's certificate at {superlink} has expired "
+                            "(the operator renews it with `covey aggregator certs --force`)"
+                            ) from None
         if isinstance(exc.__cause__, ssl.SSLError) or "CERTIFICATE" in str(exc).upper():
             raise JoinError(f"the aggregator's certificate at {superlink} does not verify "
                             f"against {root_cert} (wrong root certificate, or expired)"

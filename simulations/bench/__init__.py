@@ -52,10 +52,18 @@ def _turn(quick: bool) -> dict[str, Any]:
     return run(quick)
 
 
+def _federated(quick: bool) -> dict[str, Any]:
+    """Federated rounds on the loopback by number of pods; update size; the cost of DP."""
+    from covey.simulations.bench._federated import run
+
+    return run(quick)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "store": _store,
     "models": _models,
     "embedder": _embedder,
     "recall": _recall,
     "turn": _turn,
+    "federated": _federated,
 }

@@ -67,7 +67,12 @@ def test_newer_preference_replaces_the_older(assistant: Assistant) -> None:
     # Functional facts: a new value replaces the old one.
     _say(assistant, session, "I live in Porto.")
     _say(assistant, session, "I live in Braga now.")
-    assert assistant.graph.lookup("lives_in").value == "Braga now"
+    assert assistant.graph.lookup("lives_in").value == "Braga"
+    # "now" is about time, not taste: it still replaces the earlier preference
+    _say(assistant, session, "I love spicy food.")
+    _say(assistant, session, "actually I hate spicy food now.")
+    spicy = [(f.relation, f.value) for f in assistant.graph.current() if "spicy" in f.value]
+    assert spicy == [("dislikes", "spicy food")]
 
 
 def test_near_duplicates_merge(assistant: Assistant) -> None:
@@ -111,6 +116,7 @@ def test_forget_last_message(assistant: Assistant) -> None:
     ("I like it", []),
     ("Call me Jo, I work at the bakery", [("name", "Jo"), ("works_at", "the bakery")]),
     ("I'm allergic to peanuts", [("allergic_to", "peanuts")]),
+    ("I like jazz a lot these days", [("likes", "jazz")]),
 ])
 def test_fact_patterns(text: str, expected: list[tuple[str, str]]) -> None:
     assert [(f.relation, f.value) for f in extract_facts(text)] == expected
