@@ -203,7 +203,7 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
             cfg.max_examples, cfg.seed + rnd)
         replies = transport.train(sampled, payload, cfg.round_timeout) if sampled else []
         refused = Counter(r.refusal for r in replies if r.refusal)
-        updates = [PodUpdate(r.node_id, r.values, r.examples, r.version)
+        updates = [PodUpdate(r.node_id, r.values, r.examples, r.version, r.clipped)
                    for r in replies if not r.refusal and r.values is not None]
         result = aggregate(updates, size, version.id, round_dp, max(expected, 1e-9), rng,
                            noise_multiplier=update_z)

@@ -34,6 +34,7 @@ class PodUpdate:
     values: np.ndarray
     examples: int
     version: str
+    clipped: bool = False  # the pod reports whether its own clipping scaled it down
 
 
 @dataclass
@@ -107,7 +108,7 @@ def aggregate(updates: Sequence[PodUpdate], size: int, version: str, dp: DPConfi
     for u in good:
         if dp.mode == "central":
             clipped, norm = clip_update(u.values, dp.clip_norm)
-            unclipped += norm <= dp.clip_norm
+            unclipped += norm <= dp.clip_norm and not u.clipped
             total += clipped
         else:
             total += u.values

@@ -86,3 +86,12 @@ def test_poisson_sampling_rate() -> None:
     assert poisson_sample(nodes, 1.0, rng) == nodes
     counts = [len(poisson_sample(nodes, 0.1, rng)) for _ in range(50)]
     assert 90 < float(np.mean(counts)) < 110
+
+
+def test_unclipped_count_uses_the_pods_own_clipping_flag() -> None:
+    dp = DPConfig(mode="central", noise_multiplier=1.0, clip_norm=1.0)
+    small = np.full(SIZE, 0.01, np.float32)
+    updates = [PodUpdate(0, small, 1, "v1", clipped=True),  # clipped on the pod
+               PodUpdate(1, small, 1, "v1", clipped=False),
+               PodUpdate(2, small * 1000, 1, "v1", clipped=False)]  # over C on the server
+    assert aggregate(updates, SIZE, "v1", dp, expected_pods=3.0).unclipped == 1

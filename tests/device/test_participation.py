@@ -226,3 +226,24 @@ def test_rollback_when_quality_drops_more_than_ten_percent(
     assert registry.get(r3["version"])[0].parent == r1["version"]  # trained from the rollback
     assert record["final_version"] == r3["version"] != start
     assert math.isfinite(record["epsilon"]) and record["epsilon_check"]["accountant"] == "prv"
+
+
+def test_adaptive_clipping_moves_c_at_no_extra_epsilon(
+        tmp_path: Path, lm: tuple[Any, Any], users: list[Any], registry: Registry) -> None:
+    from covey.privacy import AdaptiveClipping
+
+    clients = _clients(tmp_path, lm, users, registry, 2)
+    fixed = DPConfig(mode="central", noise_multiplier=2.0, clip_norm=1e-3)
+    adaptive = DPConfig(mode="central", noise_multiplier=2.0, clip_norm=1e-3,
+                        adaptive=AdaptiveClipping(target_quantile=0.5, count_noise=5.0))
+    record = run_federated(InProcessTransport(clients), registry,
+                           RunConfig(rounds=3, dp=adaptive, min_pods=2), "run-ad",
+                           _evaluator([]), tmp_path / "run.json",
+                           rng=np.random.default_rng(0))
+    clips = [r["clip_norm"] for r in record["rounds"]]
+    assert clips[0] == 1e-3 and len(set(clips)) == 3  # C moves every round
+    plain = run_federated(InProcessTransport(clients), registry,
+                          RunConfig(rounds=3, dp=fixed, min_pods=2), "run-fx",
+                          _evaluator([]), tmp_path / "run2.json")
+    assert record["epsilon"] == pytest.approx(plain["epsilon"])
+    assert "adaptive" in record["mechanism"]["clipping"]
