@@ -62,6 +62,10 @@ class VectorIndexConfig:
             outnumber this fraction of the live ones (hnswlib only marks them deleted).
         threads: threads that build the HNSW graph; 1 makes the graph deterministic.
         seed: hnswlib's random seed (the level of each inserted node).
+        background: build the graph on a background thread when the threshold is
+            passed; searches stay exact (and correct) until it is ready, and the writes
+            made meanwhile are replayed into it. The pod uses this so that unlocking a
+            store of 100k memories does not wait for the graph.
     """
 
     dimension: int = DIMENSION
@@ -72,6 +76,7 @@ class VectorIndexConfig:
     compact_ratio: float = 0.25
     threads: int = 1
     seed: int = 0
+    background: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.dimension <= 65_536:
@@ -178,6 +183,9 @@ class VectorIndex:
         self._hnsw: Any = None  # an hnswlib.Index once past the threshold
         self._live: set[int] = set()  # ids in the graph, not marked deleted
         self._tombstones: set[int] = set()  # ids in the graph, marked deleted
+        # While a background build runs: the writes made since its snapshot, in order.
+        self._journal: list[tuple[str, np.ndarray, np.ndarray | None]] | None = None
+        self._builder: threading.Thread | None = None
 
     @property
     def config(self) -> VectorIndexConfig:
@@ -188,6 +196,18 @@ class VectorIndex:
     def mode(self) -> str:
         """``"exact"`` or ``"hnsw"``: how searches are answered now."""
         return "exact" if self._hnsw is None else "hnsw"
+
+    @property
+    def building(self) -> bool:
+        """Whether a background HNSW build is running."""
+        return self._journal is not None
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait for a background build to finish; True when none is running."""
+        builder = self._builder
+        if builder is not None:
+            builder.join(timeout)
+        return not self.building
 
     def __len__(self) -> int:
         return len(self._rows) if self._hnsw is None else len(self._live)
@@ -217,8 +237,13 @@ class VectorIndex:
         with self._lock:
             if self._hnsw is None:
                 self._add_exact(keys, rows)
-                if len(self._rows) > self._config.exact_threshold:
-                    self._to_hnsw()
+                if self._journal is not None:
+                    self._journal.append(("add", keys, rows))
+                elif len(self._rows) > self._config.exact_threshold:
+                    if self._config.background:
+                        self._start_background_build()
+                    else:
+                        self._to_hnsw()
             else:
                 self._add_hnsw(keys, rows)
 
@@ -226,8 +251,10 @@ class VectorIndex:
         """Remove vectors by id; ids not in the index are ignored. Returns how many went."""
         removed = 0
         with self._lock:
-            for raw in ids:
-                key = int(raw)
+            keys = [int(raw) for raw in ids]
+            if self._journal is not None:
+                self._journal.append(("remove", np.asarray(keys, dtype=np.int64), None))
+            for key in keys:
                 if self._hnsw is None:
                     removed += self._remove_exact(key)
                 elif key in self._live:
@@ -307,6 +334,51 @@ class VectorIndex:
         self._matrix = np.empty((0, d), dtype=np.float32)
         self._ids = np.empty(0, dtype=np.int64)
         self._rows = {}
+
+    def _start_background_build(self) -> None:
+        """Snapshot the exact vectors and build their graph on a thread (lock held)."""
+        n = len(self._rows)
+        keys, rows = self._ids[:n].copy(), self._matrix[:n].copy()
+        self._journal = []
+        _log.info("vector index: %d vectors, building HNSW in the background", n)
+        self._builder = threading.Thread(target=self._build_in_background, args=(keys, rows),
+                                         name="covey-hnsw-build", daemon=True)
+        self._builder.start()
+
+    def _build_in_background(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Build without the lock, then replay the writes made meanwhile and switch."""
+        try:
+            graph = self._new_graph(int(len(keys) * _GROWTH))
+            graph.add_items(rows, keys, num_threads=self._config.threads)
+        except Exception:  # the exact index keeps answering; the next add tries again
+            _log.exception("vector index: background HNSW build failed")
+            with self._lock:
+                self._journal = None
+            return
+        with self._lock:
+            journal, self._journal = self._journal or [], None
+            exact = (self._matrix, self._ids, self._rows)
+            self._hnsw, self._live, self._tombstones = graph, set(keys.tolist()), set()
+            for op, ids, vectors in journal:
+                if op == "add" and vectors is not None:
+                    self._add_hnsw(ids, vectors)
+                else:
+                    for key in ids.tolist():
+                        if key in self._live:
+                            graph.mark_deleted(key)
+                            self._live.discard(key)
+                            self._tombstones.add(key)
+            if len(self._live) != len(exact[2]):  # cannot happen; never serve a wrong index
+                _log.error("vector index: background build disagrees; staying exact")
+                self._hnsw, self._live, self._tombstones = None, set(), set()
+                return
+            d = self._config.dimension
+            self._matrix = np.empty((0, d), dtype=np.float32)
+            self._ids = np.empty(0, dtype=np.int64)
+            self._rows = {}
+            if self._tombstones:
+                self._after_hnsw_removal()
+        _log.info("vector index: HNSW ready with %d vectors", len(self._live))
 
     def _add_hnsw(self, keys: np.ndarray, rows: np.ndarray) -> None:
         """Insert or update vectors in the graph, growing it first when full."""

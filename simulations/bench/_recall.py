@@ -111,7 +111,8 @@ class RecallBenchConfig:
     embed_queries: int = 300
     count_queries: int = 50
     seed: int = 20_240_603
-    index: VectorIndexConfig = field(default_factory=VectorIndexConfig)
+    # As the pod runs it: past the threshold the HNSW graph builds in the background.
+    index: VectorIndexConfig = field(default_factory=lambda: VectorIndexConfig(background=True))
 
     def __post_init__(self) -> None:
         if not self.sizes or min(self.sizes) < self.candidates:
@@ -295,11 +296,17 @@ def _measure_size(n: int, cfg: RecallBenchConfig, root: Path) -> dict[str, Any]:
         ids, matrix = load_vectors(store.query(_LOAD, (SYNTHETIC_MODEL,)))
         read_s = time.perf_counter() - started
         default, build_s = _build(ids, matrix, cfg.index)
+        started = time.perf_counter()
+        background = default.building
+        default.wait_ready()
+        ready_s = build_s + time.perf_counter() - started
         result: dict[str, Any] = {
             "memories": n,
             "fill_memories_per_s": round(n / fill_s, 1),
             "unlock": {"open_s": round(open_s, 4), "read_decode_s": round(read_s, 4),
-                       "index_build_s": round(build_s, 4), "index_mode": default.mode},
+                       "index_build_s": round(build_s, 4), "index_mode": default.mode,
+                       "hnsw_in_background": background,
+                       "index_ready_s": round(ready_s, 4)},
         }
         result.update(_measure_methods(store, default, ids, matrix, queries, texts, now, cfg))
         result["fts_matches"] = _count_matches(store, texts[: cfg.count_queries])
@@ -484,8 +491,9 @@ def summary_lines(results: dict[str, Any], cfg: RecallBenchConfig) -> list[str]:
         extra = "".join(f", {k} index {v:.2f} s" for k, v in size["extra_index_build_s"].items())
         lines.append(
             f"{n:>7,} unlock: open {unlock['open_s']:.3f} s, read+decode"
-            f" {unlock['read_decode_s']:.3f} s, {unlock['index_mode']} index build"
-            f" {unlock['index_build_s']:.2f} s{extra}"
+            f" {unlock['read_decode_s']:.3f} s, searchable after"
+            f" {unlock['index_build_s']:.2f} s, {unlock['index_mode']} index ready after"
+            f" {unlock['index_ready_s']:.2f} s{extra}"
         )
         recall = size.get(f"hnsw_recall_at_{cfg.k}")
         fts = size["fts_matches"]

@@ -260,3 +260,33 @@ def test_encode_vector_rejects_bad_vectors() -> None:
         encode_vector(np.zeros(10))
     with pytest.raises(InvalidInputError, match="NaN"):
         encode_vector(np.full(DIMENSION, np.inf))
+
+
+def test_background_build_serves_exact_meanwhile_and_replays_writes(
+        large: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    ids, rows, queries = large
+    index = VectorIndex(VectorIndexConfig(exact_threshold=5000, background=True))
+    reference = VectorIndex(VectorIndexConfig(exact_threshold=10**9))  # always exact
+    for target in (index, reference):
+        target.add(ids[:20_000], rows[:20_000])
+    assert index.building and index.mode == "exact"  # add returned before the graph
+    # searches during the build are exact, hence identical to the reference
+    assert index.search(queries[0], 10) == reference.search(queries[0], 10)
+    # writes made during the build: adds, replacements, removals
+    for target in (index, reference):
+        target.add(ids[20_000:25_000], rows[20_000:25_000])
+        target.remove(ids[:300].tolist())
+        target.add(ids[300:400], rows[25_000:25_100])  # new vectors for existing ids
+        target.remove([int(ids[20_001])])
+    assert index.wait_ready(timeout=300)
+    assert index.mode == "hnsw" and not index.building
+    assert len(index) == len(reference) == 25_000 - 300 - 1
+    assert int(ids[5]) not in index and int(ids[20_001]) not in index
+    assert int(ids[350]) in index
+    hits = [h for q in queries for h in index.search(q, 10)]
+    assert not {int(i) for i in ids[:300]} & {h[0] for h in hits}
+    agree = np.mean([len({h[0] for h in index.search(q, 10)}
+                         & {h[0] for h in reference.search(q, 10)}) / 10 for q in queries])
+    assert agree >= 0.95  # HNSW recall@10 against exact on the same contents
+    replaced = index.search(rows[25_050], 1)[0]
+    assert replaced[0] == int(ids[350]) and replaced[1] == pytest.approx(1.0, abs=1e-4)
