@@ -48,11 +48,11 @@ def _federate(console: Console, home: Path, passphrase: str, tmp: Path) -> None:
 
     from covey._processes import free_port
     from covey.aggregator._deploy import AggregatorHome
-    from covey.device._feedback import TRAINING_CONSENT, set_consent
     from covey.device._join import join, leave, node_key
-    from covey.device._participation import import_examples, spent
+    from covey.device._participation import spent
     from covey.models import load_corpus
     from covey.privacy import noise_for_epsilon
+    from covey.simulations._population import seed_pods
 
     agg = AggregatorHome(tmp / "aggregator")
     agg.make_certs()
@@ -60,14 +60,8 @@ def _federate(console: Console, home: Path, passphrase: str, tmp: Path) -> None:
     status = agg.start(port=free_port())
     console.print(f"  aggregator: SuperLink on {status['superlink']} with TLS and node "
                   f"authentication ({time.perf_counter() - started:.1f} s)")
-    pods = [home]
     users = [u for u in load_corpus().federated if len(u.train) >= 20][:2]
-    for i, user in enumerate(users):
-        other = tmp / f"pod-{i + 2}"
-        with Pod.create(other, passphrase, name=f"device-{i + 2}") as pod:
-            set_consent(pod, TRAINING_CONSENT, True)
-            import_examples(pod, user.train[:24])
-        pods.append(other)
+    pods = [home, *seed_pods(tmp, users, passphrase, prefix="other-device-")]
     try:
         for p in pods:
             agg.admit(node_key(p))

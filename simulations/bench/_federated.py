@@ -40,32 +40,18 @@ def _rss_tree(pid: int) -> int:
     return total
 
 
-def _make_pods(root: Path, users: list[Any], passphrase: str) -> list[Path]:
-    from covey.device import Pod
-    from covey.device._feedback import TRAINING_CONSENT, set_consent
-    from covey.device._participation import import_examples
-
-    homes = []
-    for i, user in enumerate(users):
-        home = root / f"pod{i}"
-        with Pod.create(home, passphrase, name=f"pod{i}") as pod:
-            set_consent(pod, TRAINING_CONSENT, True)
-            import_examples(pod, user.train[:24])
-        homes.append(home)
-    return homes
-
-
 def _loopback(pods: int, rounds: int, users: list[Any]) -> dict[str, Any]:
     from covey._processes import free_port
     from covey.aggregator._deploy import AggregatorHome
     from covey.device._join import join, leave, node_key
+    from covey.simulations._population import seed_pods
 
     passphrase = secrets.token_urlsafe(12)
     with tempfile.TemporaryDirectory(prefix="covey-bench-fed-") as tmp:
         agg = AggregatorHome(Path(tmp) / "agg")
         agg.make_certs()
         status = agg.start(port=free_port())
-        homes = _make_pods(Path(tmp), users[:pods], passphrase)
+        homes = seed_pods(Path(tmp), users[:pods], passphrase)
         infos: list[dict[str, Any]] = []
         try:
             for home in homes:

@@ -326,10 +326,12 @@ def _measure_methods(store: Store, default: VectorIndex, ids: np.ndarray, matrix
     builds: dict[str, float] = {}
     if exact.mode != "exact":
         # The baseline: the same vectors searched exactly (the threshold lifted past n).
-        exact, builds["exact"] = _build(ids, matrix, replace(cfg.index, exact_threshold=n))
+        exact, builds["exact"] = _build(ids, matrix, replace(cfg.index, exact_threshold=n,
+                                                             background=False))
     if hnsw is None and n in cfg.forced_hnsw_sizes:
         _progress(f"{n:,}: building a forced HNSW index")
-        hnsw, builds["hnsw"] = _build(ids, matrix, replace(cfg.index, exact_threshold=0))
+        hnsw, builds["hnsw"] = _build(ids, matrix, replace(cfg.index, exact_threshold=0,
+                                                           background=False))
     del matrix
     memories = Memories(store, on_erase=lambda: None)
 

@@ -16,11 +16,9 @@ import httpx
 import pytest
 from dp_accounting import dp_event, rdp
 
-from covey.device import Pod
-from covey.device._feedback import TRAINING_CONSENT, set_consent
-from covey.device._participation import import_examples
 from covey.models import load_corpus
 from covey.privacy._accounting import RDP_ORDERS
+from covey.simulations._population import seed_pods
 from tests.conftest import FAST_CONFIG, PASSPHRASE, cli_env
 
 pytestmark = pytest.mark.slow
@@ -66,12 +64,7 @@ class Federation:
 def federation(tmp_path: Path) -> Iterator[Federation]:
     fed = Federation(tmp_path)
     users = [u for u in load_corpus().federated if len(u.train) >= 20][:4]
-    for i, user in enumerate(users):
-        home = tmp_path / f"pod{i}"
-        with Pod.create(home, PASSPHRASE, name=f"pod{i}", config=FAST_CONFIG) as pod:
-            set_consent(pod, TRAINING_CONSENT, True)
-            import_examples(pod, user.train[:24])
-        fed.pods.append(home)
+    fed.pods = seed_pods(tmp_path, users, PASSPHRASE, config=FAST_CONFIG)
     try:
         yield fed
     finally:
