@@ -53,7 +53,7 @@ def _certs(folder: Path, expired: bool) -> tuple[Path, Path, Path]:
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         self.send_response(200)
         self.end_headers()
 
