@@ -1,29 +1,35 @@
-"""Server-side evaluation of a global adapter on the public share's held-out users."""
+"""Evaluation of a global adapter: perplexity and next-token accuracy on held-out text.
+
+The aggregator evaluates each new version on the public share's held-out users (never on
+a pod's data); simulations also evaluate on the federated users' test messages.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["PublicEvaluator"]
+__all__ = ["AdapterEvaluator", "public_evaluator"]
 
 
-class PublicEvaluator:
-    """Perplexity and top-1 accuracy of the base model with an adapter, on a fixed slice
-    of the public held-out examples (users the base model never trained on)."""
+class AdapterEvaluator:
+    """Quality of the base model with an adapter on a fixed list of examples."""
 
-    def __init__(self, examples: int = 200, threads: int = 1) -> None:
+    def __init__(self, examples: Sequence[Any], threads: int = 1,
+                 model: Any = None, tok: Any = None) -> None:
         import torch
 
-        from covey.models import load_corpus, load_model
+        from covey.models import load_model
         from covey.models._evaluate import examples_to_batches
 
         torch.set_num_threads(threads)
-        self.model, self.tok, _ = load_model()
-        held_out = list(load_corpus().public_eval[:examples])
-        self.batches = examples_to_batches(self.tok, held_out, self.model.cfg.context)
-        self.examples = len(held_out)
+        if model is None or tok is None:
+            model, tok, _ = load_model()
+        self.model, self.tok = model, tok
+        self.batches = examples_to_batches(self.tok, list(examples), self.model.cfg.context)
+        self.examples = len(examples)
 
     def __call__(self, adapter_bytes: bytes) -> dict[str, float]:
         import torch
@@ -38,14 +44,21 @@ class PublicEvaluator:
                 return self.model(torch.from_numpy(ids))[0].numpy()
 
         q = evaluate(logits, self.batches, self.examples)
-        return {"perplexity": round(q.perplexity, 4), "top1": round(q.top1, 4)}
+        return {"perplexity": round(q.perplexity, 4), "top1": round(q.top1, 4),
+                "top3": round(q.top3, 4)}
 
     def initial_adapter(self, seed: int = 0) -> bytes:
-        """The run's first global adapter: fresh LoRA matrices (B zero: no change)."""
+        """A run's first global adapter: fresh LoRA matrices (B zero: no change)."""
         import torch
 
         from covey.models import Adapter, TinyLM
 
         torch.manual_seed(seed)
-        fresh = TinyLM(self.model.cfg)
-        return Adapter.zeros_like(fresh).to_bytes()
+        return Adapter.zeros_like(TinyLM(self.model.cfg)).to_bytes()
+
+
+def public_evaluator(examples: int = 200, threads: int = 1) -> AdapterEvaluator:
+    """The aggregator's evaluator: the first ``examples`` public held-out examples."""
+    from covey.models import load_corpus
+
+    return AdapterEvaluator(load_corpus().public_eval[:examples], threads)

@@ -102,13 +102,13 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured rounds and write the run record into the aggregator home."""
     from covey.aggregator._deploy import AggregatorHome
-    from covey.aggregator._evaluation import PublicEvaluator
+    from covey.aggregator._evaluation import public_evaluator
 
     rc = dict(context.run_config)
     home = AggregatorHome(Path(str(rc["home"])))
     cfg = run_config_from(rc)
     run_id = str(rc.get("run-name") or context.run_id)
-    evaluator = PublicEvaluator(cfg.eval_examples)
+    evaluator = public_evaluator(cfg.eval_examples)
     registry = home.registry()
     if registry.current_id is None:
         initial = evaluator.initial_adapter(cfg.seed)

@@ -17,6 +17,7 @@ from covey.device.cli import memory_app, pod_app
 from covey.device.serve_cli import serve
 from covey.errors import CoveyError
 from covey.models.cli import models_app
+from covey.simulations.cli import simulate
 
 __all__ = ["app", "main"]
 
@@ -32,6 +33,7 @@ app.add_typer(memory_app, name="memory")
 app.add_typer(models_app, name="models")
 app.add_typer(aggregator_app, name="aggregator")
 app.command("train")(train)
+app.command("simulate")(simulate)
 app.command("chat")(chat)
 app.command("feedback")(feedback)
 app.command("serve")(serve)

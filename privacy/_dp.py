@@ -145,6 +145,11 @@ class DPConfig:
     def statement(self) -> dict[str, object]:
         """The mechanism and its assumptions, as written into run records and reports."""
         noise_by = "aggregator" if self.mode == "central" else "each pod"
+        if not self.private:
+            return {"mode": "none", "mechanism": "FedAvg without differential privacy: "
+                    "updates weighted by examples, no noise or no clipping",
+                    "guarantee": "none", "sampling": f"Poisson sampling of pods, rate q="
+                    f"{self.sample_rate:g}", "assumptions": []}
         return {
             "mode": self.mode,
             "mechanism": "DP-FedAvg: Gaussian mechanism on L2-clipped per-user LoRA updates",

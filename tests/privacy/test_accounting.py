@@ -166,6 +166,7 @@ def test_dp_config_states_its_mechanism() -> None:
     local = DPConfig(mode="local", noise_multiplier=1.0, sample_rate=0.1)
     assert local.amplified_rate == 1.0  # a pod cannot verify the aggregator's sampling
     assert "no sampling amplification" in str(local.statement()["sampling"])
+    assert DPConfig(noise_multiplier=0.0).statement()["guarantee"] == "none"
     with pytest.raises(ValueError, match="central"):
         DPConfig(mode="local", adaptive=AdaptiveClipping())
     with pytest.raises(ValueError, match="mode"):

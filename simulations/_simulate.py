@@ -1,0 +1,183 @@
+"""Federated simulations on one machine: every federated user of the dataset is a pod.
+
+The ``fast`` engine runs the aggregator's own ``run_federated`` (sampling, checks,
+DP-FedAvg, evaluation, signed versions, rollback, accounting, the run record) over
+in-memory pods that call the same client training function as a real pod
+(:func:`covey.device._federated.train_update`). Pods hold their user's examples in
+memory; there is no store, network or Flower process, so the figures measure learning
+and privacy, not transport.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covey.aggregator._rounds import PodReply, RoundPayload, RunConfig, run_federated
+from covey.errors import InvalidInputError
+from covey.privacy import DPConfig, noise_for_epsilon
+
+__all__ = ["SimulationConfig", "population", "population_summary", "simulate"]
+
+ENGINES = ("fast",)
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """What ``covey simulate`` runs."""
+
+    pods: int = 0  # 0: every federated user with at least min_messages training messages
+    min_messages: int = 2
+    rounds: int = 10
+    clients_per_round: int = 10
+    target_epsilon: float = 8.0  # inf: no DP (plain FedAvg)
+    mode: str = "central"
+    clip_norm: float = 1.0
+    delta: float = 0.0  # 0: a tenth of 1 / population
+    accountant: str = "rdp"
+    local_epochs: int = 1
+    lr: float = 5e-3
+    max_examples: int = 64
+    eval_examples: int = 300
+    seed: int = 0
+    engine: str = "fast"
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise InvalidInputError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.rounds < 1 or self.clients_per_round < 1 or self.min_messages < 1:
+            raise InvalidInputError("rounds, clients per round and min messages must be >= 1")
+        if self.pods < 0:
+            raise InvalidInputError("pods must be >= 0 (0: every eligible user)")
+        if not self.target_epsilon > 0:
+            raise InvalidInputError("target epsilon must be positive (inf: no DP)")
+        if self.mode not in ("central", "local"):
+            raise InvalidInputError("mode must be central or local")
+
+
+def population(cfg: SimulationConfig) -> list[Any]:
+    """The federated users who become pods (a deterministic choice for the seed)."""
+    from covey.models import load_corpus
+
+    users = [u for u in load_corpus().federated if len(u.train) >= cfg.min_messages]
+    if cfg.pods:
+        if cfg.pods > len(users):
+            raise InvalidInputError(f"only {len(users)} federated users have at least "
+                                    f"{cfg.min_messages} messages; asked for {cfg.pods} pods")
+        rng = np.random.default_rng(cfg.seed)
+        users = [users[i] for i in sorted(rng.choice(len(users), cfg.pods, replace=False))]
+    return users
+
+
+def population_summary(users: Sequence[Any], tok: Any) -> dict[str, Any]:
+    """Users, messages per user and tokens of a population."""
+    train = [len(u.train) for u in users]
+    test = [len(u.test) for u in users]
+    tokens = sum(len(ids) for u in users for ids in tok.encode_batch([e.reply for e in u.train]))
+    return {"users": len(users), "train_messages": int(sum(train)),
+            "test_messages": int(sum(test)),
+            "messages_per_user": {"min": int(min(train)), "median": float(np.median(train)),
+                                  "max": int(max(train))},
+            "train_reply_tokens": int(tokens)}
+
+
+class _MemoryPods:
+    """In-memory pods: each answers with the shared client training function."""
+
+    def __init__(self, users: Sequence[Any], model: Any, tok: Any) -> None:
+        self.users, self.model, self.tok = list(users), model, tok
+
+    def node_ids(self) -> list[int]:
+        return list(range(1, len(self.users) + 1))
+
+    def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+              ) -> list[PodReply]:
+        from covey.device._federated import train_update
+        from covey.models import Adapter
+        from covey.models._finetune import FinetuneConfig
+
+        adapter = Adapter.from_bytes(payload.adapter)
+        replies = []
+        for node in nodes:
+            train = FinetuneConfig(epochs=payload.local_epochs, lr=payload.lr,
+                                   max_examples=payload.max_examples,
+                                   seed=payload.seed * 100_003 + node)
+            rng = np.random.default_rng([payload.seed, node])
+            update = train_update(self.model, self.tok, self.users[node - 1].train, adapter,
+                                  train, payload.dp, rng)
+            replies.append(PodReply(node, values=update.delta,
+                                    version=str(payload.version["id"]),
+                                    examples=update.examples, clipped=update.clipped))
+        return replies
+
+
+def _dp(cfg: SimulationConfig, pods: int) -> DPConfig:
+    q = min(1.0, cfg.clients_per_round / pods)
+    delta = cfg.delta or 0.1 / pods
+    if math.isinf(cfg.target_epsilon):
+        return DPConfig(mode="central", noise_multiplier=0.0, clip_norm=math.inf,
+                        sample_rate=q, delta=delta, accountant=cfg.accountant)
+    rate = q if cfg.mode == "central" else 1.0
+    try:
+        z = noise_for_epsilon(cfg.target_epsilon, delta, rate, cfg.rounds, cfg.accountant)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
+    return DPConfig(mode=cfg.mode, noise_multiplier=z, clip_norm=cfg.clip_norm,  # type: ignore[arg-type]
+                    sample_rate=q, delta=delta, accountant=cfg.accountant)
+
+
+def simulate(cfg: SimulationConfig, out: Path,
+             on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run a simulation; writes population.json, the registry and the run record to ``out``.
+
+    Raises:
+        InvalidInputError: an impossible configuration (before any work).
+    """
+    from covey.aggregator._evaluation import AdapterEvaluator
+    from covey.aggregator._registry import Registry
+    from covey.models import load_model
+
+    users = population(cfg)
+    if cfg.clients_per_round > len(users):
+        raise InvalidInputError(f"{cfg.clients_per_round} clients per round but only "
+                                f"{len(users)} pods")
+    dp = _dp(cfg, len(users))
+    model, tok, _ = load_model()
+    out.mkdir(parents=True, exist_ok=True)
+    summary = population_summary(users, tok)
+    (out / "population.json").write_text(json.dumps(summary, indent=2) + "\n")
+    rng = np.random.default_rng(cfg.seed)
+    tests = [e for u in users for e in u.test]
+    chosen = sorted(rng.choice(len(tests), min(cfg.eval_examples, len(tests)), replace=False))
+    evaluator = AdapterEvaluator([tests[i] for i in chosen], model=model, tok=tok)
+    run_id = f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.seed}"
+    registry = Registry(out / "registry")
+    initial = evaluator.initial_adapter(cfg.seed)
+    first, _ = registry.add(initial, parent=None, round=0, run_id=run_id,
+                            metrics=evaluator(initial), epsilon=0.0)
+    registry.activate(first.id)
+    run = RunConfig(rounds=cfg.rounds, dp=dp, target_epsilon=cfg.target_epsilon
+                    if math.isfinite(cfg.target_epsilon) else None, min_pods=1,
+                    round_timeout=3600.0, wait_timeout=1.0, local_epochs=cfg.local_epochs,
+                    lr=cfg.lr, max_examples=cfg.max_examples, eval_examples=len(chosen),
+                    seed=cfg.seed)
+    (out / "runs").mkdir(exist_ok=True)
+    started = time.perf_counter()
+    record = run_federated(_MemoryPods(users, model, tok), registry, run, run_id, evaluator,
+                           out / "runs" / f"{run_id}.json", on_round=on_round, rng=rng)
+    seconds = time.perf_counter() - started
+    updates = sum(r["accepted"] for r in record["rounds"])
+    record.update(simulation={**asdict(cfg), "population": summary, "engine": cfg.engine,
+                              "base_metrics": first.metrics, "seconds": round(seconds, 2),
+                              "client_updates": updates,
+                              "updates_per_second": round(updates / seconds, 3)})
+    (out / "runs" / f"{run_id}.json").write_text(json.dumps(record, indent=2) + "\n")
+    record["record_path"] = str(out / "runs" / f"{run_id}.json")
+    return record

@@ -1,0 +1,60 @@
+"""`covey simulate`: the dataset's users as pods, through the aggregator's own rounds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from covey.errors import InvalidInputError
+from covey.models import share_of
+from covey.privacy import GaussianRounds, epsilon_spent
+from covey.simulations._simulate import SimulationConfig, population, simulate
+from tests.conftest import Covey
+
+
+def test_population_holds_only_federated_users() -> None:
+    users = population(SimulationConfig(min_messages=2))
+    assert len(users) > 500
+    assert all(share_of(u.user_id) == "federated" for u in users)
+    assert all(len(u.train) >= 2 for u in users)
+    chosen = population(SimulationConfig(pods=30, seed=3))
+    assert chosen == population(SimulationConfig(pods=30, seed=3)) and len(chosen) == 30
+
+
+def test_a_small_private_simulation(tmp_path: Path) -> None:
+    cfg = SimulationConfig(pods=8, rounds=2, clients_per_round=4, target_epsilon=4.0,
+                           eval_examples=30, seed=1)
+    record = simulate(cfg, tmp_path)
+    assert record["status"] == "completed" and len(record["rounds"]) == 2
+    dp = record["config"]["dp"]
+    assert dp["sample_rate"] == 0.5 and dp["delta"] == pytest.approx(0.1 / 8)
+    expected = epsilon_spent([GaussianRounds(dp["noise_multiplier"], 0.5, 2)], dp["delta"])
+    assert record["epsilon"] == pytest.approx(expected) and record["epsilon"] <= 4.0
+    summary = json.loads((tmp_path / "population.json").read_text())
+    assert summary["users"] == 8 == record["simulation"]["population"]["users"]
+    assert record["simulation"]["client_updates"] == sum(r["accepted"] for r in record["rounds"])
+    saved = json.loads(Path(record["record_path"]).read_text())
+    assert saved["epsilon"] == record["epsilon"]
+    assert all("perplexity" in r and "version" in r for r in saved["rounds"])
+
+
+def test_without_dp_the_run_says_so(tmp_path: Path) -> None:
+    record = simulate(SimulationConfig(pods=4, rounds=1, clients_per_round=4,
+                                       target_epsilon=math.inf, eval_examples=20), tmp_path)
+    assert record["epsilon"] is None
+    assert record["mechanism"]["guarantee"] == "none"
+    assert record["rounds"][0]["accepted"] == 4
+
+
+def test_impossible_configurations_fail_before_any_work(tmp_path: Path, covey: Covey) -> None:
+    with pytest.raises(InvalidInputError, match="clients per round"):
+        simulate(SimulationConfig(pods=3, clients_per_round=5), tmp_path / "a")
+    with pytest.raises(InvalidInputError, match="no noise multiplier"):
+        simulate(SimulationConfig(pods=3, clients_per_round=3, rounds=100_000,
+                                  target_epsilon=1e-6, delta=1e-9), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    result = covey("simulate", "--out", str(tmp_path / "c"), "--pods", "100000")
+    assert result.returncode == 2 and result.stderr.startswith("error: only")
