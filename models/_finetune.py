@@ -32,6 +32,7 @@ class FinetuneConfig:
     max_examples: int = 256
     seed: int = 0
     threads: int = 1
+    measure_loss: bool = True  # the loss on the examples before and after (two passes)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_tokens < 16 or self.max_examples < 1:
@@ -89,7 +90,7 @@ def finetune_adapter(model: TinyLM, tok: ChatTokenizer, examples: Sequence[Examp
     adapter.load_into(model)
     batches = _batches(tok, chosen, model.cfg.context, cfg.batch_tokens)
     tokens = int(sum(int((t != -100).sum()) for _, t in batches))
-    before = reply_loss(model, batches)
+    before = reply_loss(model, batches) if cfg.measure_loss else math.nan
     lora = [p for n, p in model.named_parameters() if ".lora_" in n]
     for n, p in model.named_parameters():
         p.requires_grad_(".lora_" in n)
@@ -107,5 +108,5 @@ def finetune_adapter(model: TinyLM, tok: ChatTokenizer, examples: Sequence[Examp
         model.eval()
         for p in model.parameters():
             p.requires_grad_(True)
-    return FinetuneResult(Adapter.from_model(model), len(chosen), tokens, before,
-                          reply_loss(model, batches))
+    after = reply_loss(model, batches) if cfg.measure_loss else math.nan
+    return FinetuneResult(Adapter.from_model(model), len(chosen), tokens, before, after)

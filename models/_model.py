@@ -186,6 +186,12 @@ class TinyLM(nn.Module):
         Returns:
             ``(logits, k0, v0, ...)``: logits (B, T, V), each cache tensor (B, nh, P+T, hs).
         """
+        x, present = self._hidden(idx, past)
+        logits = x @ self.tok.weight.T  # (B, T, V)
+        return (logits, *present)
+
+    def _hidden(self, idx: Tensor, past: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
+        """Final-normed hidden states (B, T, C) of the new tokens, and the grown cache."""
         if not past:
             past = tuple(self.empty_cache(idx.shape[0]))
         T = idx.shape[1]
@@ -199,13 +205,20 @@ class TinyLM(nn.Module):
         for i, block in enumerate(self.blocks):
             x, k, v = block(x, past[2 * i], past[2 * i + 1], mask)
             present += [k, v]
-        logits = self.ln_f(x) @ self.tok.weight.T  # (B, T, V)
-        return (logits, *present)
+        return self.ln_f(x), present
 
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Mean cross-entropy of next-token prediction; targets of -100 are ignored."""
-        logits = self(idx)[0]
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        """Mean cross-entropy of next-token prediction; targets of -100 are ignored.
+
+        Logits are computed only where a target counts: fine-tuning on replies skips
+        the vocabulary projection of every context token.
+        """
+        x, _ = self._hidden(idx, ())
+        keep = targets.flatten() != -100  # (B*T,)
+        if not bool(keep.any()):
+            return x.sum() * 0.0  # nothing to predict: a zero that still backpropagates
+        logits = x.flatten(0, 1)[keep] @ self.tok.weight.T  # (N, V)
+        return F.cross_entropy(logits, targets.flatten()[keep])
 
     def num_parameters(self, lora: bool = False) -> int:
         """Parameters of the base model, or of the LoRA adapter."""

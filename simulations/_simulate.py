@@ -108,7 +108,7 @@ class _MemoryPods:
         for node in nodes:
             train = FinetuneConfig(epochs=payload.local_epochs, lr=payload.lr,
                                    max_examples=payload.max_examples,
-                                   seed=payload.seed * 100_003 + node)
+                                   seed=payload.seed * 100_003 + node, measure_loss=False)
             rng = np.random.default_rng([payload.seed, node])
             update = train_update(self.model, self.tok, self.users[node - 1].train, adapter,
                                   train, payload.dp, rng)
