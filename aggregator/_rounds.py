@@ -28,7 +28,7 @@ import numpy as np
 from covey._files import write_atomic
 from covey.aggregator._registry import Registry
 from covey.aggregator._strategy import PodUpdate, aggregate, poisson_sample
-from covey.errors import CoveyError
+from covey.errors import CoveyError, InvalidInputError
 from covey.privacy import AdaptiveClipping, DPConfig, GaussianRounds, epsilon_spent
 
 __all__ = ["PodReply", "RoundPayload", "RunConfig", "Transport", "run_federated"]
@@ -154,17 +154,42 @@ def run_epsilon(cfg: RunConfig, rounds: int, accountant: str | None = None) -> f
                          dp.delta, accountant or dp.accountant)
 
 
+def _checkpoint(record_path: Path, cfg: RunConfig, run_id: str) -> dict[str, Any] | None:
+    """The unfinished record to resume from, or None when there is nothing to resume."""
+    if not record_path.exists():
+        return None
+    try:
+        record: dict[str, Any] = json.loads(record_path.read_text())
+    except ValueError:
+        raise RunError(f"{record_path} is corrupt; cannot resume") from None
+    if record.get("status") == "completed" or "checkpoint" not in record:
+        return None
+    if record.get("config") != json.loads(json.dumps(cfg.to_dict())) or \
+            record.get("run_id") != run_id:
+        raise InvalidInputError(f"{record_path} is a different run (configuration differs); "
+                       "resume it with the settings it started with")
+    return record
+
+
 def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_id: str,
                   evaluator: Evaluator, record_path: Path,
                   on_round: Callable[[dict[str, Any]], None] | None = None,
-                  rng: np.random.Generator | None = None) -> dict[str, Any]:
+                  rng: np.random.Generator | None = None, resume: bool = False
+                  ) -> dict[str, Any]:
     """Run ``cfg.rounds`` rounds and return the run record (also written to ``record_path``).
 
+    The record is rewritten after every round with a checkpoint (the random generator's
+    state, the clip norm, the best and current versions). With ``resume``, an
+    unfinished record at ``record_path`` with the same configuration is continued from
+    its last completed round, and the result equals an uninterrupted run's.
+
     Raises:
-        RunError: too few pods connected in time, or no current version to start from.
+        RunError: too few pods connected in time, no current version to start from, or a
+            checkpoint that does not belong to this configuration.
     """
     rng = rng or np.random.default_rng()
-    current = registry.current_id
+    previous = _checkpoint(record_path, cfg, run_id) if resume else None
+    current = previous["checkpoint"]["version"] if previous else registry.current_id
     if current is None:
         raise RunError("the registry has no model version to start from")
     version, adapter_bytes, signature = registry.get(current)
@@ -172,15 +197,21 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
     nodes = _wait_for_pods(transport, cfg)
     population = len(nodes)
     dp = cfg.dp
-    expected = dp.sample_rate * population
     clip = dp.clip_norm
+    first_round = 1
+    if previous:
+        state = previous["checkpoint"]
+        rng.bit_generator.state = state["rng"]
+        clip, best_id, best_ppl = float(state["clip"]), state["best_id"], float(state["best_ppl"])
+        population, first_round = int(state["population"]), int(state["round"]) + 1
+    expected = dp.sample_rate * population
     adaptive: AdaptiveClipping | None = dp.adaptive
     update_z = (adaptive.update_noise_multiplier(dp.noise_multiplier, expected)
                 if adaptive and dp.private else dp.noise_multiplier)
     from covey.models import Adapter
 
     size = Adapter.from_bytes(adapter_bytes).num_parameters
-    record: dict[str, Any] = {
+    record: dict[str, Any] = previous or {
         "run_id": run_id, "started_at": _now(), "config": cfg.to_dict(),
         "mechanism": dp.statement(), "population": population, "rounds": [],
         "start_version": current,
@@ -192,7 +223,7 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
         write_atomic(record_path, (json.dumps(record, indent=2) + "\n").encode(), mode=0o644)
 
     save("running")
-    for rnd in range(1, cfg.rounds + 1):
+    for rnd in range(first_round, cfg.rounds + 1):
         t0 = time.monotonic()
         connected = sorted(transport.node_ids())
         sampled = poisson_sample(connected, dp.sample_rate, rng)
@@ -241,6 +272,9 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
         stats["epsilon"] = eps if math.isfinite(eps) else None
         stats["seconds"] = round(time.monotonic() - t0, 3)
         record["rounds"].append(stats)
+        record["checkpoint"] = {"round": rnd, "rng": rng.bit_generator.state, "clip": clip,
+                                "best_id": best_id, "best_ppl": best_ppl,
+                                "version": version.id, "population": population}
         save("running")
         if on_round:
             on_round(stats)

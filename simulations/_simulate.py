@@ -133,12 +133,28 @@ def _dp(cfg: SimulationConfig, pods: int) -> DPConfig:
                     sample_rate=q, delta=delta, accountant=cfg.accountant)
 
 
+def _unfinished(out: Path) -> str | None:
+    """The run id of an interrupted simulation in ``out``, if any."""
+    for path in sorted((out / "runs").glob("*.json")) if (out / "runs").exists() else []:
+        try:
+            if json.loads(path.read_text()).get("status") == "running":
+                return path.stem
+        except ValueError:
+            continue
+    return None
+
+
 def simulate(cfg: SimulationConfig, out: Path,
-             on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+             on_round: Callable[[dict[str, Any]], None] | None = None,
+             resume: bool = False) -> dict[str, Any]:
     """Run a simulation; writes population.json, the registry and the run record to ``out``.
 
+    Every round is checkpointed in the run record; ``resume`` continues an interrupted
+    run in ``out`` (same configuration), giving the same result as an uninterrupted one.
+
     Raises:
-        InvalidInputError: an impossible configuration (before any work).
+        InvalidInputError: an impossible configuration (before any work), or nothing to
+            resume.
     """
     from covey.aggregator._evaluation import AdapterEvaluator
     from covey.aggregator._registry import Registry
@@ -157,12 +173,19 @@ def simulate(cfg: SimulationConfig, out: Path,
     tests = [e for u in users for e in u.test]
     chosen = sorted(rng.choice(len(tests), min(cfg.eval_examples, len(tests)), replace=False))
     evaluator = AdapterEvaluator([tests[i] for i in chosen], model=model, tok=tok)
-    run_id = f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.seed}"
     registry = Registry(out / "registry")
-    initial = evaluator.initial_adapter(cfg.seed)
-    first, _ = registry.add(initial, parent=None, round=0, run_id=run_id,
-                            metrics=evaluator(initial), epsilon=0.0)
-    registry.activate(first.id)
+    if resume:
+        unfinished = _unfinished(out)
+        if unfinished is None:
+            raise InvalidInputError(f"no interrupted simulation to resume in {out}")
+        run_id = unfinished
+        first = next(v for v in registry.versions() if v.round == 0 and v.run_id == run_id)
+    else:
+        run_id = f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.seed}"
+        initial = evaluator.initial_adapter(cfg.seed)
+        first, _ = registry.add(initial, parent=None, round=0, run_id=run_id,
+                                metrics=evaluator(initial), epsilon=0.0)
+        registry.activate(first.id)
     run = RunConfig(rounds=cfg.rounds, dp=dp, target_epsilon=cfg.target_epsilon
                     if math.isfinite(cfg.target_epsilon) else None, min_pods=1,
                     round_timeout=3600.0, wait_timeout=1.0, local_epochs=cfg.local_epochs,
@@ -171,7 +194,8 @@ def simulate(cfg: SimulationConfig, out: Path,
     (out / "runs").mkdir(exist_ok=True)
     started = time.perf_counter()
     record = run_federated(_MemoryPods(users, model, tok), registry, run, run_id, evaluator,
-                           out / "runs" / f"{run_id}.json", on_round=on_round, rng=rng)
+                           out / "runs" / f"{run_id}.json", on_round=on_round, rng=rng,
+                           resume=resume)
     seconds = time.perf_counter() - started
     updates = sum(r["accepted"] for r in record["rounds"])
     record.update(simulation={**asdict(cfg), "population": summary, "engine": cfg.engine,

@@ -36,6 +36,8 @@ def simulate(
     eval_examples: Annotated[int, typer.Option(help="Federated test messages evaluated "
                                                     "each round.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of sampling, training and noise.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out "
+                                               "(same settings).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run record.")] = False,
 ) -> None:
     """Simulate federated training with the dataset's users as pods; writes a run record."""
@@ -56,7 +58,7 @@ def simulate(
                       f"{stats.get('top1', float('nan')):.3f}, epsilon "
                       f"{'inf' if eps is None else f'{eps:.3g}'}, {stats['seconds']:.1f} s")
 
-    record = run(cfg, out_dir, on_round=show)
+    record = run(cfg, out_dir, on_round=show, resume=resume)
     if as_json:
         sys.stdout.write(json.dumps(record, indent=2) + "\n")
         return

@@ -58,3 +58,37 @@ def test_impossible_configurations_fail_before_any_work(tmp_path: Path, covey: C
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     result = covey("simulate", "--out", str(tmp_path / "c"), "--pods", "100000")
     assert result.returncode == 2 and result.stderr.startswith("error: only")
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    cfg = SimulationConfig(pods=6, rounds=3, clients_per_round=3, target_epsilon=6.0,
+                           eval_examples=20, seed=4)
+    whole = simulate(cfg, tmp_path / "whole")
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first(stats: dict[str, object]) -> None:
+        if stats["round"] == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        simulate(cfg, tmp_path / "split", on_round=stop_after_first)
+    with pytest.raises(InvalidInputError, match="different run"):
+        simulate(SimulationConfig(**{**cfg.__dict__, "rounds": 4}), tmp_path / "split",
+                 resume=True)
+    resumed = simulate(cfg, tmp_path / "split", resume=True)
+
+    def essence(record: dict[str, object]) -> list[tuple[object, ...]]:
+        return [(r["round"], r["sampled"], r["accepted"], r.get("perplexity"), r["epsilon"])
+                for r in record["rounds"]]  # type: ignore[attr-defined]
+
+    assert essence(resumed) == essence(whole) and len(resumed["rounds"]) == 3
+    assert resumed["epsilon"] == whole["epsilon"]
+    from covey.aggregator._registry import Registry
+
+    final = [Registry(tmp_path / d / "registry").get(r["final_version"])[0].sha256
+             for d, r in (("whole", whole), ("split", resumed))]
+    assert final[0] == final[1]  # the same global adapter, byte for byte
+    with pytest.raises(InvalidInputError, match="no interrupted simulation"):
+        simulate(cfg, tmp_path / "whole", resume=True)
