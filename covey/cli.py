@@ -17,7 +17,7 @@ from covey.device.cli import memory_app, pod_app
 from covey.device.serve_cli import serve
 from covey.errors import CoveyError
 from covey.models.cli import models_app
-from covey.simulations.cli import simulate
+from covey.simulations.cli import simulate_app
 
 __all__ = ["app", "main"]
 
@@ -33,7 +33,7 @@ app.add_typer(memory_app, name="memory")
 app.add_typer(models_app, name="models")
 app.add_typer(aggregator_app, name="aggregator")
 app.command("train")(train)
-app.command("simulate")(simulate)
+app.add_typer(simulate_app, name="simulate")
 app.command("chat")(chat)
 app.command("feedback")(feedback)
 app.command("serve")(serve)

@@ -24,7 +24,7 @@ from covey.aggregator._rounds import PodReply, RoundPayload, RunConfig, run_fede
 from covey.errors import InvalidInputError
 from covey.privacy import DPConfig, noise_for_epsilon
 
-__all__ = ["SimulationConfig", "population", "population_summary", "simulate"]
+__all__ = ["SimulationConfig", "eval_sample", "population", "population_summary", "simulate"]
 
 ENGINES = ("fast",)
 
@@ -133,6 +133,14 @@ def _dp(cfg: SimulationConfig, pods: int) -> DPConfig:
                     sample_rate=q, delta=delta, accountant=cfg.accountant)
 
 
+def eval_sample(users: Sequence[Any], cfg: SimulationConfig, rng: np.random.Generator
+                ) -> list[tuple[int, Any]]:
+    """The federated test messages every round is evaluated on: (user index, example)."""
+    tests = [(i, e) for i, u in enumerate(users) for e in u.test]
+    picked = sorted(rng.choice(len(tests), min(cfg.eval_examples, len(tests)), replace=False))
+    return [tests[i] for i in picked]
+
+
 def _unfinished(out: Path) -> str | None:
     """The run id of an interrupted simulation in ``out``, if any."""
     for path in sorted((out / "runs").glob("*.json")) if (out / "runs").exists() else []:
@@ -170,9 +178,8 @@ def simulate(cfg: SimulationConfig, out: Path,
     summary = population_summary(users, tok)
     (out / "population.json").write_text(json.dumps(summary, indent=2) + "\n")
     rng = np.random.default_rng(cfg.seed)
-    tests = [e for u in users for e in u.test]
-    chosen = sorted(rng.choice(len(tests), min(cfg.eval_examples, len(tests)), replace=False))
-    evaluator = AdapterEvaluator([tests[i] for i in chosen], model=model, tok=tok)
+    chosen = [example for _, example in eval_sample(users, cfg, rng)]
+    evaluator = AdapterEvaluator(chosen, model=model, tok=tok)
     registry = Registry(out / "registry")
     if resume:
         unfinished = _unfinished(out)

@@ -92,3 +92,29 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
     assert final[0] == final[1]  # the same global adapter, byte for byte
     with pytest.raises(InvalidInputError, match="no interrupted simulation"):
         simulate(cfg, tmp_path / "whole", resume=True)
+
+
+def test_a_sweep_writes_what_its_runs_measured(tmp_path: Path) -> None:
+    from covey.aggregator._registry import Registry
+    from covey.simulations._sweep import parse_epsilons, sweep
+
+    cfg = SimulationConfig(pods=6, rounds=1, clients_per_round=6, eval_examples=20, seed=2)
+    result = sweep(cfg, parse_epsilons("4,inf"), tmp_path)
+    for name in ("sweep.json", "sweep.html", "utility_vs_epsilon.png", "utility_vs_rounds.png"):
+        assert (tmp_path / name).stat().st_size > 200
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    rows = {r["method"]: r for r in saved["table"]}
+    assert set(rows) == {"base model", "local-only fine-tuning", "FedAvg (no DP)",
+                         "DP-FedAvg eps=4"}
+    for method, folder in (("FedAvg (no DP)", "eps-inf"), ("DP-FedAvg eps=4", "eps-4")):
+        record = json.loads(Path(saved["runs"]["inf" if "no DP" in method else "4"]
+                                 ["record"]).read_text())
+        final = Registry(tmp_path / folder / "registry").get(record["final_version"])[0]
+        assert rows[method]["perplexity"] == final.metrics["perplexity"]
+    assert rows["DP-FedAvg eps=4"]["spent"] <= 4.0
+    assert rows["FedAvg (no DP)"]["kept"] == 1.0 and rows["base model"]["kept"] == 0.0
+    page = (tmp_path / "sweep.html").read_text()
+    assert f"{rows['DP-FedAvg eps=4']['perplexity']:.2f}" in page
+    assert result["table"] == saved["table"]
+    with pytest.raises(ValueError):
+        parse_epsilons("4,-1")
