@@ -103,7 +103,9 @@ def _figures(out: Path, table: list[dict[str, Any]], curves: dict[str, list[floa
         ax.plot(range(1, len(values) + 1), values, label=label)
     ax.axhline(base, color="grey", linestyle="--", label="base model")
     ax.set_xlabel("round")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("perplexity of the round's version")
     finite = [v for values in curves.values() for v in values if math.isfinite(v)]
     if finite and max(finite) > 10 * min(finite):
