@@ -24,7 +24,8 @@ from covey.aggregator._rounds import PodReply, RoundPayload, RunConfig, run_fede
 from covey.errors import InvalidInputError
 from covey.privacy import DPConfig, noise_for_epsilon
 
-__all__ = ["SimulationConfig", "eval_sample", "population", "population_summary", "simulate"]
+__all__ = ["SimulationConfig", "eval_sample", "personalized", "population",
+           "population_summary", "simulate"]
 
 ENGINES = ("fast",)
 
@@ -141,6 +142,46 @@ def eval_sample(users: Sequence[Any], cfg: SimulationConfig, rng: np.random.Gene
     return [tests[i] for i in picked]
 
 
+def personalized(cfg: SimulationConfig, users: Sequence[Any], adapter_bytes: bytes | None
+                 ) -> dict[str, float]:
+    """Each user in the evaluation sample fine-tunes a personal adapter on their own
+    training messages, starting from ``adapter_bytes`` (the global adapter; None: from
+    scratch, which is local-only training), and is evaluated on their own messages of
+    the sample. The personal adapter never leaves the pod."""
+    import torch
+
+    from covey.models import Adapter, TinyLM, load_model
+    from covey.models._evaluate import evaluate, examples_to_batches
+    from covey.models._finetune import FinetuneConfig, finetune_adapter
+
+    model, tok, _ = load_model()
+    torch.manual_seed(cfg.seed)
+    start = (Adapter.from_bytes(adapter_bytes) if adapter_bytes is not None
+             else Adapter.zeros_like(TinyLM(model.cfg)))
+    by_user: dict[int, list[Any]] = {}
+    for index, example in eval_sample(users, cfg, np.random.default_rng(cfg.seed)):
+        by_user.setdefault(index, []).append(example)
+    nll = hits1 = hits3 = tokens = 0.0
+    for index, examples in by_user.items():
+        finetune_adapter(model, tok, users[index].train, start,
+                         FinetuneConfig(epochs=max(cfg.local_epochs, 1), lr=cfg.lr,
+                                        max_examples=cfg.max_examples, seed=cfg.seed,
+                                        measure_loss=False))
+
+        def logits(ids: np.ndarray) -> Any:
+            with torch.no_grad():
+                return model(torch.from_numpy(ids))[0].numpy()
+
+        q = evaluate(logits, examples_to_batches(tok, examples, model.cfg.context),
+                     len(examples))
+        nll += math.log(q.perplexity) * q.tokens
+        hits1 += q.top1 * q.tokens
+        hits3 += q.top3 * q.tokens
+        tokens += q.tokens
+    return {"perplexity": round(math.exp(nll / tokens), 4), "top1": round(hits1 / tokens, 4),
+            "top3": round(hits3 / tokens, 4), "users": len(by_user)}
+
+
 def _unfinished(out: Path) -> str | None:
     """The run id of an interrupted simulation in ``out``, if any."""
     for path in sorted((out / "runs").glob("*.json")) if (out / "runs").exists() else []:
@@ -205,8 +246,12 @@ def simulate(cfg: SimulationConfig, out: Path,
                            resume=resume)
     seconds = time.perf_counter() - started
     updates = sum(r["accepted"] for r in record["rounds"])
+    _, final_bytes, _ = registry.get(record["final_version"])
     record.update(simulation={**asdict(cfg), "population": summary, "engine": cfg.engine,
-                              "base_metrics": first.metrics, "seconds": round(seconds, 2),
+                              "base_metrics": first.metrics,
+                              "global_metrics": registry.get(record["final_version"])[0].metrics,
+                              "personalized_metrics": personalized(cfg, users, final_bytes),
+                              "seconds": round(seconds, 2),
                               "client_updates": updates,
                               "updates_per_second": round(updates / seconds, 3)})
     (out / "runs" / f"{run_id}.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -17,9 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from covey.simulations._simulate import SimulationConfig, eval_sample, population, simulate
+from covey.simulations._simulate import SimulationConfig, personalized, population, simulate
 
 __all__ = ["parse_epsilons", "sweep"]
 
@@ -37,42 +35,6 @@ def _final_metrics(out: Path, record: dict[str, Any]) -> dict[str, float]:
 
     version, _, _ = Registry(out / "registry").get(record["final_version"])
     return dict(version.metrics)
-
-
-def _local_only(cfg: SimulationConfig, users: Sequence[Any]) -> dict[str, float]:
-    """Each user in the evaluation sample fine-tunes the adapter alone, on their own
-    training messages, and is evaluated on their own messages of that sample."""
-    import torch
-
-    from covey.models import Adapter, TinyLM, load_model
-    from covey.models._evaluate import evaluate, examples_to_batches
-    from covey.models._finetune import FinetuneConfig, finetune_adapter
-
-    model, tok, _ = load_model()
-    torch.manual_seed(cfg.seed)
-    start = Adapter.zeros_like(TinyLM(model.cfg))
-    by_user: dict[int, list[Any]] = {}
-    for index, example in eval_sample(users, cfg, np.random.default_rng(cfg.seed)):
-        by_user.setdefault(index, []).append(example)
-    nll = hits1 = hits3 = tokens = 0.0
-    for index, examples in by_user.items():
-        finetune_adapter(model, tok, users[index].train, start,
-                         FinetuneConfig(epochs=max(cfg.local_epochs, 1), lr=cfg.lr,
-                                        max_examples=cfg.max_examples, seed=cfg.seed,
-                                        measure_loss=False))
-
-        def logits(ids: np.ndarray) -> Any:
-            with torch.no_grad():
-                return model(torch.from_numpy(ids))[0].numpy()
-
-        q = evaluate(logits, examples_to_batches(tok, examples, model.cfg.context),
-                     len(examples))
-        nll += math.log(q.perplexity) * q.tokens
-        hits1 += q.top1 * q.tokens
-        hits3 += q.top3 * q.tokens
-        tokens += q.tokens
-    return {"perplexity": round(math.exp(nll / tokens), 4), "top1": round(hits1 / tokens, 4),
-            "top3": round(hits3 / tokens, 4), "users": len(by_user)}
 
 
 def _figures(out: Path, table: list[dict[str, Any]], curves: dict[str, list[float]]) -> None:
@@ -124,10 +86,11 @@ text-align:right}th:first-child,td:first-child{text-align:left}</style></head><b
 {{ mode }} DP, delta {{ "%.2g"|format(delta) }}. Evaluation: {{ eval }} federated test
 messages (the same for every row).</p>
 <table><tr><th>method</th><th>epsilon</th><th>perplexity</th><th>top-1</th><th>top-3</th>
-<th>non-private improvement kept</th></tr>
+<th>non-private improvement kept</th><th>personalized perplexity</th></tr>
 {% for r in table %}<tr><td>{{ r.method }}</td><td>{{ r.epsilon_text }}</td>
 <td>{{ "%.2f"|format(r.perplexity) }}</td><td>{{ "%.3f"|format(r.top1) }}</td>
-<td>{{ "%.3f"|format(r.top3) }}</td><td>{{ r.kept_text }}</td></tr>
+<td>{{ "%.3f"|format(r.top3) }}</td><td>{{ r.kept_text }}</td>
+<td>{{ "%.2f"|format(r.personalized_perplexity) if r.personalized_perplexity else "-" }}</td></tr>
 {% endfor %}</table>
 <p><img src="utility_vs_epsilon.png" alt="utility against epsilon">
 <img src="utility_vs_rounds.png" alt="utility against rounds"></p></body></html>
@@ -149,13 +112,14 @@ def sweep(cfg: SimulationConfig, epsilons: Sequence[float], out: Path,
         record = simulate(replace(cfg, target_epsilon=eps), folder, on_round=on_round)
         runs[eps] = {"record": record["record_path"], "final": _final_metrics(folder, record),
                      "base": record["simulation"]["base_metrics"],
+                     "personalized": record["simulation"]["personalized_metrics"],
                      "curve": [r.get("perplexity", math.nan) for r in record["rounds"]],
                      "epsilon": record["epsilon"], "noise_multiplier":
                      record["config"]["dp"]["noise_multiplier"],
                      "population": record["simulation"]["population"],
                      "delta": record["delta"]}
     say("local-only fine-tuning")
-    local = _local_only(cfg, population(cfg))
+    local = personalized(cfg, population(cfg), None)
     first = next(iter(runs.values()))
     base = first["base"]
     table: list[dict[str, Any]] = [{"method": "base model", "epsilon": 0.0, **base},
@@ -163,10 +127,12 @@ def sweep(cfg: SimulationConfig, epsilons: Sequence[float], out: Path,
                                     **local}]
     fedavg = runs.get(math.inf)
     if fedavg:
-        table.append({"method": "FedAvg (no DP)", "epsilon": math.inf, **fedavg["final"]})
+        table.append({"method": "FedAvg (no DP)", "epsilon": math.inf, **fedavg["final"],
+                      "personalized_perplexity": fedavg["personalized"]["perplexity"]})
     for eps in sorted(e for e in runs if math.isfinite(e)):
         table.append({"method": f"DP-FedAvg eps={eps:g}", "epsilon": eps,
-                      "spent": runs[eps]["epsilon"], **runs[eps]["final"]})
+                      "spent": runs[eps]["epsilon"], **runs[eps]["final"],
+                      "personalized_perplexity": runs[eps]["personalized"]["perplexity"]})
     gain = (base["perplexity"] - fedavg["final"]["perplexity"]) if fedavg else math.nan
     for row in table:
         kept = (base["perplexity"] - row["perplexity"]) / gain if gain and gain > 0 else None

@@ -95,10 +95,13 @@ def simulate(
     sim = record["simulation"]
     base = sim["base_metrics"]["perplexity"]
     last = record["rounds"][-1].get("perplexity", float("nan"))
+    final = sim["global_metrics"]["perplexity"]
+    personal = sim["personalized_metrics"]["perplexity"]
     out.print(f"{sim['population']['users']} pods, {sim['client_updates']} client updates in "
-              f"{sim['seconds']:.1f} s ({sim['updates_per_second']:.2f}/s); perplexity "
-              f"{base:.2f} -> {last:.2f}; epsilon {record['epsilon']} at delta "
-              f"{record['delta']:.2g}; record {record['record_path']}")
+              f"{sim['seconds']:.1f} s ({sim['updates_per_second']:.2f}/s); perplexity: base "
+              f"{base:.2f}, last round {last:.2f}, global model {final:.2f}, personalized "
+              f"{personal:.2f}; epsilon {record['epsilon']} at delta {record['delta']:.2g}; "
+              f"record {record['record_path']}")
 
 
 @simulate_app.command("sweep")

@@ -36,6 +36,8 @@ def test_a_small_private_simulation(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "population.json").read_text())
     assert summary["users"] == 8 == record["simulation"]["population"]["users"]
     assert record["simulation"]["client_updates"] == sum(r["accepted"] for r in record["rounds"])
+    personal = record["simulation"]["personalized_metrics"]
+    assert personal["users"] > 0 and math.isfinite(personal["perplexity"])
     saved = json.loads(Path(record["record_path"]).read_text())
     assert saved["epsilon"] == record["epsilon"]
     assert all("perplexity" in r and "version" in r for r in saved["rounds"])
