@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -49,12 +50,15 @@ class SimulationConfig:
     eval_examples: int = 300
     seed: int = 0
     engine: str = "fast"
+    workers: int = 0  # processes training pods (0: one per CPU core)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise InvalidInputError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.rounds < 1 or self.clients_per_round < 1 or self.min_messages < 1:
             raise InvalidInputError("rounds, clients per round and min messages must be >= 1")
+        if self.workers < 0:
+            raise InvalidInputError("workers must be >= 0 (0: one per CPU core)")
         if self.pods < 0:
             raise InvalidInputError("pods must be >= 0 (0: every eligible user)")
         if not self.target_epsilon > 0:
@@ -89,34 +93,76 @@ def population_summary(users: Sequence[Any], tok: Any) -> dict[str, Any]:
             "train_reply_tokens": int(tokens)}
 
 
-class _MemoryPods:
-    """In-memory pods: each answers with the shared client training function."""
+_WORKER: dict[str, Any] = {}
 
-    def __init__(self, users: Sequence[Any], model: Any, tok: Any) -> None:
+
+def _train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
+                payload: RoundPayload) -> list[PodReply]:
+    """The pods ``nodes`` (1-based into ``users``) each run the client training function.
+
+    Every pod's training seed and local noise derive from the round's seed and the
+    pod's id alone, so the result does not depend on which process trains which pod.
+    """
+    from covey.device._federated import train_update
+    from covey.models import Adapter
+    from covey.models._finetune import FinetuneConfig
+
+    adapter = Adapter.from_bytes(payload.adapter)
+    replies = []
+    for node in nodes:
+        train = FinetuneConfig(epochs=payload.local_epochs, lr=payload.lr,
+                               max_examples=payload.max_examples,
+                               seed=payload.seed * 100_003 + node, measure_loss=False)
+        rng = np.random.default_rng([payload.seed, node])
+        update = train_update(model, tok, users[node - 1].train, adapter, train, payload.dp,
+                              rng)
+        replies.append(PodReply(node, values=update.delta, version=str(payload.version["id"]),
+                                examples=update.examples, clipped=update.clipped))
+    return replies
+
+
+def _worker_init(cfg: SimulationConfig) -> None:
+    from covey.models import load_model
+
+    _WORKER["users"] = population(cfg)
+    _WORKER["model"], _WORKER["tok"], _ = load_model()
+
+
+def _worker_train(nodes: Sequence[int], payload: RoundPayload) -> list[PodReply]:
+    return _train_pods(_WORKER["users"], _WORKER["model"], _WORKER["tok"], nodes, payload)
+
+
+class _MemoryPods:
+    """In-memory pods: each answers with the shared client training function, in this
+    process or spread over worker processes (each holding the model and the users)."""
+
+    def __init__(self, users: Sequence[Any], model: Any, tok: Any, cfg: SimulationConfig,
+                 workers: int) -> None:
         self.users, self.model, self.tok = list(users), model, tok
+        self.pool = None
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                            initializer=_worker_init, initargs=(cfg,))
+        self.workers = workers
 
     def node_ids(self) -> list[int]:
         return list(range(1, len(self.users) + 1))
 
     def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
               ) -> list[PodReply]:
-        from covey.device._federated import train_update
-        from covey.models import Adapter
-        from covey.models._finetune import FinetuneConfig
+        if self.pool is None or len(nodes) < 2:
+            return _train_pods(self.users, self.model, self.tok, nodes, payload)
+        shares = [list(nodes[i::self.workers]) for i in range(self.workers)]
+        futures = [self.pool.submit(_worker_train, share, payload) for share in shares if share]
+        replies = [r for f in futures for r in f.result(timeout=timeout)]
+        return sorted(replies, key=lambda r: r.node_id)
 
-        adapter = Adapter.from_bytes(payload.adapter)
-        replies = []
-        for node in nodes:
-            train = FinetuneConfig(epochs=payload.local_epochs, lr=payload.lr,
-                                   max_examples=payload.max_examples,
-                                   seed=payload.seed * 100_003 + node, measure_loss=False)
-            rng = np.random.default_rng([payload.seed, node])
-            update = train_update(self.model, self.tok, self.users[node - 1].train, adapter,
-                                  train, payload.dp, rng)
-            replies.append(PodReply(node, values=update.delta,
-                                    version=str(payload.version["id"]),
-                                    examples=update.examples, clipped=update.clipped))
-        return replies
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def _dp(cfg: SimulationConfig, pods: int) -> DPConfig:
@@ -241,9 +287,13 @@ def simulate(cfg: SimulationConfig, out: Path,
                     seed=cfg.seed)
     (out / "runs").mkdir(exist_ok=True)
     started = time.perf_counter()
-    record = run_federated(_MemoryPods(users, model, tok), registry, run, run_id, evaluator,
-                           out / "runs" / f"{run_id}.json", on_round=on_round, rng=rng,
-                           resume=resume)
+    pods = _MemoryPods(users, model, tok, cfg, cfg.workers or (os.cpu_count() or 1))
+    try:
+        record = run_federated(pods, registry, run, run_id, evaluator,
+                               out / "runs" / f"{run_id}.json", on_round=on_round, rng=rng,
+                               resume=resume)
+    finally:
+        pods.close()
     seconds = time.perf_counter() - started
     updates = sum(r["accepted"] for r in record["rounds"])
     _, final_bytes, _ = registry.get(record["final_version"])
@@ -253,7 +303,8 @@ def simulate(cfg: SimulationConfig, out: Path,
                               "personalized_metrics": personalized(cfg, users, final_bytes),
                               "seconds": round(seconds, 2),
                               "client_updates": updates,
-                              "updates_per_second": round(updates / seconds, 3)})
+                              "updates_per_second": round(updates / seconds, 3),
+                              "workers": pods.workers})
     (out / "runs" / f"{run_id}.json").write_text(json.dumps(record, indent=2) + "\n")
     record["record_path"] = str(out / "runs" / f"{run_id}.json")
     return record

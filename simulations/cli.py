@@ -34,6 +34,7 @@ LrOpt = Annotated[float, typer.Option(help="Local learning rate.")]
 EpochsOpt = Annotated[int, typer.Option(help="Local epochs.")]
 EvalOpt = Annotated[int, typer.Option(help="Federated test messages evaluated each round.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of sampling, training and noise.")]
+WorkersOpt = Annotated[int, typer.Option(help="Processes that train pods (0: one per core).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 
@@ -72,6 +73,7 @@ def simulate(
     local_epochs: EpochsOpt = 1,
     eval_examples: EvalOpt = 300,
     seed: SeedOpt = 0,
+    workers: WorkersOpt = 0,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out "
                                                "(same settings).")] = False,
     as_json: JsonOpt = False,
@@ -87,7 +89,7 @@ def simulate(
                   clients_per_round=clients_per_round, target_epsilon=target_epsilon,
                   mode=mode, clip_norm=clip_norm, delta=delta, lr=lr,
                   local_epochs=local_epochs, eval_examples=eval_examples, seed=seed,
-                  engine=engine)
+                  engine=engine, workers=workers)
     record = run(cfg, out_dir, on_round=_show(rounds, as_json), resume=resume)
     if as_json:
         sys.stdout.write(json.dumps(record, indent=2) + "\n")
@@ -121,6 +123,7 @@ def sweep(
     local_epochs: EpochsOpt = 1,
     eval_examples: EvalOpt = 300,
     seed: SeedOpt = 0,
+    workers: WorkersOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Run one simulation per epsilon plus baselines; write a table, figures and HTML."""
@@ -136,7 +139,7 @@ def sweep(
     cfg = _config(pods=pods, min_messages=min_messages, rounds=rounds,
                   clients_per_round=clients_per_round, target_epsilon=grid[0], mode=mode,
                   clip_norm=clip_norm, delta=delta, lr=lr, local_epochs=local_epochs,
-                  eval_examples=eval_examples, seed=seed, engine=engine)
+                  eval_examples=eval_examples, seed=seed, engine=engine, workers=workers)
     result = run(cfg, grid, out_dir, on_run=None if as_json else
                  (lambda text: out.print(f"[bold]{text}[/]")),
                  on_round=_show(rounds, as_json))

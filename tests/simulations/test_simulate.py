@@ -120,3 +120,18 @@ def test_a_sweep_writes_what_its_runs_measured(tmp_path: Path) -> None:
     assert result["table"] == saved["table"]
     with pytest.raises(ValueError):
         parse_epsilons("4,-1")
+
+
+def test_worker_processes_give_the_same_aggregate(tmp_path: Path) -> None:
+    from covey.aggregator._registry import Registry
+
+    cfg = SimulationConfig(pods=6, rounds=2, clients_per_round=6, target_epsilon=8.0,
+                           eval_examples=20, seed=5, workers=1)
+    one = simulate(cfg, tmp_path / "one")
+    two = simulate(SimulationConfig(**{**cfg.__dict__, "workers": 2}), tmp_path / "two")
+    assert two["simulation"]["workers"] == 2
+    hashes = [Registry(tmp_path / d / "registry").get(r["final_version"])[0].sha256
+              for d, r in (("one", one), ("two", two))]
+    assert hashes[0] == hashes[1]
+    assert [r.get("perplexity") for r in one["rounds"]] == \
+        [r.get("perplexity") for r in two["rounds"]]
