@@ -158,10 +158,8 @@ def spent(pod: Pod, extra: GaussianRounds | None = None) -> float:
 
 
 def charge(pod: Pod, request: RoundRequest) -> GaussianRounds:
-    """What this participation adds to the ledger (rounds 0 when already charged)."""
+    """What this private round adds to the ledger (rounds 0 when already charged)."""
     dp = request.dp
-    if not dp.private:
-        return GaussianRounds(1.0, 1.0, 0)  # placeholder; non-private handled by caller
     if dp.mode == "local":
         return GaussianRounds(dp.noise_multiplier, 1.0, 1)
     charged = pod.store.query("SELECT COALESCE(SUM(rounds), 0) FROM ledger WHERE run_id = ?",
@@ -245,20 +243,20 @@ def take_part(pod: Pod, request: RoundRequest, model: TinyLM, tok: ChatTokenizer
     train = FinetuneConfig(epochs=request.local_epochs, lr=request.lr,
                            max_examples=request.max_examples, seed=request.seed)
     update = train_update(model, tok, examples, adapter, train, request.dp, rng)
-    total = spent(pod, extra)
     dp = request.dp
     from covey.device import _audit
 
     with pod.store.transaction() as c:
         # Checked again inside the write lock: two rounds at once cannot both pass.
-        if spent(pod, extra) > budget_policy(pod).max_epsilon:
+        policy, total = budget_policy(pod), spent(pod, extra)
+        if total > policy.max_epsilon:
             raise RoundRefused("budget_exhausted", "refused: the budget was spent meanwhile")
         c.execute(
             "INSERT INTO ledger (run_id, round, mode, mechanism, accountant, epsilon, delta,"
             " noise_multiplier, clip_norm, sample_rate, rounds, model_version, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (request.run_id, request.round, dp.mode, "gaussian", budget_policy(pod).accountant,
-             total, budget_policy(pod).delta, dp.noise_multiplier, dp.clip_norm,
+            (request.run_id, request.round, dp.mode, "gaussian", policy.accountant,
+             total, policy.delta, dp.noise_multiplier, dp.clip_norm,
              extra.sample_rate, extra.rounds, str(request.version.get("id")), _now()))
         _audit.append(c, "federated_update", peer=request.peer, nbytes=update.nbytes,
                       epsilon=total, detail={

@@ -296,10 +296,10 @@ def simulate(cfg: SimulationConfig, out: Path,
         pods.close()
     seconds = time.perf_counter() - started
     updates = sum(r["accepted"] for r in record["rounds"])
-    _, final_bytes, _ = registry.get(record["final_version"])
+    final, final_bytes, _ = registry.get(record["final_version"])
     record.update(simulation={**asdict(cfg), "population": summary, "engine": cfg.engine,
                               "base_metrics": first.metrics,
-                              "global_metrics": registry.get(record["final_version"])[0].metrics,
+                              "global_metrics": final.metrics,
                               "personalized_metrics": personalized(cfg, users, final_bytes),
                               "seconds": round(seconds, 2),
                               "client_updates": updates,
