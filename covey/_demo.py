@@ -42,7 +42,7 @@ def _say(console: Console, assistant: object, session: str, text: str) -> int:
     return turn.reply_message_id
 
 
-def _federate(console: Console, home: Path, passphrase: str, tmp: Path) -> None:
+def _federate(console: Console, home: Path, passphrase: str, tmp: Path) -> Path:
     """Two more pods and the demo pod train the shared adapter on a loopback SuperLink."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -94,10 +94,38 @@ def _federate(console: Console, home: Path, passphrase: str, tmp: Path) -> None:
                           "its user's maximum 10 (it refuses rounds past that)")
         console.print("  (three pods cannot outvote the noise: DP needs many users; "
                       "see `make bench` and the README)", style="dim")
+        return agg.run_record(str(record["run_id"]))
     finally:
         for p in pods:
             leave(p)
         agg.stop()
+
+
+def _audit(console: Console, pod: Pod, run_record: Path) -> None:
+    """Write the pod's report and the federated run's report where the user can open them."""
+    from covey.privacy._empirical import EmpiricalConfig
+    from covey.privacy._pod_report import pod_report
+    from covey.privacy._report import write_report
+    from covey.privacy._run_report import run_report
+
+    folder = Path(os.environ.get("COVEY_DEMO_REPORTS", "covey-demo-reports")).resolve()
+    started = time.perf_counter()
+    report = pod_report(pod)
+    html, _ = write_report(report, folder / "pod-report.html")
+    console.print(f"  pod report: {len(report['red_flags'])} red flags, "
+                  f"{report['summary']['files_scanned']} files scanned for your text "
+                  f"({time.perf_counter() - started:.1f} s)")
+    console.print(f"    {html} (+ .json)")
+    started = time.perf_counter()
+    small = EmpiricalConfig(pods=8, canaries=2, rounds=2, candidates=500)
+    report = run_report(run_record, empirical=True, canary_config=small)
+    html, _ = write_report(report, folder / "run-report.html")
+    empirical = report["summary"]["empirical"]
+    console.print(f"  run report: {len(report['red_flags'])} red flags; canary exposure "
+                  f"{empirical['no_dp']['mean_exposure']:.1f} bits without DP, "
+                  f"{empirical['dp']['mean_exposure']:.1f} with the run's DP "
+                  f"({time.perf_counter() - started:.1f} s)")
+    console.print(f"    {html} (+ .json)")
 
 
 def run(console: Console | None = None) -> None:
@@ -142,7 +170,7 @@ def run(console: Console | None = None) -> None:
                           f"(consented: {result.consented})")
 
         console.print(Rule("5. a federated round: pods improve a shared model, privately"))
-        _federate(console, home, passphrase, Path(tmp))
+        run_record = _federate(console, home, passphrase, Path(tmp))
 
         with Pod.open(home, passphrase) as pod:
             console.print(Rule("6. forget a memory"))
@@ -166,7 +194,10 @@ def run(console: Console | None = None) -> None:
                           f"messages, {len(document['audit_log'])} audit entries")
             os.remove(export_file)
 
-        console.print(Rule("8. crypto-shred the pod"))
+            console.print(Rule("8. privacy audit reports"))
+            _audit(console, pod, run_record)
+
+        console.print(Rule("9. crypto-shred the pod"))
         removed = Pod.forget(home)
         console.print(f"  data key destroyed, removed {', '.join(removed)}")
         try:

@@ -17,6 +17,7 @@ from covey.device.cli import memory_app, pod_app
 from covey.device.serve_cli import serve
 from covey.errors import CoveyError
 from covey.models.cli import models_app
+from covey.privacy.cli import audit
 from covey.simulations.cli import simulate_app
 
 __all__ = ["app", "main"]
@@ -37,6 +38,7 @@ app.add_typer(simulate_app, name="simulate")
 app.command("chat")(chat)
 app.command("feedback")(feedback)
 app.command("serve")(serve)
+app.command("audit")(audit)
 
 _log = logging.getLogger(logs.CRASH_LOGGER)
 

@@ -134,3 +134,15 @@ class AuditChainError(CoveyError):
     def __init__(self, seq: int, reason: str) -> None:
         super().__init__(f"audit log broken at entry {seq}: {reason}")
         self.seq = seq
+
+
+class RedFlagError(CoveyError):
+    """An audit report raised red flags and ``--strict`` was asked for."""
+
+    exit_code = 10
+
+    def __init__(self, flags: list[dict[str, str]]) -> None:
+        first = flags[0]
+        more = f" (and {len(flags) - 1} more)" if len(flags) > 1 else ""
+        super().__init__(f"{len(flags)} red flag(s): {first['code']}: {first['message']}{more}")
+        self.flags = flags

@@ -22,7 +22,7 @@ from covey.device._participation import RoundRefused, RoundRequest, refusal_deta
 from covey.errors import CoveyError
 from covey.privacy import DPConfig
 
-__all__ = ["app", "request_from"]
+__all__ = ["app", "reply_message", "request_from"]
 
 REFUSAL_CODE = 4001
 _MODEL: dict[str, Any] = {}
@@ -82,10 +82,17 @@ def train(msg: Message, context: Context) -> Message:
         return _refuse(msg, exc.code, str(exc))
     except (CoveyError, OSError, KeyError) as exc:
         return _refuse(msg, "pod_error", f"refused: {exc}")
+    return reply_message(msg, update, epsilon, str(request.version.get("id")))
+
+
+def reply_message(msg: Message, update: Any, epsilon: float, version_id: str) -> Message:
+    """A pod's answer to a train message: its clipped (and noised) update and metrics.
+
+    The simulated pods of ``covey simulate --engine flower`` answer with this too."""
     return Message(RecordDict({
         "update": ArrayRecord([update.delta]),
         "metrics": MetricRecord({"examples": update.examples, "clipped": int(update.clipped),
                                  "epsilon": epsilon, "loss_before": update.loss_before,
                                  "loss_after": update.loss_after}),
-        "info": ConfigRecord({"version": str(request.version.get("id"))}),
+        "info": ConfigRecord({"version": version_id}),
     }), reply_to=msg)

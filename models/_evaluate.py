@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from covey.models._data import Example
 from covey.models._tokenizer import PAD, ChatTokenizer
@@ -80,17 +81,13 @@ def evaluate(logits_fn: LogitsFn, batches: Sequence[tuple[np.ndarray, np.ndarray
     nll = 0.0
     hit1 = hit3 = count = 0
     for ids, tgt in batches:
-        logits = logits_fn(ids).astype(np.float64)  # (B, T, V)
         mask = tgt >= 0
-        sel = logits[mask]  # (N, V)
-        y = tgt[mask]
-        shifted = sel - sel.max(axis=1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        nll -= float(logp[np.arange(len(y)), y].sum())
-        top3 = np.argpartition(-sel, 3, axis=1)[:, :3]
-        best = sel.argmax(axis=1)
-        hit1 += int((best == y).sum())
-        hit3 += int((top3 == y[:, None]).any(axis=1).sum())
+        sel = torch.from_numpy(np.ascontiguousarray(logits_fn(ids)[mask]))  # (N, V) scored
+        y = torch.from_numpy(tgt[mask])
+        target = sel.gather(1, y[:, None])  # (N, 1)
+        nll += float((sel.double().logsumexp(dim=1) - target[:, 0].double()).sum())
+        hit1 += int((sel.argmax(dim=1) == y).sum())
+        hit3 += int(((sel > target).sum(dim=1) < 3).sum())  # fewer than 3 strictly better
         count += len(y)
     if count == 0:
         return Quality(float("nan"), 0.0, 0.0, 0, examples)

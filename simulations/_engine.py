@@ -8,6 +8,7 @@ and replies later than the round's timeout are dropped, as the SuperLink drops t
 from __future__ import annotations
 
 import copy
+import queue
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -17,7 +18,7 @@ from covey.aggregator._rounds import PodReply, RoundPayload
 from covey.device._participation import RoundRefused, RoundRequest, take_part
 from covey.device._pod import Pod
 
-__all__ = ["InProcessTransport", "PodClient", "request_for"]
+__all__ = ["InProcessTransport", "PodClient", "StorePods", "answer", "request_for"]
 
 PodHandler = Callable[[int, RoundPayload], PodReply]
 
@@ -31,8 +32,20 @@ def request_for(payload: RoundPayload, peer: str = "in-process") -> RoundRequest
         max_examples=payload.max_examples, seed=payload.seed, peer=peer)
 
 
+def answer(home: Path, passphrase: str, model: Any, tok: Any, aggregator_key: bytes,
+           node_id: int, payload: RoundPayload) -> PodReply:
+    """Pod ``home`` answers a round: opens its store, takes part (or refuses), closes it."""
+    try:
+        with Pod.open(home, passphrase) as pod:
+            update, _ = take_part(pod, request_for(payload), model, tok, aggregator_key)
+    except RoundRefused as exc:
+        return PodReply(node_id, refusal=exc.code, message=str(exc))
+    return PodReply(node_id, values=update.delta, version=str(payload.version["id"]),
+                    examples=update.examples, clipped=update.clipped)
+
+
 class PodClient:
-    """One pod answering rounds in-process: opens its store, takes part, closes it."""
+    """One pod answering rounds in-process with a model of its own."""
 
     def __init__(self, home: Path, passphrase: str, model: Any, tok: Any,
                  aggregator_key: bytes) -> None:
@@ -41,14 +54,41 @@ class PodClient:
         self.tok, self.aggregator_key = tok, aggregator_key
 
     def __call__(self, node_id: int, payload: RoundPayload) -> PodReply:
+        return answer(self.home, self.passphrase, self.model, self.tok, self.aggregator_key,
+                      node_id, payload)
+
+
+class StorePods:
+    """Pods that keep their data in real encrypted stores (``--encrypted-pods``).
+
+    Every round, each sampled pod unlocks its store (Argon2id, SQLCipher), takes part as
+    a real pod does (consent, signature, budget ledger, audit entry) and closes it;
+    ``workers`` pods answer at a time, each borrowing one of ``workers`` model copies.
+    """
+
+    def __init__(self, homes: Sequence[Path], passphrase: str, model: Any, tok: Any,
+                 aggregator_key: bytes, workers: int) -> None:
+        self.homes, self.passphrase, self.tok = list(homes), passphrase, tok
+        self.aggregator_key, self.workers = aggregator_key, max(1, workers)
+        self.models: queue.Queue[Any] = queue.Queue()
+        for _ in range(self.workers):
+            self.models.put(copy.deepcopy(model))
+
+    def node_ids(self) -> list[int]:
+        return list(range(1, len(self.homes) + 1))
+
+    def _one(self, node: int, payload: RoundPayload) -> PodReply:
+        model = self.models.get()
         try:
-            with Pod.open(self.home, self.passphrase) as pod:
-                update, _ = take_part(pod, request_for(payload), self.model, self.tok,
-                                      self.aggregator_key)
-        except RoundRefused as exc:
-            return PodReply(node_id, refusal=exc.code, message=str(exc))
-        return PodReply(node_id, values=update.delta, version=str(payload.version["id"]),
-                        examples=update.examples, clipped=update.clipped)
+            return answer(self.homes[node - 1], self.passphrase, model, self.tok,
+                          self.aggregator_key, node, payload)
+        finally:
+            self.models.put(model)
+
+    def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+              ) -> list[PodReply]:
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return list(pool.map(lambda n: self._one(n, payload), nodes, timeout=timeout))
 
 
 class InProcessTransport:

@@ -10,12 +10,14 @@ __all__ = ["seed_pods"]
 
 
 def seed_pods(root: Path, users: Sequence[Any], passphrase: str, examples: int = 24,
-              prefix: str = "pod", config: Any = None) -> list[Path]:
+              prefix: str = "pod", config: Any = None,
+              budget: tuple[float, float] | None = None) -> list[Path]:
     """One encrypted pod per federated user under ``root``, with the user's consent to
-    federated training and their first ``examples`` training examples."""
+    federated training and their first ``examples`` training examples; ``budget`` is
+    the user's (maximum epsilon, delta), else the pod's default policy."""
     from covey.device import Pod
     from covey.device._feedback import TRAINING_CONSENT, set_consent
-    from covey.device._participation import import_examples
+    from covey.device._participation import import_examples, set_budget_policy
 
     homes = []
     for i, user in enumerate(users):
@@ -23,5 +25,7 @@ def seed_pods(root: Path, users: Sequence[Any], passphrase: str, examples: int =
         with Pod.create(home, passphrase, name=f"{prefix}{i}", config=config) as pod:
             set_consent(pod, TRAINING_CONSENT, True)
             import_examples(pod, user.train[:examples])
+            if budget is not None:
+                set_budget_policy(pod, *budget)
         homes.append(home)
     return homes

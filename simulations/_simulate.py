@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,10 +25,14 @@ from covey.aggregator._rounds import PodReply, RoundPayload, RunConfig, run_fede
 from covey.errors import InvalidInputError
 from covey.privacy import DPConfig, noise_for_epsilon
 
+if TYPE_CHECKING:
+    from covey.device._federated import ClientUpdate
+    from covey.device._participation import RoundRequest
+
 __all__ = ["SimulationConfig", "eval_sample", "personalized", "population",
            "population_summary", "simulate"]
 
-ENGINES = ("fast",)
+ENGINES = ("fast", "flower")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class SimulationConfig:
     seed: int = 0
     engine: str = "fast"
     workers: int = 0  # processes training pods (0: one per CPU core)
+    encrypted_pods: bool = False  # each pod keeps its data in a real encrypted store
+    noise_multiplier: float | None = None  # set: this z (0: no DP) instead of the target's
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -65,6 +71,42 @@ class SimulationConfig:
             raise InvalidInputError("target epsilon must be positive (inf: no DP)")
         if self.mode not in ("central", "local"):
             raise InvalidInputError("mode must be central or local")
+        if self.encrypted_pods and self.engine != "fast":
+            raise InvalidInputError("--encrypted-pods runs on the fast engine")
+        if self.encrypted_pods and math.isinf(self.target_epsilon):
+            raise InvalidInputError("--encrypted-pods needs a private run: real pods refuse "
+                                    "rounds without DP")
+
+
+#: Peak resident memory measured here (30 pods, 2 workers): the main process (model,
+#: population, evaluator) 956 MiB; a ``fast`` worker process about 730 MiB; a Ray
+#: actor running the ClientApp about 890 MiB, plus Ray's daemons and driver about
+#: 1 GiB. An ``--encrypted-pods`` worker is a thread with one model copy (an estimate).
+MAIN_BYTES = 1000 * 2**20
+WORKER_BYTES = {"fast": 750 * 2**20, "flower": 900 * 2**20, "encrypted": 40 * 2**20}
+RAY_BYTES = 1024 * 2**20
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes (Linux ``MemAvailable``), if known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(cfg: SimulationConfig, workers: int, available: int | None = None) -> None:
+    """Fail before any work when the engine would not fit in memory."""
+    kind = "encrypted" if cfg.encrypted_pods else cfg.engine
+    need = MAIN_BYTES + workers * WORKER_BYTES[kind] + (RAY_BYTES if kind == "flower" else 0)
+    available = available_memory() if available is None else available
+    if available is not None and need > available:
+        raise InvalidInputError(
+            f"the {kind} engine with {workers} workers needs about {need / 2**30:.1f} GiB of "
+            f"memory but {available / 2**30:.1f} GiB is available; use fewer --workers")
 
 
 def population(cfg: SimulationConfig) -> list[Any]:
@@ -96,35 +138,39 @@ def population_summary(users: Sequence[Any], tok: Any) -> dict[str, Any]:
 _WORKER: dict[str, Any] = {}
 
 
-def _train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
-                payload: RoundPayload) -> list[PodReply]:
-    """The pods ``nodes`` (1-based into ``users``) each run the client training function.
+def train_pod(users: Sequence[Any], model: Any, tok: Any, node: int,
+              request: RoundPayload | RoundRequest) -> ClientUpdate:
+    """Pod ``node`` (1-based into ``users``) runs the client training function.
 
-    Every pod's training seed and local noise derive from the round's seed and the
-    pod's id alone, so the result does not depend on which process trains which pod.
+    The pod's training seed and local noise derive from the round's seed and the pod's
+    index alone, so the result does not depend on which process or engine trains it.
     """
     from covey.device._federated import train_update
     from covey.models import Adapter
     from covey.models._finetune import FinetuneConfig
 
-    adapter = Adapter.from_bytes(payload.adapter)
+    train = FinetuneConfig(epochs=request.local_epochs, lr=request.lr,
+                           max_examples=request.max_examples,
+                           seed=request.seed * 100_003 + node, measure_loss=False)
+    rng = np.random.default_rng([request.seed, node])
+    return train_update(model, tok, users[node - 1].train, Adapter.from_bytes(request.adapter),
+                        train, request.dp, rng)
+
+
+def _train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
+                payload: RoundPayload) -> list[PodReply]:
     replies = []
     for node in nodes:
-        train = FinetuneConfig(epochs=payload.local_epochs, lr=payload.lr,
-                               max_examples=payload.max_examples,
-                               seed=payload.seed * 100_003 + node, measure_loss=False)
-        rng = np.random.default_rng([payload.seed, node])
-        update = train_update(model, tok, users[node - 1].train, adapter, train, payload.dp,
-                              rng)
+        update = train_pod(users, model, tok, node, payload)
         replies.append(PodReply(node, values=update.delta, version=str(payload.version["id"]),
                                 examples=update.examples, clipped=update.clipped))
     return replies
 
 
-def _worker_init(cfg: SimulationConfig) -> None:
+def _worker_init(cfg: SimulationConfig, users: Sequence[Any] | None) -> None:
     from covey.models import load_model
 
-    _WORKER["users"] = population(cfg)
+    _WORKER["users"] = population(cfg) if users is None else users
     _WORKER["model"], _WORKER["tok"], _ = load_model()
 
 
@@ -137,7 +183,7 @@ class _MemoryPods:
     process or spread over worker processes (each holding the model and the users)."""
 
     def __init__(self, users: Sequence[Any], model: Any, tok: Any, cfg: SimulationConfig,
-                 workers: int) -> None:
+                 workers: int, given: bool = False) -> None:
         self.users, self.model, self.tok = list(users), model, tok
         self.pool = None
         if workers > 1:
@@ -145,7 +191,8 @@ class _MemoryPods:
             from concurrent.futures import ProcessPoolExecutor
 
             self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                                            initializer=_worker_init, initargs=(cfg,))
+                                            initializer=_worker_init,
+                                            initargs=(cfg, self.users if given else None))
         self.workers = workers
 
     def node_ids(self) -> list[int]:
@@ -165,10 +212,39 @@ class _MemoryPods:
             self.pool.shutdown(cancel_futures=True)
 
 
+def _store_pods(users: Sequence[Any], model: Any, tok: Any, out: Path, key: bytes,
+                workers: int, budget: tuple[float, float]) -> Any:
+    """One real encrypted pod per user under ``out/pods`` (kept for a resumed run), each
+    holding all of its user's training messages, their consent to federated training and
+    a budget policy of the run's target (epsilon, delta); the passphrase is random, in
+    ``out/pods/passphrase`` (mode 0600)."""
+    import secrets
+
+    from covey._files import write_atomic
+    from covey.simulations._engine import StorePods
+    from covey.simulations._population import seed_pods
+
+    root, secret = out / "pods", out / "pods" / "passphrase"
+    if secret.exists():
+        passphrase = secret.read_text().strip()
+        homes = [root / f"pod{i}" for i in range(len(users))]
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        passphrase = secrets.token_urlsafe(16)
+        write_atomic(secret, passphrase.encode(), mode=0o600)
+        homes = seed_pods(root, users, passphrase, examples=max(len(u.train) for u in users),
+                          budget=budget)
+    return StorePods(homes, passphrase, model, tok, key, workers)
+
+
 def _dp(cfg: SimulationConfig, pods: int) -> DPConfig:
     q = min(1.0, cfg.clients_per_round / pods)
     delta = cfg.delta or 0.1 / pods
-    if math.isinf(cfg.target_epsilon):
+    if cfg.noise_multiplier:
+        return DPConfig(mode=cfg.mode, noise_multiplier=cfg.noise_multiplier,  # type: ignore[arg-type]
+                        clip_norm=cfg.clip_norm, sample_rate=q, delta=delta,
+                        accountant=cfg.accountant)
+    if math.isinf(cfg.target_epsilon) or cfg.noise_multiplier == 0:
         return DPConfig(mode="central", noise_multiplier=0.0, clip_norm=math.inf,
                         sample_rate=q, delta=delta, accountant=cfg.accountant)
     rate = q if cfg.mode == "central" else 1.0
@@ -241,11 +317,13 @@ def _unfinished(out: Path) -> str | None:
 
 def simulate(cfg: SimulationConfig, out: Path,
              on_round: Callable[[dict[str, Any]], None] | None = None,
-             resume: bool = False) -> dict[str, Any]:
+             resume: bool = False, users: Sequence[Any] | None = None) -> dict[str, Any]:
     """Run a simulation; writes population.json, the registry and the run record to ``out``.
 
     Every round is checkpointed in the run record; ``resume`` continues an interrupted
     run in ``out`` (same configuration), giving the same result as an uninterrupted one.
+    ``users`` replaces the dataset's population (the privacy audit plants canaries in
+    some users' data this way); it runs on the fast engine.
 
     Raises:
         InvalidInputError: an impossible configuration (before any work), or nothing to
@@ -255,11 +333,14 @@ def simulate(cfg: SimulationConfig, out: Path,
     from covey.aggregator._registry import Registry
     from covey.models import load_model
 
-    users = population(cfg)
+    given = users is not None
+    users = list(users) if users is not None else population(cfg)
     if cfg.clients_per_round > len(users):
         raise InvalidInputError(f"{cfg.clients_per_round} clients per round but only "
                                 f"{len(users)} pods")
     dp = _dp(cfg, len(users))
+    workers = cfg.workers or (os.cpu_count() or 1)
+    check_memory(cfg, workers)
     model, tok, _ = load_model()
     out.mkdir(parents=True, exist_ok=True)
     summary = population_summary(users, tok)
@@ -287,13 +368,27 @@ def simulate(cfg: SimulationConfig, out: Path,
                     seed=cfg.seed)
     (out / "runs").mkdir(exist_ok=True)
     started = time.perf_counter()
-    pods = _MemoryPods(users, model, tok, cfg, cfg.workers or (os.cpu_count() or 1))
-    try:
-        record = run_federated(pods, registry, run, run_id, evaluator,
-                               out / "runs" / f"{run_id}.json", on_round=on_round, rng=rng,
-                               resume=resume)
-    finally:
-        pods.close()
+
+    def rounds(transport: Any) -> dict[str, Any]:
+        return run_federated(transport, registry, run, run_id, evaluator,
+                             out / "runs" / f"{run_id}.json", on_round=on_round, rng=rng,
+                             resume=resume)
+
+    if cfg.engine == "flower":
+        from covey.simulations._flower import run_flower
+
+        if given:
+            raise InvalidInputError("a given population runs on the fast engine")
+        record = run_flower(cfg, len(users), workers, rounds)
+    elif cfg.encrypted_pods:
+        record = rounds(_store_pods(users, model, tok, out, registry.public_key, workers,
+                                    (cfg.target_epsilon, dp.delta)))
+    else:
+        pods = _MemoryPods(users, model, tok, cfg, workers, given)
+        try:
+            record = rounds(pods)
+        finally:
+            pods.close()
     seconds = time.perf_counter() - started
     updates = sum(r["accepted"] for r in record["rounds"])
     final, final_bytes, _ = registry.get(record["final_version"])
@@ -304,7 +399,7 @@ def simulate(cfg: SimulationConfig, out: Path,
                               "seconds": round(seconds, 2),
                               "client_updates": updates,
                               "updates_per_second": round(updates / seconds, 3),
-                              "workers": pods.workers})
+                              "workers": workers})
     (out / "runs" / f"{run_id}.json").write_text(json.dumps(record, indent=2) + "\n")
     record["record_path"] = str(out / "runs" / f"{run_id}.json")
     return record

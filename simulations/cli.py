@@ -29,7 +29,8 @@ ClientsOpt = Annotated[int, typer.Option(help="Expected pods per round (Poisson 
 ModeOpt = Annotated[str, typer.Option(help="central or local DP.")]
 ClipOpt = Annotated[float, typer.Option(help="L2 clip norm C.")]
 DeltaOpt = Annotated[float, typer.Option(help="delta (0: a tenth of 1/pods).")]
-EngineOpt = Annotated[str, typer.Option(help="fast (in-process).")]
+EngineOpt = Annotated[str, typer.Option(help="fast (in-process) or flower (Flower's Simulation "
+                                              "Runtime on Ray).")]
 LrOpt = Annotated[float, typer.Option(help="Local learning rate.")]
 EpochsOpt = Annotated[int, typer.Option(help="Local epochs.")]
 EvalOpt = Annotated[int, typer.Option(help="Federated test messages evaluated each round.")]
@@ -74,6 +75,9 @@ def simulate(
     eval_examples: EvalOpt = 300,
     seed: SeedOpt = 0,
     workers: WorkersOpt = 0,
+    encrypted_pods: Annotated[bool, typer.Option(
+        help="Give each pod a real encrypted store (fast engine), to measure its cost.")
+    ] = False,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out "
                                                "(same settings).")] = False,
     as_json: JsonOpt = False,
@@ -89,7 +93,7 @@ def simulate(
                   clients_per_round=clients_per_round, target_epsilon=target_epsilon,
                   mode=mode, clip_norm=clip_norm, delta=delta, lr=lr,
                   local_epochs=local_epochs, eval_examples=eval_examples, seed=seed,
-                  engine=engine, workers=workers)
+                  engine=engine, workers=workers, encrypted_pods=encrypted_pods)
     record = run(cfg, out_dir, on_round=_show(rounds, as_json), resume=resume)
     if as_json:
         sys.stdout.write(json.dumps(record, indent=2) + "\n")

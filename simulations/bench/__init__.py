@@ -59,6 +59,13 @@ def _federated(quick: bool) -> dict[str, Any]:
     return run(quick)
 
 
+def _engines(quick: bool) -> dict[str, Any]:
+    """Simulation throughput: the fast engine against Flower's Simulation Runtime."""
+    from covey.simulations.bench._engines import run
+
+    return run(quick)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "store": _store,
     "models": _models,
@@ -66,4 +73,5 @@ BENCHMARKS: dict[str, Benchmark] = {
     "recall": _recall,
     "turn": _turn,
     "federated": _federated,
+    "engines": _engines,
 }

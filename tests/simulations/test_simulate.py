@@ -135,3 +135,31 @@ def test_worker_processes_give_the_same_aggregate(tmp_path: Path) -> None:
     assert hashes[0] == hashes[1]
     assert [r.get("perplexity") for r in one["rounds"]] == \
         [r.get("perplexity") for r in two["rounds"]]
+
+
+def test_too_little_memory_fails_before_any_work(tmp_path: Path) -> None:
+    from covey.simulations._simulate import check_memory
+
+    cfg = SimulationConfig(pods=3, clients_per_round=3, engine="flower")
+    with pytest.raises(InvalidInputError, match="flower engine with 8 workers needs about"):
+        check_memory(cfg, 8, available=2 * 2**30)
+    check_memory(cfg, 2, available=64 * 2**30)  # fits: no error
+    with pytest.raises(InvalidInputError, match="encrypted-pods runs on the fast engine"):
+        SimulationConfig(engine="flower", encrypted_pods=True)
+
+
+def test_encrypted_pods_train_from_real_stores(tmp_path: Path) -> None:
+    from covey.device import Pod
+
+    cfg = SimulationConfig(pods=3, rounds=1, clients_per_round=3, target_epsilon=8.0,
+                           eval_examples=20, seed=2, encrypted_pods=True, workers=2)
+    record = simulate(cfg, tmp_path)
+    assert record["rounds"][0]["accepted"] == record["rounds"][0]["sampled"] > 0
+    secret = tmp_path / "pods" / "passphrase"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    # each pod that took part charged its own ledger, as a real pod does
+    charged = 0
+    for home in sorted((tmp_path / "pods").glob("pod*")):
+        with Pod.open(home, secret.read_text()) as pod:
+            charged += pod.store.query("SELECT COUNT(*) FROM ledger")[0][0]
+    assert charged == record["rounds"][0]["accepted"]

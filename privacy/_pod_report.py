@@ -1,0 +1,205 @@
+"""The pod report (``covey audit --pod``): what this device holds, spent and sent.
+
+Built from the unlocked pod: counts by kind (never content), the encryption in force,
+a plaintext scan of every file covey wrote for the pod, the epsilon ledger, the egress
+inventory from the audit log, the audit-chain check, consents and erasures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from covey.privacy._report import Figure, flag, new_report, section, table
+from covey.privacy._scan import files_under, needles_from, scan_files
+
+__all__ = ["RECENT", "pod_report"]
+
+RECENT = 500  # the most recent rows of each kind of user text the scan looks for
+
+# Where each kind of audited event sends data.
+_DESTINATIONS = {"federated_update": "aggregator", "api.response": "local API client",
+                 "export": "user (export file)", "sync": "paired device"}
+
+
+def _destination(kind: str) -> str | None:
+    for prefix, where in _DESTINATIONS.items():
+        if kind == prefix or kind.startswith(prefix + "."):
+            return where
+    return None
+
+
+def _user_text(pod: Any) -> list[tuple[str, str]]:
+    q = pod.store.query
+    records: list[tuple[str, str]] = []
+    for table_name, columns in (("messages", ("content",)), ("memories", ("text",)),
+                                ("training_examples", ("prompt", "target"))):
+        cols = ", ".join(columns)
+        rows = q(f"SELECT id, {cols} FROM {table_name} ORDER BY id DESC LIMIT ?",  # noqa: S608
+                 (RECENT,))
+        for row in rows:
+            records.extend((f"{table_name}#{row[0]}", str(v)) for v in row[1:] if v)
+    return records
+
+
+def _written_files(pod: Any, extra: list[Path]) -> list[Path]:
+    from covey.models._embedder import cache_dir
+
+    temp = Path(tempfile.gettempdir())
+    temps = [p for p in temp.glob("covey*") if p.exists() and p.stat().st_uid == os.getuid()]
+    return files_under(pod.home, cache_dir(), *temps, *extra)
+
+
+def _encryption(pod: Any, report: dict[str, Any]) -> None:
+    status = pod.status()
+    sec = section(report, "encryption", "Encryption in force")
+    table(sec, ["setting", "value"], [[k, v] for k, v in status.cipher.items()],
+          "database")
+    table(sec, ["setting", "value"], [[k, v] for k, v in status.kdf.items()],
+          "passphrase key derivation and key wrapping")
+    from covey.device._pod import DB_FILE
+
+    db = pod.home / DB_FILE
+    with db.open("rb") as f:
+        header = f.read(16)
+    plain = header.startswith(b"SQLite format 3")
+    sec["notes"].append("The database file starts with random bytes, as an encrypted "
+                        "SQLCipher file does." if not plain else
+                        "The database file starts with a plaintext SQLite header.")
+    if plain:
+        flag(report, "plaintext", f"{db} is an unencrypted SQLite file")
+    counts = section(report, "storage", "What the pod stores (counts, never content)")
+    table(counts, ["table", "rows"], sorted(status.counts.items()))
+    kinds = pod.store.query("SELECT kind, COUNT(*) FROM memories GROUP BY kind ORDER BY kind")
+    table(counts, ["memory kind", "rows"], [[k, int(n)] for k, n in kinds], "memories by kind")
+    counts["notes"].append(f"Database and its journal: {status.database_bytes:,} bytes.")
+    if status.audit_chain["ok"]:
+        chain = section(report, "audit-chain", "Audit chain")
+        chain["notes"].append(f"All {status.audit_chain['entries']} entries verify: each "
+                              "hash matches its content and links to the one before, and "
+                              "the recorded head matches the last entry.")
+    else:
+        chain = section(report, "audit-chain", "Audit chain")
+        bad = status.audit_chain
+        chain["notes"].append(f"The chain breaks at entry {bad['bad_seq']}: {bad['reason']}.")
+        flag(report, "broken_chain",
+             f"audit log broken at entry {bad['bad_seq']}: {bad['reason']}")
+
+
+def _plaintext(pod: Any, report: dict[str, Any], extra: list[Path]) -> None:
+    needles = needles_from(_user_text(pod))
+    files = _written_files(pod, extra)
+    hits, count, scanned = scan_files(files, needles)
+    sec = section(report, "plaintext-scan", "Plaintext scan")
+    sec["notes"].append(
+        f"Looked for {len(needles)} pieces of the user's own recent text (the latest "
+        f"{RECENT} messages, memories and training examples of at least 12 characters) "
+        f"in {count} files, {scanned:,} bytes: the pod home (database, journal, keys, "
+        "logs), covey's cache folder and covey's temporary files.")
+    rows = [[h.path, h.offset, h.source] for h in hits]
+    table(sec, ["file", "byte offset", "text of"], rows, "hits")
+    for h in hits:
+        flag(report, "plaintext", f"text of {h.source} found in plaintext in {h.path} at "
+                                  f"byte {h.offset}")
+    report["summary"]["plaintext_hits"] = len(hits)
+    report["summary"]["files_scanned"] = count
+
+
+def _ledger(pod: Any, report: dict[str, Any]) -> None:
+    from covey.device._participation import budget_policy
+    from covey.privacy import GaussianRounds, get_accountant
+
+    policy = budget_policy(pod)
+    rows = pod.store.query(
+        "SELECT created_at, run_id, round, mode, mechanism, accountant, epsilon, delta,"
+        " noise_multiplier, clip_norm, sample_rate, rounds FROM ledger ORDER BY id")
+    accountant = get_accountant(policy.accountant)
+    history: list[GaussianRounds] = []
+    cumulative: list[float | None] = []
+    non_private = 0
+    table_rows = []
+    for r in rows:
+        z, q, n = r["noise_multiplier"], r["sample_rate"], int(r["rounds"] or 0)
+        if n and (z is None or z <= 0):
+            non_private += 1
+        elif n:
+            history.append(GaussianRounds(float(z), float(q or 1.0), n))
+        total = math.inf if non_private else (
+            accountant.epsilon(history, policy.delta) if history else 0.0)
+        cumulative.append(total if math.isfinite(total) else None)
+        table_rows.append([r["created_at"], r["run_id"], r["round"], r["mode"], r["mechanism"],
+                           z, q, r["clip_norm"], n, r["epsilon"],
+                           total if math.isfinite(total) else "inf"])
+    spent = cumulative[-1] if cumulative else 0.0
+    sec = section(report, "ledger", "Privacy budget: the epsilon ledger")
+    sec["notes"].append(
+        f"Each row is one release of user-derived information. The total composes every "
+        f"Gaussian release ({policy.accountant.upper()} accountant) at the user's delta "
+        f"{policy.delta:g}; the user's maximum is epsilon {policy.max_epsilon:g}. Central-DP "
+        "rows charge a whole planned run (z, sampling rate q, rounds) at the first "
+        "participation; local-DP rows charge one release each, without amplification.")
+    table(sec, ["when", "run", "round", "mode", "mechanism", "z", "q", "C",
+                "rounds charged", "epsilon (run, at its delta)", "total epsilon"],
+          table_rows)
+    if rows:
+        sec["figures"].append(Figure("Epsilon spent over time", "ledger row",
+                                     f"epsilon at delta {policy.delta:g}")
+                              .line("total spent", list(range(1, len(rows) + 1)), cumulative,
+                                    step=True)
+                              .guide(f"user's maximum {policy.max_epsilon:g}",
+                                     policy.max_epsilon).to_dict())
+    if non_private:
+        flag(report, "non_private_release", f"{non_private} ledger rows released "
+                                            "information without noise")
+    elif spent is not None and spent > policy.max_epsilon * (1 + 1e-9):
+        flag(report, "epsilon_over_target", f"the ledger has spent epsilon {spent:.3g}, over "
+                                            f"the user's maximum of {policy.max_epsilon:g}")
+    report["summary"].update(epsilon_spent=spent if spent is not None else "inf",
+                             max_epsilon=policy.max_epsilon, delta=policy.delta)
+
+
+def _egress(pod: Any, report: dict[str, Any]) -> None:
+    from covey.device import _audit
+
+    entries = _audit.entries(pod.store.conn)
+    groups: dict[tuple[str, str, str], list[Any]] = defaultdict(list)
+    for e in entries:
+        where = _destination(e.kind)
+        if where is not None:
+            groups[(where, e.kind, e.peer)].append(e)
+    rows = [[where, kind, peer or "-", len(es), sum(e.bytes for e in es),
+             sum(e.epsilon for e in es), es[0].created_at, es[-1].created_at]
+            for (where, kind, peer), es in sorted(groups.items())]
+    sec = section(report, "egress", "Egress: everything that left the pod")
+    sec["notes"].append("From the audit log: every response to another process, update to "
+                        "an aggregator, export and sync is recorded in the same transaction "
+                        "as the event (sizes and peers, never content).")
+    table(sec, ["destination", "kind", "peer", "events", "bytes", "epsilon", "first",
+                "last"], rows)
+    by_dest: dict[str, int] = defaultdict(int)
+    for row in rows:
+        by_dest[row[0]] += int(row[4])
+    report["summary"]["egress_bytes"] = dict(by_dest)
+    consents = pod.store.query("SELECT scope, granted, updated_at FROM consents ORDER BY scope")
+    people = section(report, "consents", "Consents and erasures")
+    table(people, ["scope", "granted", "since"], [[s, bool(g), t] for s, g, t in consents],
+          "consents")
+    erasures = [[e.created_at, e.detail.get("table", "-"), e.detail.get("rows", 0)]
+                for e in entries if e.kind == "erasure"]
+    table(people, ["when", "table", "rows erased"], erasures, "erasures")
+
+
+def pod_report(pod: Any, extra_files: list[Path] | None = None) -> dict[str, Any]:
+    """The report of an unlocked pod (``extra_files``: more files to scan)."""
+    report = new_report("pod", f"Privacy audit of pod {pod.name or pod.pod_id}")
+    report["summary"] = {"pod_id": pod.pod_id}
+    _encryption(pod, report)
+    _plaintext(pod, report, list(extra_files or []))
+    _ledger(pod, report)
+    _egress(pod, report)
+    return report
+

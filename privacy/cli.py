@@ -1,0 +1,81 @@
+"""`covey audit`: the privacy audit reports of a pod and of a training run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from covey.errors import InvalidInputError, RedFlagError
+
+__all__ = ["audit"]
+
+out = Console()
+
+
+def _progress() -> tuple[Any, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    return bar, update
+
+
+def audit(
+    pod: Annotated[bool, typer.Option("--pod", help="Report on this device's pod.")] = False,
+    run: Annotated[Path | None, typer.Option(
+        "--run", help="Report on a training run: a run record, or a folder holding runs/ "
+                      "(an aggregator home or a `covey simulate --out` folder).")] = None,
+    out_path: Annotated[Path, typer.Option(
+        "--out", help="Where to write the HTML report (the JSON goes beside it).")
+    ] = Path("covey-audit.html"),
+    home: Annotated[Path | None, typer.Option(
+        "--home", envvar="COVEY_HOME", help="Pod home folder (with --pod).")] = None,
+    empirical: Annotated[bool, typer.Option(
+        help="With --run: canary exposure and membership inference on a simulated replica "
+             "of the run's mechanism (a few minutes).")] = True,
+    strict: Annotated[bool, typer.Option(
+        help="Exit non-zero (10) when the report raises any red flag.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Write a privacy audit report (self-contained HTML and the same content as JSON)."""
+    if pod == (run is not None):
+        raise InvalidInputError("say which report: --pod, or --run DIR")
+    if pod:
+        from covey.device.cli import open_pod
+        from covey.privacy._pod_report import pod_report
+
+        with open_pod(home) as opened:
+            report = pod_report(opened)
+    else:
+        from covey.privacy._run_report import run_report
+
+        assert run is not None
+        bar, update = _progress()
+        with bar:
+            report = run_report(run, empirical=empirical, progress=update)
+    from covey.privacy._report import write_report
+
+    html, json_path = write_report(report, out_path)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        flags = report["red_flags"]
+        verdict = (f"[red]{len(flags)} red flag(s)[/]" if flags else "[green]no red flags[/]")
+        out.print(f"{report['title']}: {verdict}")
+        for f in flags:
+            out.print(f"  [red]{f['code']}[/]: {f['message']}")
+        out.print(f"wrote {html} and {json_path}")
+    if strict and report["red_flags"]:
+        raise RedFlagError(report["red_flags"])
