@@ -47,13 +47,13 @@ Progress = Callable[[str, int, int], None]
 class EmpiricalConfig:
     """Size of the replica and of the tests."""
 
-    pods: int = 32  # members of the replica (as many non-members are scored)
-    canaries: int = 4  # members who hold one secret each
-    repeats: int = 16  # times a secret appears among its holder's messages
-    rounds: int = 4
-    local_epochs: int = 2
-    lr: float = 1e-2
-    candidates: int = 2000  # random secrets each canary is ranked against
+    pods: int = 8  # members of the replica (as many non-members are scored)
+    canaries: int = 2  # members who hold one secret each
+    repeats: int = 64  # times a secret appears among its holder's messages
+    rounds: int = 8
+    local_epochs: int = 3
+    lr: float = 0.02
+    candidates: int = 1000  # random secrets each canary is ranked against
     digits: int = 6
     max_messages: int = 200  # replica users have 10..max_messages training messages
     fallback_epsilon: float = 8.0  # the DP arm's target when the run was not private
@@ -106,7 +106,7 @@ def _losses(model: Any, tok: Any, pairs: Sequence[tuple[str, str]], batch: int =
     with torch.no_grad():
         for i in range(0, len(rows), batch):
             chunk = rows[i:i + batch]
-            width = max(len(ids) for ids, _ in chunk) - 1
+            width = min(max(len(ids) for ids, _ in chunk) - 1, model.cfg.context)
             ids = torch.full((len(chunk), width), PAD, dtype=torch.long)
             targets = torch.full((len(chunk), width), -100, dtype=torch.long)
             for k, (seq, start) in enumerate(chunk):

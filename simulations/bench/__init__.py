@@ -66,6 +66,13 @@ def _engines(quick: bool) -> dict[str, Any]:
     return run(quick)
 
 
+def _audit(quick: bool) -> dict[str, Any]:
+    """Audit reports: a pod report, and a run report's empirical tests."""
+    from covey.simulations.bench._audit import run
+
+    return run(quick)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "store": _store,
     "models": _models,
@@ -74,4 +81,5 @@ BENCHMARKS: dict[str, Benchmark] = {
     "turn": _turn,
     "federated": _federated,
     "engines": _engines,
+    "audit": _audit,
 }

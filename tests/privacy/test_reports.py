@@ -154,3 +154,20 @@ def test_audit_cli_refuses_unclear_requests(covey: Covey, tmp_path: Path) -> Non
     bad.write_text("{not json")
     corrupt = covey("audit", "--run", str(bad), "--no-empirical")
     assert corrupt.returncode == 2 and "not a readable run record" in corrupt.stderr
+
+
+@pytest.mark.slow
+def test_canary_exposure_is_high_without_dp_and_falls_with_dp(simulated_run: Path) -> None:
+    from covey.privacy._empirical import EmpiricalConfig
+
+    report = run_report(simulated_run, empirical=True,
+                        canary_config=EmpiricalConfig(candidates=500))
+    check_schema(report)
+    found = report["summary"]["empirical"]
+    no_dp, dp = found["no_dp"], found["dp"]
+    assert no_dp["mean_exposure"] > 5  # out of log2(501) = 9 bits: the secrets leaked
+    assert dp["mean_exposure"] < no_dp["mean_exposure"] - 3  # DP hides them
+    assert dp["epsilon_lower_bound"] <= dp["epsilon_theory"]
+    assert no_dp["auc"] > 0.5
+    assert report["red_flags"] == []
+    assert "empirical" in [s["id"] for s in report["sections"]]
