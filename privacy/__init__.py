@@ -9,6 +9,7 @@ Public surface:
     redact                              replace personal data patterns in a string
     UserText                            marks a value as user text so logging never renders it
     RedactingFilter                     a logging filter that applies both, installed by default
+    pod_report, run_report, write_report  audit reports (``covey audit``), HTML and JSON
 """
 
 from covey.privacy._accounting import (
@@ -19,7 +20,10 @@ from covey.privacy._accounting import (
     noise_for_epsilon,
 )
 from covey.privacy._dp import AdaptiveClipping, DPConfig, Mode, add_gaussian_noise, clip_update
+from covey.privacy._pod_report import pod_report
 from covey.privacy._redact import RedactingFilter, UserText, redact
+from covey.privacy._report import write_report
+from covey.privacy._run_report import run_report
 
 __all__ = [
     "ACCOUNTANTS",
@@ -34,5 +38,8 @@ __all__ = [
     "epsilon_spent",
     "get_accountant",
     "noise_for_epsilon",
+    "pod_report",
     "redact",
+    "run_report",
+    "write_report",
 ]
