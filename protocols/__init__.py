@@ -1,14 +1,20 @@
-"""Protocols between covey's parts: the signed model version now; discovery, pairing,
-identity, sync and CRDT state follow.
+"""Protocols between covey's parts: the signed model version, and the replicated state
+of one user's pods (hybrid logical clocks, a last-writer-wins map with tombstones);
+discovery, pairing and the sync channel follow.
 
 Public surface:
     ModelVersion     a signed global adapter version (the record pods verify)
     verify_version   check a version's signature and the hash of its adapter bytes
     SignatureError   raised when either check fails
     make_node_key    the key pair a pod's SuperNode authenticates with
+    HLC, HybridClock hybrid logical timestamps and the clock that issues them
+    Replica, Delta   a pod's copy of the shared state, and what a peer lacks of it
 """
 
+from covey.protocols._crdt import Delta, Replica
+from covey.protocols._hlc import HLC, HybridClock
 from covey.protocols._model_version import ModelVersion, SignatureError, verify_version
 from covey.protocols._node_key import make_node_key
 
-__all__ = ["ModelVersion", "SignatureError", "make_node_key", "verify_version"]
+__all__ = ["HLC", "Delta", "HybridClock", "ModelVersion", "Replica", "SignatureError",
+           "make_node_key", "verify_version"]
