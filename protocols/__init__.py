@@ -9,12 +9,16 @@ Public surface:
     make_node_key    the key pair a pod's SuperNode authenticates with
     HLC, HybridClock hybrid logical timestamps and the clock that issues them
     Replica, Delta   a pod's copy of the shared state, and what a peer lacks of it
+    UserKey, DeviceCertificate, Revocation   the user identity key and what it signs
+    short_auth_string                        the 6 digits both screens show when pairing
 """
 
 from covey.protocols._crdt import Delta, Replica
 from covey.protocols._hlc import HLC, HybridClock
+from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, short_auth_string
 from covey.protocols._model_version import ModelVersion, SignatureError, verify_version
 from covey.protocols._node_key import make_node_key
 
-__all__ = ["HLC", "Delta", "HybridClock", "ModelVersion", "Replica", "SignatureError",
-           "make_node_key", "verify_version"]
+__all__ = ["HLC", "Delta", "DeviceCertificate", "HybridClock", "ModelVersion", "Replica",
+           "Revocation", "SignatureError", "UserKey", "make_node_key", "short_auth_string",
+           "verify_version"]
