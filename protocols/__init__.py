@@ -11,14 +11,19 @@ Public surface:
     Replica, Delta   a pod's copy of the shared state, and what a peer lacks of it
     UserKey, DeviceCertificate, Revocation   the user identity key and what it signs
     short_auth_string                        the 6 digits both screens show when pairing
+    Handshake, SecureChannel, ChannelError   the authenticated, encrypted sync channel
+    Announcer, discover, Peer                mDNS announcement and discovery of pods
 """
 
+from covey.protocols._channel import ChannelError, Handshake, SecureChannel
 from covey.protocols._crdt import Delta, Replica
+from covey.protocols._discovery import Announcer, Peer, discover
 from covey.protocols._hlc import HLC, HybridClock
 from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, short_auth_string
 from covey.protocols._model_version import ModelVersion, SignatureError, verify_version
 from covey.protocols._node_key import make_node_key
 
-__all__ = ["HLC", "Delta", "DeviceCertificate", "HybridClock", "ModelVersion", "Replica",
-           "Revocation", "SignatureError", "UserKey", "make_node_key", "short_auth_string",
+__all__ = ["HLC", "Announcer", "ChannelError", "Delta", "DeviceCertificate", "Handshake",
+           "HybridClock", "ModelVersion", "Peer", "Replica", "Revocation", "SecureChannel",
+           "SignatureError", "UserKey", "discover", "make_node_key", "short_auth_string",
            "verify_version"]
