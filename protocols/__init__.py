@@ -13,6 +13,7 @@ Public surface:
     short_auth_string                        the 6 digits both screens show when pairing
     Handshake, SecureChannel, ChannelError   the authenticated, encrypted sync channel
     Announcer, discover, Peer                mDNS announcement and discovery of pods
+    SyncServer, sync_with, SyncStats         a sync session over TCP, and what it moved
 """
 
 from covey.protocols._channel import ChannelError, Handshake, SecureChannel
@@ -22,8 +23,9 @@ from covey.protocols._hlc import HLC, HybridClock
 from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, short_auth_string
 from covey.protocols._model_version import ModelVersion, SignatureError, verify_version
 from covey.protocols._node_key import make_node_key
+from covey.protocols._session import SyncServer, SyncStats, sync_with
 
 __all__ = ["HLC", "Announcer", "ChannelError", "Delta", "DeviceCertificate", "Handshake",
            "HybridClock", "ModelVersion", "Peer", "Replica", "Revocation", "SecureChannel",
-           "SignatureError", "UserKey", "discover", "make_node_key", "short_auth_string",
-           "verify_version"]
+           "SignatureError", "SyncServer", "SyncStats", "UserKey", "discover", "make_node_key",
+           "short_auth_string", "sync_with", "verify_version"]

@@ -1,0 +1,106 @@
+"""Sync sessions over real TCP on the loopback: three pods converge; a partition heals."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from covey.protocols._channel import ChannelError
+from covey.protocols._crdt import Replica
+from covey.protocols._session import SyncServer, SyncStats, sync_with
+
+NAMES = ("phone", "laptop", "speaker")
+
+
+class Pod:
+    def __init__(self, name: str) -> None:
+        self.key = Ed25519PrivateKey.generate()
+        self.replica = Replica(name)
+        self.paired: set[bytes] = set()
+        self.synced: list[SyncStats] = []
+        self.refused: list[str] = []
+        self.server = SyncServer(self.replica, self.key, self.pin, self.synced.append,
+                                 self.refused.append)
+        self.port = 0
+
+    @property
+    def public(self) -> bytes:
+        return self.key.public_key().public_bytes_raw()
+
+    def pin(self, device: bytes) -> str | None:
+        return None if device in self.paired else "not a paired device"
+
+    async def sync(self, other: Pod) -> SyncStats:
+        return await sync_with("127.0.0.1", other.port, self.replica, self.key, self.pin)
+
+
+async def _pods(n: int = 3) -> list[Pod]:
+    pods = [Pod(NAMES[i]) for i in range(n)]
+    for p in pods:
+        p.paired = {q.public for q in pods if q is not p}
+        p.port = await p.server.start()
+    return pods
+
+
+def test_an_edit_on_one_pod_reaches_the_others_quickly() -> None:
+    async def run() -> float:
+        phone, laptop, speaker = await _pods()
+        phone.replica.set("preferences", "diet", "vegetarian")
+        started = time.perf_counter()
+        stats = await asyncio.gather(phone.sync(laptop), phone.sync(speaker))
+        elapsed = time.perf_counter() - started
+        assert all(s.sent == 1 and s.collections == {"preferences"} for s in stats)
+        assert laptop.replica.get("preferences", "diet") == "vegetarian"
+        assert speaker.replica.get("preferences", "diet") == "vegetarian"
+        assert laptop.synced[0].received == 1 and laptop.synced[0].bytes_in > 0
+        for p in (phone, laptop, speaker):
+            await p.server.stop()
+        return elapsed
+
+    assert asyncio.run(run()) < 2.0
+
+
+def test_partition_and_heal_converge() -> None:
+    async def run() -> None:
+        phone, laptop, speaker = await _pods()
+        phone.replica.set("consents", "federated_training", True)
+        await phone.sync(laptop)
+        await phone.sync(speaker)
+        # the speaker drops off; both sides keep editing
+        phone.replica.set("preferences", "music", "jazz")
+        laptop.replica.delete("consents", "federated_training")
+        speaker.replica.set("preferences", "music", "techno")
+        speaker.replica.set("preferences", "city", "Porto")
+        await laptop.sync(phone)
+        # it returns
+        await speaker.sync(phone)
+        await laptop.sync(speaker)
+        await phone.sync(laptop)
+        states = [p.replica.state() for p in (phone, laptop, speaker)]
+        assert states[0] == states[1] == states[2]
+        assert phone.replica.get("consents", "federated_training") is None  # forgotten
+        assert phone.replica.get("preferences", "city") == "Porto"
+        for p in (phone, laptop, speaker):
+            await p.server.stop()
+
+    asyncio.run(run())
+
+
+def test_an_unpaired_pod_receives_nothing() -> None:
+    async def run() -> None:
+        phone, laptop = await _pods(2)
+        phone.replica.set("preferences", "diet", "vegetarian")
+        stranger = Pod("stranger")
+        stranger.paired = {phone.public}  # it trusts the phone; the phone does not trust it
+        with pytest.raises(ChannelError):
+            await stranger.sync(phone)
+        assert stranger.replica.state() == {}
+        await asyncio.sleep(0.05)
+        assert phone.refused and "not a paired device" in phone.refused[0]
+        for p in (phone, laptop):
+            await p.server.stop()
+
+    asyncio.run(run())
