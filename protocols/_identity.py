@@ -45,10 +45,36 @@ def user_id_of(user_public_key: bytes) -> str:
     return hashlib.sha256(b"covey-user:" + user_public_key).hexdigest()[:32]
 
 
+class _Signed:
+    """Fields signed by the user key: canonical JSON of all but ``signature``."""
+
+    WHAT = "statement"
+    user_id: str
+    signature: str
+
+    def signed_bytes(self) -> bytes:
+        return _canonical({k: v for k, v in asdict(self).items()  # type: ignore[call-overload]
+                           if k != "signature"})
+
+    def verify(self, user_public_key: bytes) -> None:
+        """Raise ValueError unless the user key signed this for its user id."""
+        if user_id_of(user_public_key) != self.user_id:
+            raise ValueError(f"the {self.WHAT} names another user")
+        _check(user_public_key, self.signature, self.signed_bytes(), self.WHAT)
+
+    def to_dict(self) -> dict[str, str]:
+        return dict(asdict(self))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        return cls(**{k: str(d[k]) for k in cls.__dataclass_fields__})  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
-class DeviceCertificate:
+class DeviceCertificate(_Signed):
     """The user key's statement that a device key belongs to the user."""
 
+    WHAT = "device certificate"
     user_id: str
     device_id: str
     device_public_key: str  # base64 raw Ed25519
@@ -56,48 +82,17 @@ class DeviceCertificate:
     issued_at: str
     signature: str = ""  # base64, over every other field
 
-    def signed_bytes(self) -> bytes:
-        return _canonical({k: v for k, v in asdict(self).items() if k != "signature"})
-
-    def verify(self, user_public_key: bytes) -> None:
-        """Raise ValueError unless the user key signed this certificate for its user id."""
-        if user_id_of(user_public_key) != self.user_id:
-            raise ValueError("the certificate names another user")
-        _check(user_public_key, self.signature, self.signed_bytes(), "device certificate")
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DeviceCertificate:
-        return cls(**{k: str(d[k]) for k in cls.__dataclass_fields__})
-
 
 @dataclass(frozen=True)
-class Revocation:
+class Revocation(_Signed):
     """The user key's statement that a device is no longer one of the user's."""
 
+    WHAT = "revocation"
     user_id: str
     device_id: str
     reason: str
     revoked_at: str
     signature: str = ""
-
-    def signed_bytes(self) -> bytes:
-        return _canonical({k: v for k, v in asdict(self).items() if k != "signature"})
-
-    def verify(self, user_public_key: bytes) -> None:
-        """Raise ValueError unless the user key signed this revocation."""
-        if user_id_of(user_public_key) != self.user_id:
-            raise ValueError("the revocation names another user")
-        _check(user_public_key, self.signature, self.signed_bytes(), "revocation")
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Revocation:
-        return cls(**{k: str(d[k]) for k in cls.__dataclass_fields__})
 
 
 def _check(public_key: bytes, signature: str, data: bytes, what: str) -> None:
