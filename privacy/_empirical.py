@@ -172,13 +172,15 @@ def _train_arm(cfg: EmpiricalConfig, members: list[Any], dp: DPConfig, out: Path
     return registry.get(last.id)[1]
 
 
-def _user_scores(model: Any, tok: Any, users: Sequence[Any], base: dict[str, float],
-                 per_user: int = 32) -> np.ndarray:
-    scores = []
-    for u in users:
-        pairs = [(e.context, e.reply) for e in u.train if e.context != CANARY_PROMPT][:per_user]
-        scores.append(base[u.user_id] - float(np.mean(_losses(model, tok, pairs))))
-    return np.asarray(scores)
+def _own_messages(user: Any, per_user: int = 32) -> list[tuple[str, str]]:
+    """The (context, reply) pairs membership is scored on: the user's, not a canary."""
+    return [(e.context, e.reply) for e in user.train if e.context != CANARY_PROMPT][:per_user]
+
+
+def _user_scores(model: Any, tok: Any, users: Sequence[Any], base: dict[str, float]
+                 ) -> np.ndarray:
+    return np.asarray([base[u.user_id] - float(np.mean(_losses(model, tok, _own_messages(u))))
+                       for u in users])
 
 
 def add_empirical(report: dict[str, Any], dp: DPConfig, cfg: EmpiricalConfig,
@@ -206,9 +208,8 @@ def add_empirical(report: dict[str, Any], dp: DPConfig, cfg: EmpiricalConfig,
     candidates = [[_secret(rng, cfg.digits) for _ in range(cfg.candidates)] for _ in secrets]
     candidates = [[c for c in cands if c != s] for cands, s in zip(candidates, secrets,
                                                                     strict=True)]
-    base_user = {u.user_id: float(np.mean(_losses(model, tok, [
-        (e.context, e.reply) for e in u.train if e.context != CANARY_PROMPT][:32])))
-        for u in members + others}
+    base_user = {u.user_id: float(np.mean(_losses(model, tok, _own_messages(u))))
+                 for u in members + others}
 
     def exposures() -> list[float]:
         values = []

@@ -77,13 +77,12 @@ def _encryption(pod: Any, report: dict[str, Any]) -> None:
     kinds = pod.store.query("SELECT kind, COUNT(*) FROM memories GROUP BY kind ORDER BY kind")
     table(counts, ["memory kind", "rows"], [[k, int(n)] for k, n in kinds], "memories by kind")
     counts["notes"].append(f"Database and its journal: {status.database_bytes:,} bytes.")
+    chain = section(report, "audit-chain", "Audit chain")
     if status.audit_chain["ok"]:
-        chain = section(report, "audit-chain", "Audit chain")
         chain["notes"].append(f"All {status.audit_chain['entries']} entries verify: each "
                               "hash matches its content and links to the one before, and "
                               "the recorded head matches the last entry.")
     else:
-        chain = section(report, "audit-chain", "Audit chain")
         bad = status.audit_chain
         chain["notes"].append(f"The chain breaks at entry {bad['bad_seq']}: {bad['reason']}.")
         flag(report, "broken_chain",

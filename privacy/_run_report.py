@@ -45,7 +45,7 @@ def find_record(path: Path) -> Path:
 def _load(path: Path) -> dict[str, Any]:
     try:
         record: dict[str, Any] = json.loads(path.read_text())
-        DPConfig(**{k: v for k, v in record["config"]["dp"].items() if k != "adaptive"})
+        _dp(record)  # the mechanism must be readable
         return record
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InvalidInputError(f"{path} is not a readable run record ({exc})") from None

@@ -68,7 +68,8 @@ def client_app(cfg: Any) -> ClientApp:
         state = _client_state(cfg)
         node = int(context.node_config[_PARTITION]) + 1
         update = train_pod(state["users"], state["model"], state["tok"], node, request)
-        return reply_message(msg, update, 0.0, str(request.version.get("id")))
+        # A simulated pod keeps no ledger: its spend is the run's, accounted by the server.
+        return reply_message(msg, update, float("nan"), str(request.version.get("id")))
 
     return app
 
