@@ -15,6 +15,7 @@ from covey.aggregator.cli import aggregator_app, train
 from covey.device.chat_cli import chat, feedback
 from covey.device.cli import memory_app, pod_app
 from covey.device.serve_cli import serve
+from covey.device.sync_cli import sync_app
 from covey.errors import CoveyError
 from covey.models.cli import models_app
 from covey.privacy.cli import audit
@@ -38,6 +39,7 @@ app.add_typer(simulate_app, name="simulate")
 app.command("chat")(chat)
 app.command("feedback")(feedback)
 app.command("serve")(serve)
+app.add_typer(sync_app, name="sync")
 app.command("audit")(audit)
 
 _log = logging.getLogger(logs.CRASH_LOGGER)

@@ -126,6 +126,12 @@ class DiskFullError(CoveyError):
         self.path = path
 
 
+class SyncError(CoveyError):
+    """Pairing or syncing with the user's other devices failed; the message says why."""
+
+    exit_code = 3
+
+
 class AuditChainError(CoveyError):
     """The audit log's hash chain does not verify."""
 

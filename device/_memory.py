@@ -180,6 +180,11 @@ class Memories:
 
     def delete(self, conn: sqlite.Connection, memory_id: int) -> bool:
         """Delete a memory and the graph edges it asserted, in the caller's transaction."""
+        from covey.device._sync import record_forgotten
+
+        row = conn.execute("SELECT kind, text FROM memories WHERE id = ?", (memory_id,)).fetchone()
+        if row is not None:  # a memory shared with the user's other pods is forgotten there too
+            record_forgotten(conn, row[0], row[1])
         conn.execute("DELETE FROM graph_edges WHERE json_extract(provenance, '$.memory_id') = ?",
                      (memory_id,))
         gone = conn.execute("DELETE FROM memories WHERE id = ?", (memory_id,)).rowcount > 0

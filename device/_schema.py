@@ -190,7 +190,31 @@ ALTER TABLE ledger ADD COLUMN rounds INTEGER NOT NULL DEFAULT 1 CHECK (rounds >=
 ALTER TABLE ledger ADD COLUMN model_version TEXT;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
+# v4: sync between the pods of one user. The replicated state (entries with their hybrid
+# logical timestamps, tombstones included), the version vector, and the user key that
+# certifies the user's devices (held by every paired pod, inside the encrypted store).
+_V4 = """
+CREATE TABLE sync_entries (
+    collection TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    value      TEXT,
+    stamp      TEXT NOT NULL,
+    deleted    INTEGER NOT NULL CHECK (deleted IN (0, 1)),
+    PRIMARY KEY (collection, key)
+) STRICT;
+CREATE TABLE sync_vector (
+    node  TEXT PRIMARY KEY,
+    stamp TEXT NOT NULL
+) STRICT;
+CREATE TABLE user_identity (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    user_id     TEXT NOT NULL,
+    private_key BLOB NOT NULL,
+    created_at  TEXT NOT NULL
+) STRICT;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Tables holding the user's data, in an order that satisfies foreign keys on insert.
@@ -206,4 +230,5 @@ USER_TABLES: tuple[str, ...] = (
     "consents",
     "ledger",
     "model_versions",
+    "sync_entries",
 )

@@ -13,6 +13,7 @@ import typer
 
 from covey.device._pod import Pod
 from covey.device.cli import HomeOpt, JsonOpt, home_for, passphrase
+from covey.device.sync_cli import SyncThread
 from covey.errors import PodNotFoundError
 
 if TYPE_CHECKING:
@@ -66,6 +67,11 @@ def serve(
     url: Annotated[str | None, typer.Option(help="OpenAI-compatible server URL.")] = None,
     allow_remote: Annotated[bool, typer.Option(
         "--allow-remote", help="Allow a non-loopback address (logs a warning).")] = False,
+    sync: Annotated[bool, typer.Option(
+        "--sync/--no-sync", help="Sync with your paired devices in the background.")] = True,
+    sync_address: Annotated[str, typer.Option(
+        help="Where the sync loop listens and announces (0.0.0.0: every interface).")
+    ] = "0.0.0.0",  # noqa: S104
     as_json: JsonOpt = False,
 ) -> None:
     """Serve the pod's OpenAI-compatible API until Ctrl-C.
@@ -86,15 +92,22 @@ def serve(
     secret = passphrase()
     sock = _listen(host, port)
     app: FastAPI | None = None
+    syncing: SyncThread | None = None
     try:
         app = create_app(resolved, secret, generator, url)
+        if sync:
+            syncing = SyncThread(resolved, secret, sync_address)
+            syncing.start()
         address = _url(sock)
         if as_json:
-            info = {"url": f"{address}/v1", "token_file": str(resolved / TOKEN_FILE)}
+            info = {"url": f"{address}/v1", "token_file": str(resolved / TOKEN_FILE),
+                    "sync_port": syncing.port if syncing else None}
             sys.stdout.write(json.dumps(info) + "\n")
         else:
             typer.echo(f"covey serve: {address}/v1 (OpenAI-compatible; Ctrl-C stops)")
             typer.echo(f"  token: {resolved / TOKEN_FILE}  (Authorization: Bearer <token>)")
+            if syncing:
+                typer.echo(f"  sync: port {syncing.port} on {sync_address} (paired devices only)")
         sys.stdout.flush()
         # No uvicorn log config: its records go through covey's redacting handlers. No
         # access log: a query string (?query=...) may be the user's words. No lifespan:
@@ -107,6 +120,8 @@ def serve(
             uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+        if syncing is not None:
+            syncing.stop()
         if app is not None:
             app.state.served.close()
     if not as_json:

@@ -35,10 +35,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-__all__ = ["MAX_FRAME", "PROTOCOL", "ChannelError", "FrameReader", "Handshake", "Pinning",
-           "SecureChannel"]
+__all__ = ["MAX_FRAME", "PROTOCOL", "PURPOSES", "ChannelError", "FrameReader", "Handshake",
+           "Pinning", "SecureChannel"]
 
 PROTOCOL = "covey-sync/1"
+PURPOSES = ("sync", "pair")
 MAX_FRAME = 1 << 20  # bytes of ciphertext in one frame
 _AAD = PROTOCOL.encode()
 
@@ -128,9 +129,17 @@ class Handshake:
     """One side of the handshake. ``initiator`` starts it with :meth:`hello`."""
 
     def __init__(self, device_key: Ed25519PrivateKey, pinning: Pinning,
-                 initiator: bool) -> None:
+                 initiator: bool, purpose: str = "sync", explain_refusal: bool = False) -> None:
+        """``purpose`` ("sync" or "pair") is the initiator's, sent in its hello and bound
+        into the transcript; a responder learns it from the hello. With
+        ``explain_refusal`` a refused peer still gets a channel, with :attr:`refusal`
+        set, so the caller can tell it why before closing."""
+        if purpose not in PURPOSES:
+            raise ValueError(f"purpose must be one of {PURPOSES}")
         self.me = _Side(device_key, X25519PrivateKey.generate(), os.urandom(16))
         self.pinning, self.initiator = pinning, initiator
+        self.purpose, self.explain_refusal = purpose, explain_refusal
+        self.refusal: str | None = None
         self.transcript = hashlib.sha256(_AAD)
         self._hs_key = b""
         self._secret = b""
@@ -165,10 +174,10 @@ class Handshake:
         except (KeyError, ValueError, InvalidSignature):
             raise ChannelError("handshake failed: the peer's signature does not "
                                "verify") from None
-        refusal = self.pinning(device)
-        if refusal is not None:
-            raise ChannelError(f"refused: {refusal}")
         self.peer_key = device
+        self.refusal = self.pinning(device)
+        if self.refusal is not None and not self.explain_refusal:
+            raise ChannelError(f"refused: {self.refusal}")
 
     def _shared(self, peer_eph: bytes) -> None:
         try:
@@ -181,8 +190,8 @@ class Handshake:
     # initiator: hello -> (reply) -> finish ; responder: (hello) -> reply -> (finish)
 
     def hello(self) -> bytes:
-        data = json.dumps({"protocol": PROTOCOL, "eph": self._eph().hex(),
-                           "nonce": self.me.nonce.hex()}).encode()
+        data = json.dumps({"protocol": PROTOCOL, "purpose": self.purpose,
+                           "eph": self._eph().hex(), "nonce": self.me.nonce.hex()}).encode()
         self._absorb(data)
         return _frame(data)
 
@@ -191,6 +200,10 @@ class Handshake:
         found = _json(hello, "hello")
         if found.get("protocol") != PROTOCOL:
             raise ChannelError(f"unsupported protocol {found.get('protocol')!r}")
+        purpose = found.get("purpose", "sync")
+        if purpose not in PURPOSES:
+            raise ChannelError(f"unknown purpose {purpose!r}")
+        self.purpose = str(purpose)
         self._absorb(hello)
         head = json.dumps({"eph": self._eph().hex(), "nonce": self.me.nonce.hex()}).encode()
         self._absorb(head)

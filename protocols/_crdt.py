@@ -135,12 +135,21 @@ class Replica:
 
     def merge(self, delta: Delta) -> int:
         """Merge a whole delta; the number of entries that changed here."""
-        changed = sum(self._merge_one(e) for e in delta.entries)
+        return len(self.merge_changes(delta))
+
+    def merge_changes(self, delta: Delta) -> list[Entry]:
+        """Merge a whole delta; the entries that changed here.
+
+        Raises:
+            ClockDriftError: an entry is stamped too far ahead of this pod's clock (the
+                delta is refused whole).
+        """
+        if delta.entries:
+            self.clock.observe(max(e.stamp for e in delta.entries))
+        changed = [e for e in delta.entries if self._merge_one(e)]
         for node, stamp in delta.vector.items():
             if node not in self.vector or stamp > self.vector[node]:
                 self.vector[node] = stamp
-        if delta.entries:
-            self.clock.observe(max(e.stamp for e in delta.entries))
         return changed
 
     def _merge_one(self, entry: Entry) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from zeroconf import IPVersion, ServiceInfo, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-__all__ = ["SERVICE", "TXT_VERSION", "Announcer", "Peer", "discover"]
+__all__ = ["SERVICE", "TXT_VERSION", "Announcer", "Browser", "Peer", "discover"]
 
 SERVICE = "_covey._tcp.local."
 TXT_VERSION = "1"
@@ -76,28 +76,61 @@ def _peer(info: AsyncServiceInfo) -> Peer | None:
     return Peer(instance, addresses[0], int(info.port))
 
 
+class Browser:
+    """Keeps the list of covey pods announcing themselves, until :meth:`stop`."""
+
+    def __init__(self, interface: str | None = None, exclude: str = "") -> None:
+        self.interface, self.exclude = interface, exclude
+        self._zc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._peers: dict[str, Peer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._zc = _zeroconf(self.interface)
+
+        def seen(zeroconf: Zeroconf, service_type: str, name: str,
+                 state_change: ServiceStateChange) -> None:
+            if state_change is ServiceStateChange.Removed:
+                self._peers.pop(name, None)
+                return
+            task = asyncio.ensure_future(self._resolve(name))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE, handlers=[seen])
+
+    async def _resolve(self, name: str) -> None:
+        if self._zc is None:
+            return
+        info = AsyncServiceInfo(SERVICE, name)
+        if await info.async_request(self._zc.zeroconf, 1500):
+            peer = _peer(info)
+            if peer is not None and peer.instance != self.exclude:
+                self._peers[name] = peer
+
+    def peers(self) -> list[Peer]:
+        """The pods seen so far and not yet gone, by instance id."""
+        return sorted(self._peers.values(), key=lambda p: p.instance)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._browser is not None:
+            await self._browser.async_cancel()
+            self._browser = None
+        if self._zc is not None:
+            await self._zc.async_close()
+            self._zc = None
+
+
 async def discover(seconds: float = 2.0, interface: str | None = None,
                    exclude: str = "") -> list[Peer]:
     """The covey pods announcing themselves within ``seconds`` (not ``exclude``)."""
-    zc = _zeroconf(interface)
-    names: list[str] = []
-
-    def seen(zeroconf: Zeroconf, service_type: str, name: str,
-             state_change: ServiceStateChange) -> None:
-        if state_change is not ServiceStateChange.Removed and name not in names:
-            names.append(name)
-
-    browser = AsyncServiceBrowser(zc.zeroconf, SERVICE, handlers=[seen])
+    browser = Browser(interface, exclude)
+    await browser.start()
     try:
         await asyncio.sleep(seconds)
-        peers = []
-        for name in names:
-            info = AsyncServiceInfo(SERVICE, name)
-            if await info.async_request(zc.zeroconf, 1500):
-                peer = _peer(info)
-                if peer is not None and peer.instance != exclude:
-                    peers.append(peer)
-        return sorted(peers, key=lambda p: p.instance)
+        return browser.peers()
     finally:
-        await browser.async_cancel()
-        await zc.async_close()
+        await browser.stop()

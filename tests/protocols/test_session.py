@@ -23,7 +23,7 @@ class Pod:
         self.synced: list[SyncStats] = []
         self.refused: list[str] = []
         self.server = SyncServer(self.replica, self.key, self.pin, self.synced.append,
-                                 self.refused.append)
+                                 lambda reason, _: self.refused.append(reason))
         self.port = 0
 
     @property

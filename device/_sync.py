@@ -1,0 +1,417 @@
+"""The pod's side of sync: the replicated state in the encrypted store, kept in step with
+the pod's own tables; the user key; who may connect; pairing; revocation.
+
+What is shared, and where it lives on the pod:
+
+- ``preferences``: the current edges of the preference graph, keyed like
+  :attr:`Fact.key` ("sister", "taste:coffee", "allergic_to:nuts");
+- ``consents``: the consents table, by scope;
+- ``budget_policy``: the user's maximum epsilon and delta (key ``policy``);
+- ``devices`` and ``revocations``: only in the replicated state (certificates and
+  revocations signed by the user key);
+- ``memories``: only while the user grants the ``sync_memories`` consent, keyed by a
+  hash of kind and text. Forgetting a memory that was shared writes a tombstone at
+  once, whatever the consent, so a forget reaches every pod.
+
+Local edits are found by comparing the pod's tables with the replicated state each time
+a session begins (:meth:`PodState.begin`): no other code path needs to know about sync.
+Entries received from a peer are applied to the pod's tables in the same transaction
+that stores them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import sqlcipher3.dbapi2 as sqlite
+
+from covey.device import _audit
+from covey.device._facts import Fact
+from covey.device._graph import PreferenceGraph
+from covey.device._pod import DeviceIdentity
+from covey.errors import InvalidInputError
+from covey.protocols._crdt import Entry, Replica
+from covey.protocols._hlc import HLC
+from covey.protocols._identity import DeviceCertificate, Revocation, UserKey
+
+if TYPE_CHECKING:
+    from covey.device._pod import Pod
+
+__all__ = ["SYNC_MEMORIES", "Device", "PodState", "memory_key", "record_forgotten"]
+
+SYNC_MEMORIES = "sync_memories"  # the consent scope under which memories are shared
+_NOT_FUNCTIONAL = {"likes", "dislikes", "allergic_to"}
+_TASTES = {"likes", "dislikes"}
+_MAX_EPS_KEY, _DELTA_KEY = "privacy.max_epsilon", "privacy.delta"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def memory_key(kind: str, text: str) -> str:
+    """The replicated key of a memory: the same text and kind on two pods is one memory."""
+    return hashlib.sha256(f"{kind}\0{text}".encode()).hexdigest()[:32]
+
+
+def preference_key(relation: str, value: str) -> str:
+    """The replicated key of a preference edge (what a newer fact replaces)."""
+    if relation not in _NOT_FUNCTIONAL:
+        return relation
+    return f"{'taste' if relation in _TASTES else relation}:{value.lower()}"
+
+
+def _next_stamp(conn: sqlite.Connection, node: str) -> HLC:
+    """A timestamp for a write made outside a live replica (a CLI command)."""
+    row = conn.execute("SELECT max(stamp) FROM sync_entries").fetchone()
+    wall = int(datetime.now(UTC).timestamp() * 1000)
+    if row and row[0]:
+        last = HLC.decode(row[0])
+        if last.wall >= wall:
+            return HLC(last.wall, last.counter + 1, node)
+    return HLC(wall, 0, node)
+
+
+def _save(conn: sqlite.Connection, entries: list[Entry]) -> None:
+    conn.executemany(
+        "INSERT INTO sync_entries (collection, key, value, stamp, deleted) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (collection, key) DO UPDATE SET value = excluded.value,"
+        " stamp = excluded.stamp, deleted = excluded.deleted WHERE excluded.stamp > stamp",
+        [(e.collection, e.key, None if e.deleted else json.dumps(e.value), e.stamp.encode(),
+          int(e.deleted)) for e in entries])
+
+
+def _save_vector(conn: sqlite.Connection, vector: dict[str, HLC]) -> None:
+    conn.executemany(
+        "INSERT INTO sync_vector (node, stamp) VALUES (?, ?) ON CONFLICT (node) DO UPDATE"
+        " SET stamp = excluded.stamp WHERE excluded.stamp > stamp",
+        [(node, stamp.encode()) for node, stamp in vector.items()])
+
+
+def record_forgotten(conn: sqlite.Connection, kind: str, text: str) -> None:
+    """Inside a deletion's transaction: if the memory was shared, tombstone it everywhere."""
+    key = memory_key(kind, text)
+    row = conn.execute("SELECT deleted FROM sync_entries WHERE collection = 'memories'"
+                       " AND key = ?", (key,)).fetchone()
+    if row is None or row[0]:
+        return
+    node = str(conn.execute("SELECT device_id FROM identity").fetchone()[0])
+    stamp = _next_stamp(conn, node)
+    _save(conn, [Entry("memories", key, None, stamp, deleted=True)])
+    _save_vector(conn, {node: stamp})
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device of the user, as its certificate says, and whether it was revoked."""
+
+    device_id: str
+    name: str
+    public_key: bytes
+    issued_at: str
+    revoked: Revocation | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device_id": self.device_id, "name": self.name,
+                "public_key": base64.b64encode(self.public_key).decode(),
+                "issued_at": self.issued_at,
+                "revoked_at": self.revoked.revoked_at if self.revoked else None,
+                "revoked_reason": self.revoked.reason if self.revoked else None}
+
+
+class PodState:
+    """The pod's replicated state, as the sync sessions see it (see the module doc)."""
+
+    def __init__(self, pod: Pod) -> None:
+        self.pod = pod
+        self.node = pod.identity.device_id
+        self._replica: Replica | None = None
+        self._seen_version = -1
+        self._erased = False
+
+    # -- loading and persisting ---------------------------------------------------------
+
+    def _data_version(self) -> int:
+        return int(self.pod.store.query("PRAGMA data_version")[0][0])
+
+    def replica(self) -> Replica:
+        """The replica, reloaded when another process (a CLI command) wrote the store."""
+        version = self._data_version()
+        if self._replica is None or version != self._seen_version:
+            self._replica = self._load()
+            self._seen_version = version
+        return self._replica
+
+    def _load(self) -> Replica:
+        replica = Replica(self.node)
+        own: list[HLC] = []
+        for r in self.pod.store.query("SELECT collection, key, value, stamp, deleted"
+                                      " FROM sync_entries"):
+            stamp = HLC.decode(r["stamp"])
+            value = None if r["deleted"] else json.loads(r["value"])
+            replica.entries[(r["collection"], r["key"])] = Entry(
+                r["collection"], r["key"], value, stamp, bool(r["deleted"]))
+            if stamp.node == self.node:
+                own.append(stamp)
+        replica.vector = {r["node"]: HLC.decode(r["stamp"])
+                          for r in self.pod.store.query("SELECT node, stamp FROM sync_vector")}
+        if self.node in replica.vector:
+            own.append(replica.vector[self.node])
+        if own:  # never reissue a timestamp this pod already used
+            last = max(own)
+            replica.clock.wall, replica.clock.counter = last.wall, last.counter
+        return replica
+
+    @contextmanager
+    def _writing(self) -> Iterator[tuple[sqlite.Connection, Replica]]:
+        """A store transaction and the replica; on failure the replica is reloaded."""
+        replica = self.replica()
+        try:
+            with self.pod.store.transaction() as conn:
+                yield conn, replica
+        except BaseException:
+            self._replica = None
+            raise
+
+    def edit(self, change: Callable[[Replica], list[Entry]]) -> list[Entry]:
+        """Make local edits to the replicated state and store them."""
+        with self._writing() as (conn, replica):
+            entries = change(replica)
+            _save(conn, entries)
+            _save_vector(conn, replica.vector)
+        return entries
+
+    # -- the SyncState protocol -----------------------------------------------------------
+
+    def begin(self) -> Replica:
+        """Publish the pod's local edits into the replica and hand it out."""
+        self.publish()
+        return self.replica()
+
+    def merged(self, replica: Replica, changed: list[Entry]) -> None:
+        """Store what a peer's delta changed, and apply it to the pod's tables."""
+        with self._writing() as (conn, _):
+            _save(conn, changed)
+            _save_vector(conn, replica.vector)
+            remote = [e for e in changed if e.stamp.node != self.node]
+            # Consents first: whether memories are applied depends on them.
+            for entry in sorted(remote, key=lambda e: e.collection != "consents"):
+                self._apply(conn, entry)
+        if self._erased:  # forgotten memories leave the file pages too, as with a local forget
+            self._erased = False
+            self.pod.store.checkpoint()
+
+    # -- the pod's tables as replicated entries -----------------------------------------
+
+    def local_view(self, conn: sqlite.Connection) -> dict[tuple[str, str], Any]:
+        """The shared part of the pod's tables, as (collection, key) -> value."""
+        view: dict[tuple[str, str], Any] = {}
+        for fact in PreferenceGraph(self.pod.store).current():
+            view[("preferences", preference_key(fact.relation, fact.value))] = {
+                "relation": fact.relation, "value": fact.value}
+        for scope, granted in conn.execute("SELECT scope, granted FROM consents"):
+            view[("consents", scope)] = bool(granted)
+        meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN (?, ?)",
+                                 (_MAX_EPS_KEY, _DELTA_KEY)).fetchall())
+        if _MAX_EPS_KEY in meta:
+            view[("budget_policy", "policy")] = {
+                "max_epsilon": float(meta[_MAX_EPS_KEY]),
+                "delta": float(meta.get(_DELTA_KEY, 1e-5))}
+        if view.get(("consents", SYNC_MEMORIES)):
+            for kind, text in conn.execute("SELECT kind, text FROM memories"):
+                view[("memories", memory_key(kind, text))] = {"kind": kind, "text": text}
+        return view
+
+    def publish(self) -> list[Entry]:
+        """Write the pod's local edits into the replicated state (as this pod's entries)."""
+        with self._writing() as (conn, replica):
+            view = self.local_view(conn)
+            written: list[Entry] = []
+            for (collection, key), value in view.items():
+                if replica.get(collection, key) != value:
+                    written.append(replica.set(collection, key, value))
+            for (collection, name), entry in list(replica.entries.items()):
+                # Memories are never deleted by omission: only an explicit forget deletes.
+                if (not entry.deleted and collection in ("preferences", "consents",
+                                                         "budget_policy")
+                        and (collection, name) not in view):
+                    written.append(replica.delete(collection, name))
+            if written:
+                _save(conn, written)
+                _save_vector(conn, replica.vector)
+        return written
+
+    def _apply(self, conn: sqlite.Connection, entry: Entry) -> None:
+        c, value = entry.collection, entry.value
+        if c == "preferences":
+            self._apply_preference(conn, entry)
+        elif c == "consents":
+            if entry.deleted:
+                conn.execute("DELETE FROM consents WHERE scope = ?", (entry.key,))
+            else:
+                conn.execute("INSERT INTO consents (scope, granted, updated_at) VALUES (?, ?, ?)"
+                             " ON CONFLICT (scope) DO UPDATE SET granted = excluded.granted,"
+                             " updated_at = excluded.updated_at",
+                             (entry.key, int(bool(value)), _now()))
+        elif c == "budget_policy" and entry.key == "policy":
+            if entry.deleted:
+                conn.execute("DELETE FROM meta WHERE key IN (?, ?)", (_MAX_EPS_KEY, _DELTA_KEY))
+            else:
+                for key, field in ((_MAX_EPS_KEY, "max_epsilon"), (_DELTA_KEY, "delta")):
+                    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
+                                 " DO UPDATE SET value = excluded.value",
+                                 (key, repr(float(value[field]))))
+        elif c == "memories":
+            self._apply_memory(conn, entry)
+
+    def _apply_preference(self, conn: sqlite.Connection, entry: Entry) -> None:
+        now = _now()
+        for current in PreferenceGraph(self.pod.store).current():
+            if preference_key(current.relation, current.value) == entry.key:
+                conn.execute("UPDATE graph_edges SET superseded_at = ? WHERE id = ?",
+                             (now, current.edge_id))
+        if not entry.deleted:
+            relation, value = str(entry.value["relation"]), str(entry.value["value"])
+            fact = Fact(relation, value, "preference", relation not in _NOT_FUNCTIONAL, "")
+            PreferenceGraph(self.pod.store).assert_fact(conn, fact, {"source": "sync"})
+
+    def _apply_memory(self, conn: sqlite.Connection, entry: Entry) -> None:
+        local = [(mid, kind, text) for mid, kind, text in
+                 conn.execute("SELECT id, kind, text FROM memories")
+                 if memory_key(kind, text) == entry.key]
+        if entry.deleted:
+            for mid, _, _ in local:
+                self.pod.memories.delete(conn, mid)
+            if local:
+                self._erased = True
+                _audit.append(conn, "erasure", detail={"table": "memories", "rows": len(local),
+                                                       "by": "sync"})
+            return
+        granted = conn.execute("SELECT granted FROM consents WHERE scope = ?",
+                               (SYNC_MEMORIES,)).fetchone()
+        if not local and granted and granted[0]:
+            self.pod.memories.insert(conn, str(entry.value["text"]), str(entry.value["kind"]),
+                                     {"source": "sync"})
+
+    # -- identity ----------------------------------------------------------------------
+
+    def user_key(self) -> UserKey | None:
+        """The user key, once this pod has one (made on first pairing)."""
+        rows = self.pod.store.query("SELECT private_key FROM user_identity")
+        return UserKey.from_bytes(rows[0][0]) if rows else None
+
+    def user_since(self) -> str:
+        rows = self.pod.store.query("SELECT created_at FROM user_identity")
+        return str(rows[0][0]) if rows else ""
+
+    def adopt_user_key(self, private: bytes) -> UserKey:
+        """Hold ``private`` as the user key from now on (pairing's joining side)."""
+        key = UserKey.from_bytes(private)
+        with self.pod.store.transaction() as conn:
+            conn.execute("INSERT INTO user_identity (id, user_id, private_key, created_at)"
+                         " VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                         " user_id = excluded.user_id, private_key = excluded.private_key,"
+                         " created_at = excluded.created_at", (key.user_id, private, _now()))
+            _audit.append(conn, "sync.user", detail={"user_id": key.user_id})
+        return key
+
+    def ensure_user(self) -> UserKey:
+        """The user key, made now (with this device's certificate) if there is none."""
+        key = self.user_key()
+        if key is None:
+            key = self.adopt_user_key(UserKey.generate().private_bytes())
+        if self.device(self.node) is None:
+            self.certify(key, self.pod.identity.public_key, self.pod.name)
+        return key
+
+    def certify(self, key: UserKey, public_key: bytes, name: str) -> DeviceCertificate:
+        """Certify a device of the user and add it to the replicated device list."""
+        device_id = DeviceIdentity.id_for(public_key)
+        cert = key.certify(device_id, public_key, name)
+        self.edit(lambda r: [r.set("devices", device_id, cert.to_dict())])
+        return cert
+
+    def devices(self) -> list[Device]:
+        """The user's devices whose certificates verify, with their revocations."""
+        key = self.user_key()
+        if key is None:
+            return []
+        replica = self.replica()
+        found = []
+        for value in replica.items("devices").values():
+            try:
+                cert = DeviceCertificate.from_dict(value)
+                cert.verify(key.public_key)
+            except (KeyError, TypeError, ValueError):
+                continue  # another user's certificate, or not one at all
+            found.append(Device(cert.device_id, cert.name,
+                                base64.b64decode(cert.device_public_key), cert.issued_at,
+                                self._revocation(replica, key, cert.device_id)))
+        return sorted(found, key=lambda d: d.issued_at)
+
+    @staticmethod
+    def _revocation(replica: Replica, key: UserKey, device_id: str) -> Revocation | None:
+        value = replica.get("revocations", device_id)
+        if value is None:
+            return None
+        try:
+            revocation: Revocation = Revocation.from_dict(value)
+            revocation.verify(key.public_key)
+        except (KeyError, TypeError, ValueError):
+            return None
+        return revocation
+
+    def device(self, device_id: str) -> Device | None:
+        return next((d for d in self.devices() if d.device_id == device_id), None)
+
+    def pin(self, public_key: bytes) -> str | None:
+        """Who may sync with this pod: its user's other devices, unless revoked."""
+        device = next((d for d in self.devices() if d.public_key == public_key), None)
+        if device is None or device.device_id == self.node:
+            return "not a paired device"
+        if device.revoked is not None:
+            reason = f" ({device.revoked.reason})" if device.revoked.reason else ""
+            return (f"this device was revoked by its user on "
+                    f"{device.revoked.revoked_at[:10]}{reason}")
+        return None
+
+    def revoke(self, which: str, reason: str = "") -> Device:
+        """Revoke a device of the user (by id, id prefix or name), for good.
+
+        Raises:
+            InvalidInputError: no user key, no such device, several match, or it is this one.
+        """
+        key = self.user_key()
+        if key is None:
+            raise InvalidInputError("this pod is not paired with any device")
+        matches = [d for d in self.devices()
+                   if d.device_id == which or d.name == which
+                   or (len(which) >= 8 and d.device_id.startswith(which))]
+        if not matches:
+            raise InvalidInputError(f"no device {which!r} (see `covey sync devices`)")
+        if len(matches) > 1:
+            raise InvalidInputError(f"{which!r} names {len(matches)} devices; use a device id")
+        device = matches[0]
+        if device.device_id == self.node:
+            raise InvalidInputError("this is this device; to leave, erase it with "
+                                    "`covey pod forget`")
+        revocation = key.revoke(device.device_id, reason)
+        self.edit(lambda r: [r.set("revocations", device.device_id, revocation.to_dict())])
+        self.pod.audit("sync.revoke", peer=device.device_id, detail={"reason": reason})
+        return Device(device.device_id, device.name, device.public_key, device.issued_at,
+                      revocation)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per collection (live and tombstones), never values."""
+        counts: dict[str, dict[str, int]] = {}
+        for (collection, _), entry in self.replica().entries.items():
+            slot = counts.setdefault(collection, {"live": 0, "tombstones": 0})
+            slot["tombstones" if entry.deleted else "live"] += 1
+        return counts

@@ -1,0 +1,243 @@
+"""The pod's sync loop: serve sync sessions, announce, find peers, push edits, pair.
+
+One asyncio task does it all. Every ``interval`` it checks whether the pod changed (an
+edit by this or another process); when so, or when a peer sent something new, it syncs
+with every pod it can see at once; every ``anti_entropy`` seconds it syncs anyway, which
+is how a pod that was away catches up. A peer that refused us, or that we refused, is
+left alone for ``REFUSED_BACKOFF`` seconds. Every session that moved entries, and every
+refusal (once per peer and reason), is written to the audit log: peer, bytes and
+collections, never content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from covey.device._pod import DeviceIdentity
+from covey.device._sync import PodState
+from covey.protocols._channel import ChannelError
+from covey.protocols._discovery import Announcer, Browser, Peer
+from covey.protocols._session import (
+    Pairing,
+    PairResult,
+    RefusedError,
+    SyncServer,
+    SyncStats,
+    pair_with,
+    sync_with,
+)
+
+if TYPE_CHECKING:
+    from covey.device._pod import Pod
+
+__all__ = ["REFUSED_BACKOFF", "LoopConfig", "SyncLoop"]
+
+REFUSED_BACKOFF = 30.0
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Where the loop listens and announces, and how often it looks for changes."""
+
+    address: str = "127.0.0.1"  # listen and announce here ("0.0.0.0": every interface)
+    port: int = 0  # 0: any free port
+    interface: str | None = None  # the mDNS interface address (None: all)
+    interval: float = 0.25  # seconds between checks for local changes
+    anti_entropy: float = 5.0  # seconds between syncs with every peer regardless
+
+
+@dataclass
+class _PeerState:
+    backoff_until: float = 0.0
+    reasons: set[str] = field(default_factory=set)
+
+
+def _device_id(peer_hex: str) -> str:
+    try:
+        return DeviceIdentity.id_for(bytes.fromhex(peer_hex)) if peer_hex else ""
+    except ValueError:
+        return ""
+
+
+class SyncLoop:
+    """Runs sync for one unlocked pod until :meth:`stop`."""
+
+    def __init__(self, pod: Pod, config: LoopConfig | None = None) -> None:
+        self.pod, self.config = pod, config or LoopConfig()
+        self.state = PodState(pod)
+        self.server = SyncServer(self.state, pod.identity.private_key, self.state.pin,
+                                 on_sync=lambda s: self._record(s, "responder"),
+                                 on_refused=self._refused)
+        self.announcer: Announcer | None = None
+        self.browser: Browser | None = None
+        self.port = 0
+        self._peers: dict[str, _PeerState] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.sessions = 0  # completed sync sessions, either side
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, run: bool = True) -> int:
+        """Listen, announce, browse and (with ``run``) start the loop; the port."""
+        self.port = await self.server.start(self.config.address, self.config.port)
+        announce = "127.0.0.1" if self.config.address in ("0.0.0.0", "") else \
+            self.config.address  # noqa: S104
+        self.announcer = Announcer(self.port, announce, self.config.interface)
+        await self.announcer.start()
+        self.browser = Browser(self.config.interface, exclude=self.announcer.instance)
+        await self.browser.start()
+        if run:
+            self._task = asyncio.create_task(self._run())
+        return self.port
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for part in (self.browser, self.announcer):
+            if part is not None:
+                await part.stop()
+        await self.server.stop()
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        last_round = 0.0
+        known: set[str] = set()
+        last_vector: dict[str, Any] = {}
+        last_trust: tuple[Any, ...] = ()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.interval)
+            self._wake.clear()
+            try:
+                # Local edits, writes by another process, and merges all move the vector.
+                self.state.publish()
+                vector = dict(self.state.replica().vector)
+            except Exception:
+                _log.exception("sync: reading the pod's state failed")
+                continue
+            changed, last_vector = vector != last_vector, vector
+            trust = self._trust()
+            if trust != last_trust:  # a device was paired or revoked: try everyone again
+                last_trust = trust
+                for peer_state in self._peers.values():
+                    peer_state.backoff_until = 0.0
+            peers = self.browser.peers() if self.browser else []
+            new = {p.instance for p in peers} - known
+            known = {p.instance for p in peers}
+            if changed or new or time.monotonic() - last_round > self.config.anti_entropy:
+                last_round = time.monotonic()
+                await self.sync_all(peers)
+
+    def _trust(self) -> tuple[Any, ...]:
+        """Changes whenever the device list or the revocations change."""
+        replica = self.state.replica()
+        return tuple(sorted((c, k, e.stamp) for (c, k), e in replica.entries.items()
+                            if c in ("devices", "revocations")))
+
+    async def sync_all(self, peers: list[Peer] | None = None) -> list[SyncStats]:
+        """Sync with every pod in sight (or ``peers``), at once."""
+        if peers is None:
+            peers = self.browser.peers() if self.browser else []
+        now = time.monotonic()
+        due = [p for p in peers if self._peers.setdefault(p.instance, _PeerState())
+               .backoff_until <= now]
+        results = await asyncio.gather(*(self._sync_one(p) for p in due))
+        return [r for r in results if r is not None]
+
+    async def _sync_one(self, peer: Peer) -> SyncStats | None:
+        stats = SyncStats()
+        try:
+            await sync_with(peer.address, peer.port, self.state, self.pod.identity.private_key,
+                            self.state.pin, stats)
+        except RefusedError as exc:
+            self._backoff(peer, stats.peer, str(exc))
+            return None
+        except (ChannelError, OSError, TimeoutError) as exc:
+            reason = str(exc) if str(exc).startswith("refused") else ""
+            if reason:
+                self._backoff(peer, stats.peer, reason)
+            else:
+                _log.info("sync with %s failed: %s", peer.instance, type(exc).__name__)
+            return None
+        self._record(stats, "initiator")
+        return stats
+
+    def _backoff(self, peer: Peer, peer_hex: str, reason: str) -> None:
+        state = self._peers.setdefault(peer.instance, _PeerState())
+        state.backoff_until = time.monotonic() + REFUSED_BACKOFF
+        self._refused(reason, peer_hex, state)
+
+    def _refused(self, reason: str, peer_hex: str, state: _PeerState | None = None) -> None:
+        device = _device_id(peer_hex)
+        state = state or self._peers.setdefault("device:" + device, _PeerState())
+        if reason in state.reasons:
+            return
+        state.reasons.add(reason)
+        self.pod.audit("sync.refused", peer=device, detail={"reason": reason[:200]})
+
+    def _record(self, stats: SyncStats, role: str) -> None:
+        self.sessions += 1
+        if stats.changed:
+            self._wake.set()  # pass news on to the other peers at once
+        if not (stats.sent or stats.received):
+            return
+        detail: dict[str, Any] = {k: v for k, v in stats.to_dict().items() if k != "peer"}
+        self.pod.audit("sync", peer=_device_id(stats.peer), nbytes=stats.bytes_in +
+                       stats.bytes_out, detail={**detail, "role": role})
+
+    # -- pairing -----------------------------------------------------------------------
+
+    async def pair(self, confirm: Callable[[str, dict[str, Any]], Awaitable[bool]],
+                   timeout: float) -> PairResult:
+        """Wait for another pod in pairing mode and pair with it.
+
+        The pod whose announcement has the smaller instance id connects; the other
+        waits to be connected to. Raises TimeoutError, ChannelError.
+        """
+        state = self.state
+        key = state.user_key()
+        info = {"name": self.pod.name, "has_user": key is not None,
+                "devices": len(state.devices()), "since": state.user_since()}
+
+        def sponsor(peer_key: bytes, peer_info: dict[str, Any]) -> bytes:
+            user = state.ensure_user()
+            state.certify(user, peer_key, str(peer_info["name"])[:64])
+            return user.private_bytes()
+
+        def join(private: bytes) -> None:
+            state.adopt_user_key(private)
+
+        pairing = Pairing(info, state, confirm, sponsor, join)
+        self.server.pairing = pairing
+        deadline = time.monotonic() + timeout
+        tried: set[str] = set()
+        try:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    outcome = await asyncio.wait_for(self.server.paired.get(), 0.5)
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    return outcome
+                assert self.announcer is not None and self.browser is not None
+                for peer in self.browser.peers():
+                    if peer.instance < self.announcer.instance or peer.instance in tried:
+                        continue
+                    try:
+                        return await pair_with(peer.address, peer.port,
+                                               self.pod.identity.private_key, pairing)
+                    except RefusedError:
+                        tried.add(peer.instance)  # a pod that is not pairing now
+            raise TimeoutError
+        finally:
+            self.server.pairing = None

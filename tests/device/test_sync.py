@@ -1,0 +1,248 @@
+"""Sync between one user's pods: pairing and the sync loop as separate `covey` processes
+on the loopback (real zeroconf, real TCP, real SQLCipher stores).
+
+Each pod's loop is `covey sync run`; edits are made with the real commands (`covey pod
+budget`, `covey pod consent`, `covey memory forget`) in further processes, and the test
+reads the stores directly to see when the edit arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from covey.device import Pod
+from covey.device._graph import PreferenceGraph
+from covey.device._participation import budget_policy
+from covey.device._sync import PodState
+from tests.conftest import FAST_CONFIG, PASSPHRASE, Covey, cli_env
+
+pytestmark = pytest.mark.slow
+
+LOOPBACK = "127.0.0.1"
+
+
+class Pods:
+    """Pod homes, their `covey sync run` processes, and the `covey` command."""
+
+    def __init__(self, tmp_path: Path, covey: Covey) -> None:
+        self.tmp, self.covey = tmp_path, covey
+        self.env = cli_env(tmp_path)
+        self.loops: dict[str, subprocess.Popen[str]] = {}
+
+    def home(self, name: str) -> Path:
+        return self.tmp / name
+
+    def create(self, *names: str) -> None:
+        for name in names:
+            Pod.create(self.home(name), PASSPHRASE, name=name, config=FAST_CONFIG).close()
+
+    def run(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        result = self.covey(*args, "--home", str(self.home(name)), env=self.env)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    def pair(self, a: str, b: str) -> list[dict[str, object]]:
+        cmd = ["sync", "pair", "--yes", "--json", "--address", LOOPBACK, "--timeout", "30"]
+        procs = [subprocess.Popen([sys.executable, "-m", "covey", *cmd, "--home",
+                                   str(self.home(n))], env=self.env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for n in (a, b)]
+        outputs = [p.communicate(timeout=60) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1] for o in outputs]
+        return [json.loads(o[0]) for o in outputs]
+
+    def start(self, name: str) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "covey", "sync", "run", "--json", "--address", LOOPBACK,
+             "--home", str(self.home(name))], env=self.env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert json.loads(line)["port"] > 0, proc.stderr.read() if proc.stderr else ""
+        self.loops[name] = proc
+
+    def stop(self, name: str) -> None:
+        proc = self.loops.pop(name)
+        proc.terminate()
+        proc.wait(timeout=20)
+        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+
+    def stop_all(self) -> None:
+        for name in list(self.loops):
+            self.stop(name)
+
+    def read(self, name: str, what: Callable[[Pod], object]) -> object:
+        with Pod.open(self.home(name), PASSPHRASE) as pod:
+            return what(pod)
+
+    def wait_for(self, names: tuple[str, ...], what: Callable[[Pod], object],
+                 expected: object, timeout: float = 20.0) -> float:
+        """Seconds until every pod in ``names`` shows ``expected``."""
+        started = time.monotonic()
+        pending = set(names)
+        while pending and time.monotonic() - started < timeout:
+            pending = {n for n in pending if self.read(n, what) != expected}
+            if pending:
+                time.sleep(0.05)
+        assert not pending, {n: self.read(n, what) for n in pending}
+        return time.monotonic() - started
+
+
+def max_epsilon(pod: Pod) -> float:
+    return budget_policy(pod).max_epsilon
+
+
+def consents(pod: Pod) -> dict[str, bool]:
+    return {r[0]: bool(r[1]) for r in pod.store.query("SELECT scope, granted FROM consents")}
+
+
+def memories(pod: Pod) -> list[str]:
+    return sorted(m.text for m in pod.memories.all())
+
+
+def audit(pod: Pod, kind: str) -> list[dict[str, object]]:
+    return [{"peer": r["peer"], **json.loads(r["detail"])} for r in pod.store.query(
+        "SELECT peer, detail FROM audit_log WHERE kind = ? ORDER BY seq", (kind,))]
+
+
+@pytest.fixture
+def pods(tmp_path: Path, covey: Covey) -> Iterator[Pods]:
+    group = Pods(tmp_path, covey)
+    try:
+        yield group
+    finally:
+        for proc in group.loops.values():
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def trio(pods: Pods) -> Pods:
+    """Phone, laptop and speaker: created, paired through the phone, loops running."""
+    pods.create("phone", "laptop", "speaker")
+    first = pods.pair("phone", "laptop")
+    assert first[0]["sas"] == first[1]["sas"] and len(str(first[0]["sas"])) == 6
+    assert {r["role"] for r in first} == {"sponsor", "joined"}
+    pods.pair("speaker", "phone")
+    for name in ("phone", "laptop", "speaker"):
+        pods.start(name)
+    return pods
+
+
+def test_three_pods_pair_and_an_edit_reaches_the_others_within_two_seconds(trio: Pods) -> None:
+    users = {trio.read(n, lambda p: PodState(p).user_key().user_id)  # type: ignore[union-attr]
+             for n in ("phone", "laptop", "speaker")}
+    assert len(users) == 1  # one user identity on every pod
+    # The laptop learns of the speaker (paired through the phone) from the phone.
+    trio.wait_for(("laptop", "speaker"), lambda p: len(PodState(p).devices()), 3)
+
+    trio.run("phone", "pod", "budget", "--max-epsilon", "3.5")
+    assert trio.wait_for(("laptop", "speaker"), max_epsilon, 3.5) < 2.0
+    trio.run("speaker", "pod", "consent", "federated_training", "--grant")
+    assert trio.wait_for(("phone", "laptop"), consents, {"federated_training": True}) < 2.0
+
+    # Each sync is in the audit log: peer, bytes, kinds of data, no content.
+    synced = trio.read("laptop", lambda p: audit(p, "sync"))
+    assert isinstance(synced, list)
+    budget_syncs = [s for s in synced if s["collections"] == ["budget_policy"]]
+    assert budget_syncs and all(int(str(s["bytes_in"])) > 0 for s in budget_syncs)
+    assert "3.5" not in json.dumps(synced)
+
+
+def test_forgetting_a_shared_memory_forgets_it_on_every_pod(trio: Pods) -> None:
+    trio.run("laptop", "pod", "consent", "sync_memories", "--grant")
+    trio.wait_for(("phone", "speaker"), lambda p: consents(p).get("sync_memories"), True)
+    text = "the spare key is under the blue flowerpot"
+    trio.run("laptop", "memory", "add", text, "--kind", "fact")
+    trio.wait_for(("phone", "speaker"), memories, [text])
+
+    listed = json.loads(trio.run("phone", "memory", "list", "--json").stdout)
+    trio.run("phone", "memory", "forget", str(listed[0]["id"]))
+    assert trio.wait_for(("laptop", "speaker"), memories, []) < 2.0
+    # Forgotten for good: a later sync does not bring it back from a pod that had it.
+    time.sleep(1.0)
+    assert trio.read("laptop", memories) == trio.read("speaker", memories) == []
+    erasures = trio.read("speaker", lambda p: audit(p, "erasure"))
+    assert erasures == [{"peer": "", "table": "memories", "rows": 1, "by": "sync"}]
+
+
+def test_preferences_follow_the_newer_fact_on_every_pod(trio: Pods) -> None:
+    def graph(pod: Pod) -> dict[str, str]:
+        return {f.relation: f.value for f in PreferenceGraph(pod.store).current()}
+
+    with Pod.open(trio.home("phone"), PASSPHRASE) as pod:  # what chat does with a fact
+        from covey.device._facts import extract_facts
+
+        for fact in extract_facts("My sister is Ana. I like green tea."):
+            with pod.store.transaction() as c:
+                PreferenceGraph(pod.store).assert_fact(c, fact, {"source": "chat"})
+    trio.wait_for(("laptop", "speaker"), graph, {"sister": "Ana", "likes": "green tea"})
+    with Pod.open(trio.home("speaker"), PASSPHRASE) as pod:
+        for fact in extract_facts("My sister is Rita. I dislike green tea."):
+            with pod.store.transaction() as c:
+                PreferenceGraph(pod.store).assert_fact(c, fact, {"source": "chat"})
+    trio.wait_for(("phone", "laptop"), graph, {"sister": "Rita", "dislikes": "green tea"})
+
+
+def test_a_partition_heals_and_all_converge(trio: Pods) -> None:
+    trio.wait_for(("laptop", "speaker"), lambda p: len(PodState(p).devices()), 3)
+    trio.stop("speaker")
+    trio.run("phone", "pod", "budget", "--max-epsilon", "2")
+    trio.run("speaker", "pod", "consent", "analytics", "--revoke")
+    trio.run("laptop", "pod", "consent", "federated_training", "--grant")
+    trio.wait_for(("laptop",), max_epsilon, 2.0)
+    time.sleep(0.5)
+    assert trio.read("speaker", max_epsilon) != 2.0  # it was away
+    trio.start("speaker")
+    everything = {"analytics": False, "federated_training": True}
+    trio.wait_for(("phone", "laptop", "speaker"), consents, everything)
+    trio.wait_for(("phone", "laptop", "speaker"), max_epsilon, 2.0)
+
+
+def test_an_unpaired_pod_sees_the_others_but_receives_nothing(trio: Pods) -> None:
+    trio.run("phone", "pod", "budget", "--max-epsilon", "4")
+    trio.create("stranger")
+    trio.start("stranger")
+    stranger = trio.read("stranger", lambda p: p.identity.device_id)
+    # The stranger tries the others (it discovered them) and they refuse it.
+    trio.wait_for(("phone",), lambda p: any(r["peer"] == stranger and "not a paired device"
+                                            in str(r["reason"]) for r in
+                                            audit(p, "sync.refused")), True)
+    assert trio.read("stranger", lambda p: PodState(p).summary()) == {}
+    assert trio.read("stranger", lambda p: budget_policy(p).max_epsilon) == 10.0
+
+
+def test_a_revoked_device_is_refused_and_told_why(trio: Pods) -> None:
+    trio.wait_for(("laptop", "speaker"), lambda p: len(PodState(p).devices()), 3)
+    trio.run("phone", "sync", "revoke", "speaker", "--reason", "lost in a taxi")
+    trio.wait_for(("laptop",), lambda p: sum(bool(d.revoked) for d in PodState(p).devices()), 1)
+    trio.run("phone", "pod", "budget", "--max-epsilon", "1.5")
+    trio.wait_for(("laptop",), max_epsilon, 1.5)
+
+    def told(pod: Pod) -> bool:
+        return any("revoked by its user" in str(r["reason"]) and "lost in a taxi"
+                   in str(r["reason"]) for r in audit(pod, "sync.refused"))
+
+    trio.wait_for(("speaker",), told, True)
+    time.sleep(1.0)
+    assert trio.read("speaker", max_epsilon) != 1.5
+
+
+def test_pairing_and_revoking_fail_with_one_clear_line(pods: Pods) -> None:
+    pods.create("alone")
+    lonely = pods.covey("sync", "pair", "--yes", "--address", LOOPBACK, "--timeout", "2",
+                        "--home", str(pods.home("alone")), env=pods.env)
+    assert lonely.returncode == 3
+    assert lonely.stderr.strip().endswith("no other device in pairing mode answered within 2 s")
+    unpaired = pods.covey("sync", "revoke", "dev-0000000000", "--home", str(pods.home("alone")),
+                          env=pods.env)
+    assert unpaired.returncode == 2 and len(unpaired.stderr.strip().splitlines()) == 1
+    assert "not paired" in unpaired.stderr
+    status = json.loads(pods.run("alone", "sync", "status", "--json").stdout)
+    assert status["user_id"] is None and status["devices"] == 0
