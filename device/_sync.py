@@ -134,12 +134,23 @@ class PodState:
         self.node = pod.identity.device_id
         self._replica: Replica | None = None
         self._seen_version = -1
+        self._published_version = -1
         self._erased = False
 
     # -- loading and persisting ---------------------------------------------------------
 
     def _data_version(self) -> int:
         return int(self.pod.store.query("PRAGMA data_version")[0][0])
+
+    def refresh(self) -> bool:
+        """Publish local edits if another connection wrote the store since the last look
+        (cheap when nothing changed: one pragma). Whether it looked."""
+        version = self._data_version()
+        if version == self._published_version:
+            return False
+        self.publish()
+        self._published_version = version
+        return True
 
     def replica(self) -> Replica:
         """The replica, reloaded when another process (a CLI command) wrote the store."""

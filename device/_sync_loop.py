@@ -1,8 +1,8 @@
 """The pod's sync loop: serve sync sessions, announce, find peers, push edits, pair.
 
-One asyncio task does it all. Every ``interval`` it checks whether the pod changed (an
-edit by this or another process); when so, or when a peer sent something new, it syncs
-with every pod it can see at once; every ``anti_entropy`` seconds it syncs anyway, which
+One asyncio task does it all. Every ``interval`` it checks whether the pod's store was
+written by another connection (SQLite's ``data_version``: the API, a CLI command); when
+so, or when a peer sent something new, it syncs with every pod it can see at once; every ``anti_entropy`` seconds it syncs anyway, which
 is how a pod that was away catches up. A peer that refused us, or that we refused, is
 left alone for ``REFUSED_BACKOFF`` seconds. Every session that moved entries, and every
 refusal (once per peer and reason), is written to the audit log: peer, bytes and
@@ -49,7 +49,7 @@ class LoopConfig:
     address: str = "127.0.0.1"  # listen and announce here ("0.0.0.0": every interface)
     port: int = 0  # 0: any free port
     interface: str | None = None  # the mDNS interface address (None: all)
-    interval: float = 0.25  # seconds between checks for local changes
+    interval: float = 0.1  # seconds between checks for local changes (one pragma each)
     anti_entropy: float = 5.0  # seconds between syncs with every peer regardless
 
 
@@ -121,7 +121,7 @@ class SyncLoop:
             self._wake.clear()
             try:
                 # Local edits, writes by another process, and merges all move the vector.
-                self.state.publish()
+                self.state.refresh()
                 vector = dict(self.state.replica().vector)
             except Exception:
                 _log.exception("sync: reading the pod's state failed")
@@ -193,8 +193,9 @@ class SyncLoop:
         if not (stats.sent or stats.received):
             return
         detail: dict[str, Any] = {k: v for k, v in stats.to_dict().items() if k != "peer"}
-        self.pod.audit("sync", peer=_device_id(stats.peer), nbytes=stats.bytes_in +
-                       stats.bytes_out, detail={**detail, "role": role})
+        # The entry's bytes are what left the pod (egress); the detail has both directions.
+        self.pod.audit("sync", peer=_device_id(stats.peer), nbytes=stats.bytes_out,
+                       detail={**detail, "role": role})
 
     # -- pairing -----------------------------------------------------------------------
 

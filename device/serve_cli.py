@@ -14,7 +14,7 @@ import typer
 from covey.device._pod import Pod
 from covey.device.cli import HomeOpt, JsonOpt, home_for, passphrase
 from covey.device.sync_cli import SyncThread
-from covey.errors import PodNotFoundError
+from covey.errors import CoveyError, PodNotFoundError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -97,7 +97,11 @@ def serve(
         app = create_app(resolved, secret, generator, url)
         if sync:
             syncing = SyncThread(resolved, secret, sync_address)
-            syncing.start()
+            try:
+                syncing.start()
+            except (OSError, RuntimeError, CoveyError) as exc:  # serve anyway, say so
+                typer.echo(f"covey serve: sync is off: {exc}", err=True)
+                syncing = None
         address = _url(sock)
         if as_json:
             info = {"url": f"{address}/v1", "token_file": str(resolved / TOKEN_FILE),

@@ -86,8 +86,10 @@ def sync_pair(
 
         state = PodState(pod)
         pod.audit("sync.paired", peer=_device_of(result.peer_key),
-                  detail={"role": result.role, "bytes": result.stats.bytes_in
-                          + result.stats.bytes_out})
+                  nbytes=result.stats.bytes_out,
+                  detail={"role": result.role, "bytes_in": result.stats.bytes_in,
+                          "bytes_out": result.stats.bytes_out,
+                          "sent_user_key": result.role == "sponsor"})
         key = state.user_key()
         summary = {"sas": result.sas, "role": result.role, "peer": _device_of(result.peer_key),
                    "peer_name": result.peer_info["name"],

@@ -26,7 +26,13 @@ _DESTINATIONS = {"federated_update": "aggregator", "api.response": "local API cl
                  "export": "user (export file)", "sync": "paired device"}
 
 
+# Audited events of those kinds that send nothing (a refusal, a revocation, a new user key).
+_NOTHING_SENT = {"sync.refused", "sync.revoke", "sync.user"}
+
+
 def _destination(kind: str) -> str | None:
+    if kind in _NOTHING_SENT:
+        return None
     for prefix, where in _DESTINATIONS.items():
         if kind == prefix or kind.startswith(prefix + "."):
             return where

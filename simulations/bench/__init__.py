@@ -73,6 +73,13 @@ def _audit(quick: bool) -> dict[str, Any]:
     return run(quick)
 
 
+def _sync(quick: bool) -> dict[str, Any]:
+    """Sync on the loopback: discovery, pairing, convergence by number of pods, bytes."""
+    from covey.simulations.bench._sync import run
+
+    return run(quick)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "store": _store,
     "models": _models,
@@ -82,4 +89,5 @@ BENCHMARKS: dict[str, Benchmark] = {
     "federated": _federated,
     "engines": _engines,
     "audit": _audit,
+    "sync": _sync,
 }

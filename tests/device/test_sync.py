@@ -9,6 +9,7 @@ reads the stores directly to see when the edit arrived.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -69,7 +70,7 @@ class Pods:
 
     def stop(self, name: str) -> None:
         proc = self.loops.pop(name)
-        proc.terminate()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, which both `sync run` and `serve` obey
         proc.wait(timeout=20)
         assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
 
@@ -234,6 +235,24 @@ def test_a_revoked_device_is_refused_and_told_why(trio: Pods) -> None:
     assert trio.read("speaker", max_epsilon) != 1.5
 
 
+def test_covey_serve_syncs_in_the_background(pods: Pods) -> None:
+    pods.create("laptop", "phone")
+    pods.pair("laptop", "phone")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "covey", "serve", "--port", "0", "--json", "--sync-address",
+         LOOPBACK, "--home", str(pods.home("laptop"))], env=pods.env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pods.loops["laptop"] = serve  # stopped like the others
+    assert serve.stdout is not None
+    assert json.loads(serve.stdout.readline())["sync_port"] > 0
+    pods.start("phone")
+    pods.run("phone", "pod", "budget", "--max-epsilon", "6")
+    assert pods.wait_for(("laptop",), max_epsilon, 6.0) < 2.0
+    pods.run("laptop", "pod", "consent", "federated_training", "--grant")
+    assert pods.wait_for(("phone",), consents, {"federated_training": True}) < 2.0
+    pods.stop("laptop")
+
+
 def test_pairing_and_revoking_fail_with_one_clear_line(pods: Pods) -> None:
     pods.create("alone")
     lonely = pods.covey("sync", "pair", "--yes", "--address", LOOPBACK, "--timeout", "2",
@@ -246,3 +265,74 @@ def test_pairing_and_revoking_fail_with_one_clear_line(pods: Pods) -> None:
     assert "not paired" in unpaired.stderr
     status = json.loads(pods.run("alone", "sync", "status", "--json").stdout)
     assert status["user_id"] is None and status["devices"] == 0
+
+
+_NETNS_SCRIPT = r"""
+set -eu
+ip link set lo up
+unshare --net sleep 600 &
+CHILD=$!
+sleep 0.3
+ip link add veth0 type veth peer name veth1
+ip link set veth1 netns "$CHILD"
+ip addr add 10.77.0.1/24 dev veth0
+ip link set veth0 up
+nsenter -t "$CHILD" -n sh -c 'ip link set lo up && ip addr add 10.77.0.2/24 dev veth1 &&
+                              ip link set veth1 up'
+covey() { "$PY" -m covey "$@"; }
+covey sync pair --yes --json --address 10.77.0.1 --timeout 30 --home "$A" > "$OUT/pair-a" &
+PAIR=$!
+nsenter -t "$CHILD" -n "$PY" -m covey sync pair --yes --json --address 10.77.0.2 \
+    --timeout 30 --home "$B" > "$OUT/pair-b"
+wait "$PAIR"
+covey sync run --address 10.77.0.1 --home "$A" > /dev/null &
+nsenter -t "$CHILD" -n "$PY" -m covey sync run --address 10.77.0.2 --home "$B" > /dev/null &
+echo ready
+wait
+"""
+
+
+def _namespaces_unavailable() -> str:
+    import shutil
+
+    for tool in ("unshare", "nsenter", "ip"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--net", "ip", "link", "add",
+                            "v0", "type", "veth", "peer", "name", "v1"],
+                           capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        return f"network namespaces are not available here: {probe.stderr.strip()[:120]}"
+    return ""
+
+
+def test_two_pods_in_separate_network_namespaces_pair_and_sync(pods: Pods) -> None:
+    reason = _namespaces_unavailable()
+    if reason:
+        pytest.skip(reason)
+    import os
+
+    pods.create("a", "b")
+    out = pods.tmp / "netns"
+    out.mkdir()
+    env = {**pods.env, "PY": sys.executable, "A": str(pods.home("a")),
+           "B": str(pods.home("b")), "OUT": str(out)}
+    script = subprocess.Popen(
+        ["unshare", "--user", "--map-root-user", "--net", "bash", "-c", _NETNS_SCRIPT],
+        env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True)
+    try:
+        assert script.stdout is not None
+        assert script.stdout.readline().strip() == "ready", script.stderr.read()  # type: ignore[union-attr]
+        paired = [json.loads((out / f"pair-{n}").read_text()) for n in "ab"]
+        assert paired[0]["sas"] == paired[1]["sas"]
+        assert paired[0]["user_id"] == paired[1]["user_id"]
+        pods.run("a", "pod", "budget", "--max-epsilon", "2.5")
+        assert pods.wait_for(("b",), max_epsilon, 2.5) < 2.0
+    finally:
+        os.killpg(script.pid, signal.SIGINT)
+        try:
+            script.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(script.pid, signal.SIGKILL)
+            script.wait()
