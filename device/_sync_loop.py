@@ -2,8 +2,9 @@
 
 One asyncio task does it all. Every ``interval`` it checks whether the pod's store was
 written by another connection (SQLite's ``data_version``: the API, a CLI command); when
-so, or when a peer sent something new, it syncs with every pod it can see at once; every ``anti_entropy`` seconds it syncs anyway, which
-is how a pod that was away catches up. A peer that refused us, or that we refused, is
+so, or when a peer sent something new, it syncs with every pod it can see at once;
+every ``anti_entropy`` seconds it syncs anyway, which is how a pod that was away
+catches up. A peer that refused us, or that we refused, is
 left alone for ``REFUSED_BACKOFF`` seconds. Every session that moved entries, and every
 refusal (once per peer and reason), is written to the audit log: peer, bytes and
 collections, never content.
