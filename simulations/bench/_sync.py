@@ -155,7 +155,7 @@ async def _session_and_bytes(root: Path) -> dict[str, Any]:
             started = time.perf_counter()
             await session()
             sessions.append(time.perf_counter() - started)
-        rows = []
+        rows: list[dict[str, float]] = []
         idle = await session()
         rows.append({"changed": 0, "state_bytes": 0, "session_bytes_out": idle.bytes_out,
                      "session_bytes_in": idle.bytes_in})
