@@ -3,10 +3,10 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-# Debian packages the tests need: chromium renders audit reports (later: mosquitto,
-# avahi-utils). SQLCipher itself comes with the sqlcipher3 wheel: Debian's sqlcipher 3.4
+# Debian packages the tests need: chromium renders audit reports; mosquitto is the MQTT
+# broker the context-capture tests start. SQLCipher itself comes with the sqlcipher3 wheel: Debian's sqlcipher 3.4
 # cannot read the SQLCipher 4 format.
-DEB_PACKAGES := chromium
+DEB_PACKAGES := chromium mosquitto
 PACKAGES := covey device models privacy aggregator protocols simulations tests
 # hnswlib compiles from source; a -march=native build cached by pip could crash elsewhere.
 export HNSWLIB_NO_NATIVE := 1

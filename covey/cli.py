@@ -14,6 +14,7 @@ from covey import logs
 from covey.aggregator.cli import aggregator_app, train
 from covey.device.chat_cli import chat, feedback
 from covey.device.cli import memory_app, pod_app
+from covey.device.context_cli import context_app, stop_command
 from covey.device.serve_cli import serve
 from covey.device.sync_cli import sync_app
 from covey.errors import CoveyError
@@ -40,6 +41,8 @@ app.command("chat")(chat)
 app.command("feedback")(feedback)
 app.command("serve")(serve)
 app.add_typer(sync_app, name="sync")
+app.add_typer(context_app, name="context")
+app.command("stop")(stop_command)
 app.command("audit")(audit)
 
 _log = logging.getLogger(logs.CRASH_LOGGER)

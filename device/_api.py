@@ -672,7 +672,8 @@ def run_turn(served: ServedPod, metrics: ApiMetrics, request: ChatRequest,
         with served.access() as (_, assistant):
             session = _session(assistant, request.user or session_hint)
             turn = assistant.respond(session, UserText(request.turn_text()),
-                                     request.sampling(assistant.config.sampling), cancel)
+                                     request.sampling(assistant.config.sampling), cancel,
+                                     to_program=True)
             model = assistant.model_version
         try:
             on_start(model)

@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from covey.device._context import current_context, record_usage
 from covey.device._facts import extract_facts
 from covey.device._graph import PreferenceGraph
 from covey.device._orchestrator import Counter, Explanation, PromptBudget, PromptParts, assemble
 from covey.device._pod import Pod
+from covey.device._safety import HOLDBACK, REFUSAL, WITHHELD, SafetyFilter, Verdict
+from covey.device._stop import is_stopped
 from covey.errors import InvalidInputError
 from covey.models import Generator, SamplingParams
 
@@ -70,8 +73,11 @@ class Assistant:
     """Answers a user in sessions, remembering what they say."""
 
     def __init__(self, pod: Pod, generator: Generator, count: Counter,
-                 config: ChatConfig | None = None, model_version: str = "base") -> None:
+                 config: ChatConfig | None = None, model_version: str = "base",
+                 safety: SafetyFilter | None = None) -> None:
         self.pod = pod
+        self.safety = safety
+        self._retrieved_verdicts: dict[str, bool] = {}  # text -> flagged, per assistant
         self.generator = generator
         self.count = count
         self.config = config or ChatConfig()
@@ -111,8 +117,12 @@ class Assistant:
     # -- a turn ----------------------------------------------------------------------
 
     def respond(self, session_id: str, text: str, sampling: SamplingParams | None = None,
-                cancel: threading.Event | None = None) -> Turn:
+                cancel: threading.Event | None = None, to_program: bool = False) -> Turn:
         """Store the user's message, learn from it, and start the reply.
+
+        ``to_program``: the reply goes to another program (the local API), so personal
+        data is withheld from it. A message the safety filter blocks gets a refusal and
+        is neither stored nor learned from.
 
         Raises:
             InvalidInputError: an empty or oversized message, or an unknown session.
@@ -125,6 +135,11 @@ class Assistant:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         conversation = self._conversation(session_id)
+        if self.safety is not None:
+            verdict = self.safety.check_input(text)
+            timings["safety_s"] = time.perf_counter() - started
+            if verdict.blocked:
+                return self._refuse(session_id, verdict, timings)
         previous = self.recent_turns(self.config.recent_turns)
         self.pod.memories.prepare()  # the vector index is built before the write below
         message_id, learned = self._store_and_learn(conversation, text)
@@ -138,15 +153,55 @@ class Assistant:
 
         t0 = time.perf_counter()
         prefs = [f.sentence() for f in self.graph.current()]
-        parts = PromptParts(message=text, preferences=prefs, memories=memories, turns=previous)
+        record_usage(self.pod)  # only when the user enabled the routine source
+        context = current_context(self.pod)
+        t1 = time.perf_counter()
+        memories, context, dropped = self._screen(memories, context)
+        timings["safety_s"] = timings.get("safety_s", 0.0) + time.perf_counter() - t1
+        parts = PromptParts(message=text, preferences=prefs, memories=memories,
+                            context=context, turns=previous)
         messages, explanation = assemble(parts, self.config.budget, self.count)
         found = (self.pod.memories.get(m) for m in learned)
         explanation.learned.extend(memory.text for memory in found if memory is not None)
+        if dropped:
+            explanation.safety["dropped_injections"] = dropped
         timings["assemble_s"] = time.perf_counter() - t0
         turn = Turn(iter(()), explanation, session_id, message_id, timings=timings)
         params = sampling or self.config.sampling
-        turn.pieces = self._generate(turn, conversation, messages, params, cancel)
+        turn.pieces = self._generate(turn, conversation, messages, params, cancel, to_program)
         return turn
+
+    def _refuse(self, session_id: str, verdict: Verdict, timings: dict[str, float]) -> Turn:
+        from covey.device import _audit
+
+        with self.pod.store.transaction() as c:
+            _audit.append(c, "safety.blocked", detail={"stage": "input", **verdict.to_dict()})
+        explanation = Explanation(safety={"stage": "input", **verdict.to_dict()})
+        turn = Turn(iter((REFUSAL,)), explanation, session_id, 0, text=REFUSAL,
+                    timings=timings)
+        return turn
+
+    def _screen(self, memories: list[tuple[int, str, float]], context: list[str]
+                ) -> tuple[list[tuple[int, str, float]], list[str], int]:
+        """Drop retrieved memories and context lines that carry prompt injection."""
+        if self.safety is None:
+            return memories, context, 0
+        safety = self.safety
+
+        def flagged(text: str) -> bool:
+            if text not in self._retrieved_verdicts:
+                if len(self._retrieved_verdicts) > 10_000:
+                    self._retrieved_verdicts.clear()
+                self._retrieved_verdicts[text] = safety.check_retrieved(text).blocked
+            return self._retrieved_verdicts[text]
+
+        kept_memories = [m for m in memories if not flagged(m[1])]
+        kept_context = [line for line in context if not flagged(line)]
+        dropped = len(memories) - len(kept_memories) + len(context) - len(kept_context)
+        if dropped:
+            self.pod.audit("safety.dropped", detail={"stage": "retrieved",
+                                                     "category": "injection", "items": dropped})
+        return kept_memories, kept_context, dropped
 
     def _store_and_learn(self, conversation: int, text: str) -> tuple[int, list[int]]:
         learned: list[int] = []
@@ -171,17 +226,30 @@ class Assistant:
         return message_id, learned
 
     def _generate(self, turn: Turn, conversation: int, messages: list[Any],
-                  params: SamplingParams, cancel: threading.Event | None) -> Iterator[str]:
+                  params: SamplingParams, cancel: threading.Event | None,
+                  to_program: bool = False) -> Iterator[str]:
         t0 = time.perf_counter()
         pieces: list[str] = []
+        guard = _OutputGuard(self, turn, to_program) if self.safety is not None else None
         with self._lock:  # one generation at a time per assistant: the model is shared
             for piece in self.generator.stream_chat(messages, params, cancel):
                 if not pieces:
                     turn.timings["first_token_s"] = time.perf_counter() - t0
                 pieces.append(piece)
-                yield piece
+                released = guard.feed(piece) if guard else piece
+                if released:
+                    yield released
+                if guard and guard.blocked:
+                    break
+                if len(pieces) % 4 == 0 and is_stopped(self.pod.home):
+                    turn.timings["stopped"] = 1.0  # `covey stop`: no further token
+                    break
+        if guard:
+            rest = guard.finish()
+            if rest:
+                yield rest
         turn.timings["reply_s"] = time.perf_counter() - t0
-        turn.text = "".join(pieces).strip()
+        turn.text = (guard.text if guard else "".join(pieces)).strip()
         with self.pod.store.transaction() as c:
             cur = c.execute(
                 "INSERT INTO messages (conversation_id, role, content, model_version,"
@@ -231,6 +299,59 @@ class Assistant:
         return erased
 
 
+class _OutputGuard:
+    """Releases a reply as it is checked, holding back its last ``HOLDBACK`` characters:
+    when the filter objects, what it objected to was never sent."""
+
+    def __init__(self, assistant: Assistant, turn: Turn, to_program: bool) -> None:
+        assert assistant.safety is not None
+        self.safety, self.turn, self.to_program = assistant.safety, turn, to_program
+        self.pod = assistant.pod
+        self.private = ([f.value for f in assistant.graph.current()] if to_program else [])
+        self.generated = ""
+        self.released = 0
+        self.blocked: Verdict | None = None
+        self.notice = ""
+        self.checks = 0
+
+    @property
+    def text(self) -> str:
+        return self.generated[:self.released] + self.notice
+
+    def _check(self, final: bool) -> None:
+        t0 = time.perf_counter()
+        verdict = self.safety.check_output(self.generated, self.private, self.to_program)
+        self.turn.timings["safety_s"] = self.turn.timings.get("safety_s", 0.0) + \
+            time.perf_counter() - t0
+        if verdict.blocked:
+            self.blocked = verdict
+            self.notice = (" " if self.released else "") + (
+                WITHHELD if verdict.category == "personal_data" else REFUSAL)
+            self.turn.explanation.safety.update({"stage": "output", **verdict.to_dict()})
+            self.pod.audit("safety.blocked", detail={"stage": "output", **verdict.to_dict()})
+
+    def feed(self, piece: str) -> str:
+        self.generated += piece
+        self.checks += 1
+        # Personal data is looked for at every piece; the classifier every few pieces.
+        if self.to_program or self.checks % 4 == 0:
+            self._check(final=False)
+        if self.blocked:
+            return self.notice
+        upto = max(self.released, len(self.generated) - HOLDBACK)
+        out, self.released = self.generated[self.released:upto], upto
+        return out
+
+    def finish(self) -> str:
+        if self.blocked:
+            return ""
+        self._check(final=True)
+        if self.blocked:
+            return self.notice
+        out, self.released = self.generated[self.released:], len(self.generated)
+        return out
+
+
 def enable_semantic_memory(pod: Pod, progress: Any = None) -> None:
     """Load the embedder (exporting it once, with a message) and turn on semantic recall."""
     from covey.models import create_embedder
@@ -259,4 +380,5 @@ def open_assistant(pod: Pod, generator: str | None = None, url: str | None = Non
         enable_semantic_memory(pod, progress)
     version = artifacts.card["files"]["lm-int8.onnx"]["sha256"][:12]
     return Assistant(pod, gen, lambda text: len(tokenizer.encode(text)), config,
-                     model_version=f"{name}:{version}" if name != "openai" else f"openai:{model}")
+                     model_version=f"{name}:{version}" if name != "openai" else f"openai:{model}",
+                     safety=SafetyFilter.load())

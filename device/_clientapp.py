@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -95,4 +96,40 @@ def reply_message(msg: Message, update: Any, epsilon: float, version_id: str) ->
                                  "epsilon": epsilon, "loss_before": update.loss_before,
                                  "loss_after": update.loss_after}),
         "info": ConfigRecord({"version": version_id}),
+    }), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answer the aggregator's request for shared statistics, only under DP.
+
+    The one statistic defined is ``usage_hours`` (config record ``stats``: ``kind``,
+    ``run-id``, ``noise-multiplier``): the pod's hour-of-day usage histogram through the
+    Gaussian mechanism, charged to its ledger (:func:`usage_histogram`).
+    """
+    from covey.device._context import usage_histogram
+    from covey.device._pod import Pod
+
+    node = context.node_config
+    try:
+        cfg = dict(msg.content.config_records["stats"])
+        if cfg["kind"] != "usage_hours":
+            raise ValueError("unknown statistic")
+        run_id, z = str(cfg["run-id"]), float(str(cfg["noise-multiplier"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        return _refuse(msg, "malformed", f"refused: malformed statistics request "
+                                         f"({type(exc).__name__})")
+    try:
+        passphrase = os.environ.get("COVEY_PASSPHRASE", "")
+        with Pod.open(Path(str(node["pod-home"])), passphrase) as pod:
+            release = usage_histogram(pod, z, run_id, str(node.get("superlink", "")))
+    except RoundRefused as exc:
+        return _refuse(msg, exc.code, str(exc))
+    except (CoveyError, OSError, KeyError) as exc:
+        return _refuse(msg, "pod_error", f"refused: {exc}")
+    return Message(RecordDict({
+        "hours": ArrayRecord([np.asarray(release.hours, dtype=np.float64)]),
+        "metrics": MetricRecord({"epsilon": release.epsilon, "delta": release.delta,
+                                 "noise_multiplier": release.noise_multiplier,
+                                 "sensitivity": release.sensitivity}),
     }), reply_to=msg)

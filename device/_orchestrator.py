@@ -67,6 +67,7 @@ class Explanation:
     tokens: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     learned: list[str] = field(default_factory=list)
+    safety: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""

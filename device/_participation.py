@@ -33,6 +33,7 @@ import numpy as np
 
 from covey.device._feedback import TRAINING_CONSENT, consented
 from covey.device._pod import Pod
+from covey.device._stop import is_stopped
 from covey.errors import CoveyError
 from covey.privacy import DPConfig, GaussianRounds, get_accountant
 from covey.protocols import ModelVersion, SignatureError, verify_version
@@ -178,6 +179,8 @@ def _check_version(request: RoundRequest, aggregator_key: bytes) -> None:
 
 def check_round(pod: Pod, request: RoundRequest, aggregator_key: bytes) -> GaussianRounds:
     """Every check before training; returns the charge. Raises RoundRefused."""
+    if is_stopped(pod.home):
+        raise RoundRefused("stopped", "refused: the pod was stopped with `covey stop`")
     if not consented(pod, TRAINING_CONSENT):
         raise RoundRefused("no_consent", "refused: the user has not consented to "
                                          "federated training (covey pod consent)")

@@ -214,7 +214,23 @@ CREATE TABLE user_identity (
 ) STRICT;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
+# v5: context sources. Each is off until the user enables it on this device (with a
+# consent record); its retention, its settings (an MQTT broker's address, topics and
+# credentials, inside the encrypted store) and what it captured and rejected.
+_V5 = """
+CREATE TABLE context_sources (
+    name        TEXT PRIMARY KEY,
+    enabled     INTEGER NOT NULL CHECK (enabled IN (0, 1)),
+    retention_s INTEGER NOT NULL CHECK (retention_s > 0),
+    settings    TEXT NOT NULL DEFAULT '{}',
+    captured    INTEGER NOT NULL DEFAULT 0,
+    rejected    INTEGER NOT NULL DEFAULT 0,
+    updated_at  TEXT NOT NULL
+) STRICT;
+CREATE INDEX context_events_source ON context_events (source, kind, created_at);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Tables holding the user's data, in an order that satisfies foreign keys on insert.
@@ -231,4 +247,5 @@ USER_TABLES: tuple[str, ...] = (
     "ledger",
     "model_versions",
     "sync_entries",
+    "context_sources",
 )

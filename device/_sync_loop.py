@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from covey.device._pod import DeviceIdentity
+from covey.device._stop import is_stopped
 from covey.device._sync import PodState
 from covey.protocols._channel import ChannelError
 from covey.protocols._discovery import Announcer, Browser, Peer
@@ -99,6 +100,12 @@ class SyncLoop:
             self._task = asyncio.create_task(self._run())
         return self.port
 
+    async def stopped(self) -> None:
+        """Wait until the loop ended by itself (after `covey stop`)."""
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._task)
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -116,7 +123,7 @@ class SyncLoop:
         known: set[str] = set()
         last_vector: dict[str, Any] = {}
         last_trust: tuple[Any, ...] = ()
-        while True:
+        while not is_stopped(self.pod.home):  # `covey stop` ends the loop at the next tick
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.interval)
             self._wake.clear()

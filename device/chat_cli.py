@@ -70,7 +70,9 @@ def chat(
     as_json: JsonOpt = False,
 ) -> None:
     """Chat with your pod: it answers on-device and remembers what you tell it."""
-    with open_pod(home) as pod:
+    from covey.device._stop import running
+
+    with open_pod(home) as pod, running(pod.home, "chat"):
         assistant = open_assistant(pod, generator, url, progress=err.print)
         if seed is not None:
             assistant.config = type(assistant.config)(

@@ -260,6 +260,9 @@ def pod_join(
     resolved = home_for(home)
     if not Pod.exists(resolved):
         raise PodNotFoundError(resolved)
+    from covey.device._stop import check_not_stopped
+
+    check_not_stopped(resolved)
     info = join(resolved, passphrase(), superlink, root_cert, aggregator_key)
     if as_json:
         _emit_json(info)

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from covey.device._pod import Pod
+from covey.device._stop import running
 from covey.device.cli import HomeOpt, JsonOpt, home_for, passphrase
+from covey.device.context_cli import CaptureThread
 from covey.device.sync_cli import SyncThread
 from covey.errors import CoveyError, PodNotFoundError
 
@@ -93,6 +95,9 @@ def serve(
     sock = _listen(host, port)
     app: FastAPI | None = None
     syncing: SyncThread | None = None
+    capturing: CaptureThread | None = None
+    registration = running(resolved, "serve")
+    registration.__enter__()
     try:
         app = create_app(resolved, secret, generator, url)
         if sync:
@@ -102,6 +107,8 @@ def serve(
             except (OSError, RuntimeError, CoveyError) as exc:  # serve anyway, say so
                 typer.echo(f"covey serve: sync is off: {exc}", err=True)
                 syncing = None
+        capturing = CaptureThread(resolved, secret)  # idle unless a context source is on
+        capturing.start()
         address = _url(sock)
         if as_json:
             info = {"url": f"{address}/v1", "token_file": str(resolved / TOKEN_FILE),
@@ -124,8 +131,10 @@ def serve(
             uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
-        if syncing is not None:
-            syncing.stop()
+        registration.__exit__(None, None, None)
+        for part in (syncing, capturing):
+            if part is not None:
+                part.stop()
         if app is not None:
             app.state.served.close()
     if not as_json:

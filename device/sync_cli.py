@@ -71,7 +71,10 @@ def sync_pair(
         finally:
             await loop.stop()
 
+    from covey.device._stop import check_not_stopped
+
     with open_pod(home) as pod:
+        check_not_stopped(pod.home)
         if not as_json:
             out.print(f"Waiting up to {timeout:g} s for another device running "
                       "`covey sync pair`...")
@@ -214,11 +217,14 @@ def sync_run(
             out.print(f"covey sync: listening on {address}:{bound} (Ctrl-C stops)")
         sys.stdout.flush()
         try:
-            await stop.wait()
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(sync.stopped())]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await sync.stop()
 
-    with open_pod(home) as pod:
+    from covey.device._stop import running
+
+    with open_pod(home) as pod, running(pod.home, "sync"):
         asyncio.run(run(pod))
 
 

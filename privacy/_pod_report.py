@@ -22,7 +22,8 @@ __all__ = ["RECENT", "pod_report"]
 RECENT = 500  # the most recent rows of each kind of user text the scan looks for
 
 # Where each kind of audited event sends data.
-_DESTINATIONS = {"federated_update": "aggregator", "api.response": "local API client",
+_DESTINATIONS = {"federated_update": "aggregator", "context_stats": "aggregator",
+                 "api.response": "local API client",
                  "export": "user (export file)", "sync": "paired device"}
 
 
