@@ -136,8 +136,9 @@ class Assistant:
         started = time.perf_counter()
         conversation = self._conversation(session_id)
         if self.safety is not None:
+            t_safety = time.perf_counter()
             verdict = self.safety.check_input(text)
-            timings["safety_s"] = time.perf_counter() - started
+            timings["safety_s"] = time.perf_counter() - t_safety
             if verdict.blocked:
                 return self._refuse(session_id, verdict, timings)
         previous = self.recent_turns(self.config.recent_turns)
@@ -313,6 +314,7 @@ class _OutputGuard:
         self.blocked: Verdict | None = None
         self.notice = ""
         self.checks = 0
+        self.checked = 0  # how much of the reply was checked for personal data
 
     @property
     def text(self) -> str:
@@ -320,10 +322,17 @@ class _OutputGuard:
 
     def _check(self, final: bool) -> None:
         t0 = time.perf_counter()
-        verdict = self.safety.check_output(self.generated, self.private, self.to_program)
+        verdict = None
+        if self.to_program and (final or self.checks % 4 == 0):
+            # Personal data is local: the unreleased tail, with some context before it.
+            window = self.generated if final else self.generated[max(0, self.released - 64):]
+            verdict = self.safety.check_personal_data(window, self.private)
+            self.checked = len(self.generated)
+        if verdict is None and (final or self.checks % 12 == 0):
+            verdict = self.safety.classify(self.generated, ("harm",))
         self.turn.timings["safety_s"] = self.turn.timings.get("safety_s", 0.0) + \
             time.perf_counter() - t0
-        if verdict.blocked:
+        if verdict is not None and verdict.blocked:
             self.blocked = verdict
             self.notice = (" " if self.released else "") + (
                 WITHHELD if verdict.category == "personal_data" else REFUSAL)
@@ -333,12 +342,12 @@ class _OutputGuard:
     def feed(self, piece: str) -> str:
         self.generated += piece
         self.checks += 1
-        # Personal data is looked for at every piece; the classifier every few pieces.
-        if self.to_program or self.checks % 4 == 0:
-            self._check(final=False)
+        self._check(final=False)
         if self.blocked:
             return self.notice
-        upto = max(self.released, len(self.generated) - HOLDBACK)
+        # Only text checked for personal data, and HOLDBACK behind it, is released.
+        checked = self.checked if self.to_program else len(self.generated)
+        upto = max(self.released, checked - HOLDBACK)
         out, self.released = self.generated[self.released:upto], upto
         return out
 

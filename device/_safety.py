@@ -216,6 +216,7 @@ class SafetyFilter:
     def __init__(self, weights: np.ndarray, threshold: float) -> None:
         self.w, self.b = weights[:-1], weights[-1]
         self.threshold = threshold
+        self.scores("warm up")  # the first call pays NumPy's set-up, not a user's turn
 
     @classmethod
     def load(cls, cache: Path | None = None) -> SafetyFilter:
@@ -268,11 +269,15 @@ class SafetyFilter:
         """A memory or context line about to enter the prompt: injection only."""
         return self.classify(text, ("injection",))
 
+    @staticmethod
+    def check_personal_data(text: str, private_values: list[str] | None = None
+                            ) -> Verdict | None:
+        """A blocking verdict when ``text`` holds personal data, else None."""
+        kinds = find_personal_data(text, private_values)
+        return Verdict(True, "personal_data", 1.0, "rule:" + ",".join(kinds)) if kinds else None
+
     def check_output(self, text: str, private_values: list[str] | None = None,
                      to_program: bool = False) -> Verdict:
-        """The reply so far."""
-        if to_program:
-            kinds = find_personal_data(text, private_values)
-            if kinds:
-                return Verdict(True, "personal_data", 1.0, "rule:" + ",".join(kinds))
-        return self.classify(text, ("harm",))
+        """A whole reply: harmful content; personal data when it goes to a program."""
+        found = self.check_personal_data(text, private_values) if to_program else None
+        return found or self.classify(text, ("harm",))

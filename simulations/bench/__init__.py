@@ -80,6 +80,13 @@ def _sync(quick: bool) -> dict[str, Any]:
     return run(quick)
 
 
+def _context(quick: bool) -> dict[str, Any]:
+    """Context capture throughput from mosquitto; the safety filter's latency and rates."""
+    from covey.simulations.bench._context import run
+
+    return run(quick)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "store": _store,
     "models": _models,
@@ -90,4 +97,5 @@ BENCHMARKS: dict[str, Benchmark] = {
     "engines": _engines,
     "audit": _audit,
     "sync": _sync,
+    "context": _context,
 }
