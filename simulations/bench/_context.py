@@ -223,8 +223,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         f"{latency['safety_ms']['p95']} ms (aim < 5 ms) of a turn's p50 "
         f"{latency['turn_ms']['p50']} ms",
         f"red team: {quality['block_rate']:.1%} of {quality['redteam_prompts']} blocked "
-        f"{quality['block_rate_by_category']}; false positives {quality['false_positive_rate_chat']:.2%}"
-        f" of ordinary chat, {quality['false_positive_rate_lookalike']:.1%} of look-alike requests",
+        f"{quality['block_rate_by_category']}; false positives "
+        f"{quality['false_positive_rate_chat']:.2%} of ordinary chat, "
+        f"{quality['false_positive_rate_lookalike']:.1%} of look-alike requests",
     ]
     return {"config": {"messages": count, "turns": turns}, "results": results,
             "summary": summary}
