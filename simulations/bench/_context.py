@@ -142,7 +142,9 @@ def _safety_latency(root: Path, turns: int) -> dict[str, Any]:
         assistant = open_assistant(pod)
         session = assistant.new_session()
         params = SamplingParams(max_tokens=48, temperature=0.8, seed=1)
-        safety, total, blocked = [], [], []
+        safety: list[float] = []
+        total: list[float] = []
+        blocked: list[float] = []
         for i in range(turns):
             started = time.perf_counter()
             turn = assistant.respond(session, messages[i % len(messages)], params,
