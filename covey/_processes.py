@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["alive", "descendants", "flower_bin", "flower_env", "free_port", "stop_process"]
+__all__ = ["alive", "descendants", "flower_bin", "flower_env", "free_port", "stop_process",
+           "stop_processes"]
 
 
 def flower_bin(name: str) -> str:
@@ -66,16 +67,21 @@ def alive(pid: int) -> bool:
         return False
 
 
-def stop_process(pid: int, timeout: float = 15.0) -> None:
-    """SIGTERM ``pid`` and everything it started; SIGKILL what is left after ``timeout``."""
-    family = [pid, *descendants(pid)]
-    for p in family:
+def stop_processes(pids: list[int], timeout: float = 15.0) -> list[int]:
+    """SIGTERM every pid; SIGKILL those left after ``timeout``. Returns the killed ones."""
+    for p in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while any(alive(p) for p in family) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for p in family:
-        if alive(p):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed = [p for p in pids if alive(p)]
+    for p in killed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    return killed
+
+
+def stop_process(pid: int, timeout: float = 15.0) -> None:
+    """SIGTERM ``pid`` and everything it started; SIGKILL what is left after ``timeout``."""
+    stop_processes([pid, *descendants(pid)], timeout)

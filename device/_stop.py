@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from covey._processes import alive, stop_processes
 from covey.errors import CoveyError
 
 __all__ = ["GRACE", "STOP_FILE", "PodStoppedError", "check_not_stopped", "is_stopped",
@@ -71,16 +70,6 @@ def running(home: Path, role: str) -> Iterator[None]:
         path.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stop(home: Path) -> dict[str, object]:
     """Halt everything running on the pod at ``home``; what was stopped."""
     home = home.expanduser().absolute()
@@ -93,20 +82,11 @@ def stop(home: Path) -> dict[str, object]:
             pid = int(path.read_text().strip())
         except (OSError, ValueError):
             continue
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and alive(pid):
             pids[pid] = path.name.rsplit("-", 1)[0]
         else:
             path.unlink(missing_ok=True)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + GRACE
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    killed = [p for p in pids if _alive(p)]
-    for pid in killed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    killed = stop_processes(list(pids), GRACE)
     from covey.device._join import leave
 
     supernode = leave(home)
