@@ -55,16 +55,22 @@ def payload_record(p: RoundPayload) -> RecordDict:
     })})
 
 
+def _refusal(msg: Message) -> tuple[str, str]:
+    """A reply's error as (code, message): a pod's refusal, or "error"."""
+    code, text = "error", str(msg.error.reason or "")
+    if msg.error.code == REFUSAL_CODE:
+        try:
+            detail = json.loads(text)
+            code, text = str(detail["code"]), str(detail["message"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return code, text
+
+
 def _reply(msg: Message, version: str) -> PodReply:
     node = int(msg.metadata.src_node_id)
     if msg.has_error():
-        code, text = "error", str(msg.error.reason or "")
-        if msg.error.code == REFUSAL_CODE:
-            try:
-                detail = json.loads(text)
-                code, text = str(detail["code"]), str(detail["message"])
-            except (ValueError, KeyError, TypeError):
-                pass
+        code, text = _refusal(msg)
         return PodReply(node, refusal=code, message=text)
     try:
         values = msg.content.array_records["update"].to_numpy_ndarrays()[0]
@@ -95,6 +101,60 @@ class FlowerTransport:
         return [_reply(m, str(payload.version.get("id"))) for m in replies]
 
 
+def _usage_reply(msg: Message) -> tuple[str, list[float] | None, float]:
+    """(refusal code or "", the noisy histogram, the pod's epsilon after the release)."""
+    if msg.has_error():
+        return _refusal(msg)[0], None, 0.0
+    try:
+        hours = msg.content.array_records["hours"].to_numpy_ndarrays()[0]
+        epsilon = float(str(dict(msg.content.metric_records["metrics"])["epsilon"]))
+        if hours.shape != (24,) or not np.all(np.isfinite(hours)):
+            return "malformed", None, 0.0
+        return "", [float(v) for v in hours], epsilon
+    except (KeyError, IndexError, TypeError, ValueError):
+        return "malformed", None, 0.0
+
+
+def usage_statistics(transport: FlowerTransport, cfg: RunConfig, run_id: str,
+                     record_path: Path) -> dict[str, Any]:
+    """Ask every connected pod for its DP hour-of-day usage histogram; write the record.
+
+    Each pod adds its own Gaussian noise before anything leaves it (local DP, charged to
+    its own ledger); the mean computed here is post-processing and costs nothing more.
+    """
+    from collections import Counter
+
+    from covey._files import write_atomic
+    from covey.aggregator._rounds import _now, _wait_for_pods
+
+    nodes = _wait_for_pods(transport, cfg)
+    z = cfg.dp.noise_multiplier
+    content = RecordDict({"stats": ConfigRecord({"kind": "usage_hours", "run-id": run_id,
+                                                 "noise-multiplier": z})})
+    messages = [Message(content, dst_node_id=n, message_type="query", group_id=run_id)
+                for n in nodes]
+    replies = [_usage_reply(m) for m in
+               transport.grid.send_and_receive(messages, timeout=cfg.round_timeout)]
+    answers = [(hours, eps) for code, hours, eps in replies if not code and hours]
+    refused = Counter(code for code, _, _ in replies if code)
+    mean = (np.mean([h for h, _ in answers], axis=0).tolist() if answers else [])
+    record = {
+        "run_id": run_id, "task": "usage-stats", "started_at": _now(), "finished_at": _now(),
+        "status": "completed" if len(answers) >= cfg.min_pods else "failed",
+        "mechanism": {"name": "gaussian", "dp": "local, user-level", "statistic":
+                      "hour-of-day usage fractions (24 bins, L1 norm 1)",
+                      "sensitivity_l2": float(np.sqrt(2.0)), "noise_multiplier": z,
+                      "noise_std": z * float(np.sqrt(2.0)),
+                      "accounting": "each pod charges one Gaussian release to its ledger"},
+        "asked": len(nodes), "answered": len(answers), "refused": dict(refused),
+        "pod_epsilons": sorted(eps for _, eps in answers), "mean_hours": mean,
+    }
+    write_atomic(record_path, (json.dumps(record, indent=2) + "\n").encode(), mode=0o644)
+    if record["status"] != "completed":
+        raise RuntimeError(f"only {len(answers)} of the {cfg.min_pods} pods needed answered")
+    return record
+
+
 app = ServerApp()
 
 
@@ -108,6 +168,9 @@ def main(grid: Grid, context: Context) -> None:
     home = AggregatorHome(Path(str(rc["home"])))
     cfg = run_config_from(rc)
     run_id = str(rc.get("run-name") or context.run_id)
+    if str(rc.get("task", "train")) == "usage-stats":
+        usage_statistics(FlowerTransport(grid), cfg, run_id, home.run_record(run_id))
+        return
     evaluator = public_evaluator(cfg.eval_examples)
     registry = home.registry()
     if registry.current_id is None:

@@ -197,6 +197,34 @@ def train(
           f"{record['final_version']}; record {record['record_path']}")
 
 
+@aggregator_app.command("stats")
+def stats(
+    home: HomeOpt,
+    noise_multiplier: Annotated[float, typer.Option(
+        help="Each pod's noise multiplier z (noise std z*sqrt(2) per bin).")] = 8.0,
+    min_pods: Annotated[int, typer.Option(help="Pods needed to answer.")] = 2,
+    wait_timeout: Annotated[float, typer.Option(help="Seconds to wait for pods.")] = 60.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for answers.")] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask the connected pods when they are used (hour of day), under local DP: each pod
+    noises its own histogram and charges its ledger, or refuses."""
+    if not noise_multiplier > 0 or min_pods < 1:
+        raise InvalidInputError("--noise-multiplier must be > 0 and --min-pods >= 1")
+    run_name = f"stats-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    config = {
+        "task": "usage-stats", "run-name": run_name, "rounds": 1, "mode": "local",
+        "noise-multiplier": noise_multiplier, "min-pods": min_pods,
+        "round-timeout": timeout, "wait-timeout": wait_timeout,
+    }
+    record = AggregatorHome(home).train(config)
+    peak = max(range(24), key=lambda h: record["mean_hours"][h]) if record["mean_hours"] \
+        else None
+    _emit(record, as_json, f"{record['answered']} of {record['asked']} pods answered "
+          f"(refused: {record['refused'] or 'none'}); busiest hour {peak}; record "
+          f"{record['record_path']}")
+
+
 def _print_round(rounds: int) -> Any:
     def show(stats: dict[str, Any]) -> None:
         eps = stats.get("epsilon")

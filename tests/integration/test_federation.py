@@ -4,11 +4,13 @@ three pods' SuperNodes, two central rounds and one local round, all through `cov
 from __future__ import annotations
 
 import json
+import math
 import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ import httpx
 import pytest
 from dp_accounting import dp_event, rdp
 
+from covey.device import Pod
+from covey.device._context import enable, record_usage
 from covey.models import load_corpus
 from covey.privacy._accounting import RDP_ORDERS
 from covey.simulations._population import seed_pods
@@ -150,6 +154,25 @@ def test_federated_rounds_on_a_real_superlink(federation: Federation) -> None:
     assert 'covey_refused_rounds_total{reason="budget_exhausted"} 1.0' in metrics
     first = versions["versions"][0]["id"]
     assert fed.ok("aggregator", "rollback", first, *agg)["current"] == first
+
+    # Usage statistics leave a pod only under DP, and only with its routine source on.
+    for home in admitted[:2]:
+        with Pod.open(home, PASSPHRASE, config=FAST_CONFIG) as pod:
+            enable(pod, "routine")
+            for hour in range(20):
+                record_usage(pod, datetime(2026, 1, 5, 8 + hour % 3, tzinfo=UTC))
+    before = [fed.budget(h)["epsilon_spent"] for h in admitted[:2]]
+    usage = fed.ok("aggregator", "stats", *agg, "--noise-multiplier", "8", "--min-pods", "2")
+    assert usage["answered"] == 2 and usage["refused"] == {"no_consent": 1}
+    assert len(usage["mean_hours"]) == 24
+    assert usage["mechanism"]["sensitivity_l2"] == pytest.approx(math.sqrt(2))
+    for home, spent_before in zip(admitted[:2], before, strict=True):
+        budget = fed.budget(home)
+        last = budget["ledger"][-1]
+        assert (last["mode"], last["noise_multiplier"]) == ("local", 8.0)
+        assert last["clip_norm"] == pytest.approx(math.sqrt(2))
+        assert budget["epsilon_spent"] > spent_before
+    assert len(fed.budget(admitted[2])["ledger"]) == 3  # it refused: nothing charged
 
     fed.ok("pod", "leave", "--home", str(admitted[0]))
     stopped = fed.ok("aggregator", "stop", *agg)["stopped"]
