@@ -226,9 +226,19 @@ def record(pod: Pod, source: str, readings: list[Reading], rejected: int = 0) ->
     return len(readings)
 
 
+def local_now(pod: Pod) -> datetime:
+    """Now, in the user's time zone (their profile's, else this device's)."""
+    from zoneinfo import ZoneInfo
+
+    from covey.device._profile import get_profile
+
+    zone = get_profile(pod).get("timezone")
+    return datetime.now(ZoneInfo(zone)) if zone else datetime.now().astimezone()
+
+
 def record_usage(pod: Pod, when: datetime | None = None) -> bool:
     """A user turn, for the routine source (if it is on): hour and weekday only."""
-    when = when or datetime.now().astimezone()
+    when = when or local_now(pod)
     return bool(record(pod, "routine", [Reading("usage", {"hour": when.hour,
                                                           "weekday": when.weekday()})]))
 
@@ -319,7 +329,7 @@ def _part_of_day(hour: int) -> str:
 
 def current_context(pod: Pod, when: datetime | None = None, limit: int = 6) -> list[str]:
     """Short lines about now from the active sources, most relevant first."""
-    local = when or datetime.now().astimezone()
+    local = when or local_now(pod)
     now = local.astimezone(UTC)
     lines: list[str] = []
     live = {s.name for s in sources(pod) if s.active}

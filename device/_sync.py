@@ -3,6 +3,7 @@ the pod's own tables; the user key; who may connect; pairing; revocation.
 
 What is shared, and where it lives on the pod:
 
+- ``profile``: the user's name, time zone and language (:mod:`covey.device._profile`);
 - ``preferences``: the current edges of the preference graph, keyed like
   :attr:`Fact.key` ("sister", "taste:coffee", "allergic_to:nuts");
 - ``consents``: the consents table, by scope;
@@ -36,6 +37,7 @@ from covey.device import _audit
 from covey.device._facts import Fact
 from covey.device._graph import PreferenceGraph
 from covey.device._pod import DeviceIdentity
+from covey.device._profile import PROFILE_FIELDS, validate
 from covey.errors import InvalidInputError
 from covey.protocols._crdt import Entry, Replica
 from covey.protocols._hlc import HLC
@@ -235,6 +237,8 @@ class PodState:
             view[("budget_policy", "policy")] = {
                 "max_epsilon": float(meta[_MAX_EPS_KEY]),
                 "delta": float(meta.get(_DELTA_KEY, 1e-5))}
+        for key, value in conn.execute("SELECT key, value FROM meta WHERE key LIKE 'profile.%'"):
+            view[("profile", key.removeprefix("profile."))] = value
         if view.get(("consents", SYNC_MEMORIES)):
             for kind, text in conn.execute("SELECT kind, text FROM memories"):
                 view[("memories", memory_key(kind, text))] = {"kind": kind, "text": text}
@@ -250,7 +254,7 @@ class PodState:
                     written.append(replica.set(collection, key, value))
             for (collection, name), entry in list(replica.entries.items()):
                 # Memories are never deleted by omission: only an explicit forget deletes.
-                if (not entry.deleted and collection in ("preferences", "consents",
+                if (not entry.deleted and collection in ("profile", "preferences", "consents",
                                                          "budget_policy")
                         and (collection, name) not in view):
                     written.append(replica.delete(collection, name))
@@ -281,6 +285,14 @@ class PodState:
                                  (key, repr(float(value[field]))))
         elif c == "memories":
             self._apply_memory(conn, entry)
+        elif c == "profile" and entry.key in PROFILE_FIELDS:
+            if entry.deleted:
+                conn.execute("DELETE FROM meta WHERE key = ?", ("profile." + entry.key,))
+            else:
+                value = validate(entry.key, str(value))  # a bad value fails the whole merge
+                conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
+                             " DO UPDATE SET value = excluded.value",
+                             ("profile." + entry.key, value))
 
     def _apply_preference(self, conn: sqlite.Connection, entry: Entry) -> None:
         now = _now()

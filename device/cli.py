@@ -283,6 +283,31 @@ def pod_leave(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         out.print("Stopped the SuperNode." if stopped else "No SuperNode was running.")
 
 
+@pod_app.command("profile")
+def pod_profile(
+    name: Annotated[str | None, typer.Option(help="What the assistant calls you.")] = None,
+    timezone: Annotated[str | None, typer.Option(help="An IANA time zone, e.g. "
+                                                 "Europe/Lisbon.")] = None,
+    language: Annotated[str | None, typer.Option(help="A language tag, e.g. pt-PT.")] = None,
+    clear: Annotated[list[str] | None, typer.Option(help="Clear this field (repeatable).")
+                     ] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Your profile (name, time zone, language), shared with your paired devices."""
+    from covey.device._profile import get_profile, set_profile
+
+    changes: dict[str, str | None] = {f: v for f, v in (
+        ("name", name), ("timezone", timezone), ("language", language)) if v is not None}
+    changes.update({f: None for f in clear or ()})
+    with open_pod(home) as pod:
+        profile = set_profile(pod, changes) if changes else get_profile(pod)
+    if as_json:
+        _emit_json(profile)
+    else:
+        out.print("\n".join(f"{k}: {v}" for k, v in profile.items()) or "No profile set.")
+
+
 @pod_app.command("budget")
 def pod_budget(
     max_epsilon: Annotated[float | None, typer.Option(

@@ -21,6 +21,7 @@ import pytest
 from covey.device import Pod
 from covey.device._graph import PreferenceGraph
 from covey.device._participation import budget_policy
+from covey.device._profile import get_profile
 from covey.device._sync import PodState
 from tests.conftest import FAST_CONFIG, PASSPHRASE, Covey, cli_env
 
@@ -147,6 +148,9 @@ def test_three_pods_pair_and_an_edit_reaches_the_others_within_two_seconds(trio:
     assert trio.wait_for(("laptop", "speaker"), max_epsilon, 3.5) < 2.0
     trio.run("speaker", "pod", "consent", "federated_training", "--grant")
     assert trio.wait_for(("phone", "laptop"), consents, {"federated_training": True}) < 2.0
+    trio.run("laptop", "pod", "profile", "--name", "Sam", "--timezone", "Europe/Lisbon")
+    profile = {"name": "Sam", "timezone": "Europe/Lisbon"}
+    assert trio.wait_for(("phone", "speaker"), get_profile, profile) < 2.0
 
     # Each sync is in the audit log: peer, bytes, kinds of data, no content.
     synced = trio.read("laptop", lambda p: audit(p, "sync"))
