@@ -302,3 +302,39 @@ def test_covey_stop_halts_a_running_generation(pod: Pod) -> None:
     list(pieces)
     assert turn.timings["stopped"] == 1.0
     assert len(generated) - at_stop <= 4  # the model stopped within a few tokens
+
+
+@pytest.mark.slow
+def test_sensor_readings_over_tls(tmp_path: Path, covey: Covey) -> None:
+    if not Path(MOSQUITTO).exists():
+        pytest.skip("mosquitto is not installed (make system installs it)")
+    from covey.aggregator._deploy import AggregatorHome
+
+    certs = AggregatorHome(tmp_path / "ca")  # a CA and a server certificate for 127.0.0.1
+    ca = certs.make_certs(["127.0.0.1"])
+    broker = Broker(tmp_path)
+    broker.conf.write_text(broker.conf.read_text() + f"cafile {ca}\ncertfile "
+                           f"{certs.certs / 'server.pem'}\nkeyfile {certs.certs / 'server.key'}\n")
+    broker.start()
+    try:
+        home = tmp_path / "pod"
+        Pod.create(home, PASSPHRASE, name="home", config=FAST_CONFIG).close()
+        env = cli_env(tmp_path, BROKER_PASSWORD=broker.password)
+        enabled = covey("context", "enable", "mqtt", "--broker", f"127.0.0.1:{broker.port}",
+                        "--username", broker.user, "--password-env", "BROKER_PASSWORD", "--tls",
+                        "--ca-file", str(ca), "--home", str(home), env=env)
+        assert enabled.returncode == 0, enabled.stderr
+        capture = Capturing(home, env)
+
+        def publish() -> None:
+            import paho.mqtt.publish as publish
+
+            publish.single("home/office/sensor", "42", qos=1, hostname="127.0.0.1",
+                           port=broker.port, tls={"ca_certs": str(ca)},
+                           auth={"username": broker.user, "password": broker.password})
+
+        _wait(lambda: (publish(), len(_events(home)) > 0)[1])
+        assert capture.stop()["connects"] == 1
+        assert _events(home)[0]["value"] == 42.0
+    finally:
+        broker.stop()
