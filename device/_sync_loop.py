@@ -24,7 +24,7 @@ from covey.device._pod import DeviceIdentity
 from covey.device._stop import is_stopped
 from covey.device._sync import PodState
 from covey.protocols._channel import ChannelError
-from covey.protocols._discovery import Announcer, Browser, Peer
+from covey.protocols._discovery import Announcer, Browser, Peer, local_addresses
 from covey.protocols._session import (
     Pairing,
     PairResult,
@@ -90,7 +90,8 @@ class SyncLoop:
     async def start(self, run: bool = True) -> int:
         """Listen, announce, browse and (with ``run``) start the loop; the port."""
         self.port = await self.server.start(self.config.address, self.config.port)
-        announce = "127.0.0.1" if self.config.address in ("0.0.0.0", "") else \
+        # Listening on every interface: announce every address peers could reach us at.
+        announce = local_addresses() if self.config.address in ("0.0.0.0", "") else \
             self.config.address  # noqa: S104
         self.announcer = Announcer(self.port, announce, self.config.interface)
         await self.announcer.start()

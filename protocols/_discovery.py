@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from zeroconf import IPVersion, ServiceInfo, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-__all__ = ["SERVICE", "TXT_VERSION", "Announcer", "Browser", "Peer", "discover"]
+__all__ = ["SERVICE", "TXT_VERSION", "Announcer", "Browser", "Peer", "discover",
+           "local_addresses"]
 
 SERVICE = "_covey._tcp.local."
 TXT_VERSION = "1"
@@ -33,6 +34,15 @@ class Peer:
     port: int
 
 
+def local_addresses() -> list[str]:
+    """This machine's IPv4 addresses other than the loopback (the loopback if none)."""
+    import ifaddr
+
+    found = [str(ip.ip) for adapter in ifaddr.get_adapters() for ip in adapter.ips
+             if ip.is_IPv4 and not str(ip.ip).startswith("127.")]
+    return found or ["127.0.0.1"]
+
+
 def _zeroconf(interface: str | None) -> AsyncZeroconf:
     if interface is None:
         return AsyncZeroconf(ip_version=IPVersion.V4Only)
@@ -42,14 +52,16 @@ def _zeroconf(interface: str | None) -> AsyncZeroconf:
 class Announcer:
     """Announces this pod's sync port until :meth:`stop`."""
 
-    def __init__(self, port: int, address: str = "127.0.0.1",
+    def __init__(self, port: int, address: str | list[str] = "127.0.0.1",
                  interface: str | None = None) -> None:
+        """``address``: where peers reach the sync port (one IPv4 address or several)."""
         self.instance = secrets.token_hex(8)
-        self.port, self.address, self.interface = port, address, interface
+        addresses = [address] if isinstance(address, str) else list(address)
+        self.port, self.address, self.interface = port, addresses[0], interface
         self._zc: AsyncZeroconf | None = None
         self._info = ServiceInfo(
             SERVICE, f"covey-{self.instance}.{SERVICE}",
-            addresses=[socket.inet_aton(address)], port=port,
+            addresses=[socket.inet_aton(a) for a in addresses], port=port,
             properties={"v": TXT_VERSION, "id": self.instance},
             server=f"covey-{self.instance}.local.")
 
