@@ -4,6 +4,7 @@ fail-safe that halts everything."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -172,11 +173,16 @@ class CaptureThread:
     def _main(self) -> None:
         from covey.device._capture import Capture
 
-        with Pod.open(self.home, self.secret) as pod:
-            capture = Capture(pod)
-            self.capture = capture
+        try:
+            with Pod.open(self.home, self.secret) as pod:
+                capture = Capture(pod)
+                self.capture = capture
+                self._ready.set()
+                capture.run()
+        except Exception:
+            logging.getLogger(__name__).exception("context capture stopped")
+        finally:
             self._ready.set()
-            capture.run()
 
     def stop(self) -> None:
         capture = self.capture
