@@ -8,8 +8,8 @@ events are deleted:
 - ``routine``: one ``usage`` event (hour and weekday, nothing else) per user turn; the
   pod learns from them when the user usually talks to it;
 - ``device``: battery and network state, sampled where the platform exposes them
-  (Linux ``/sys``); idle time is not exposed without a desktop session and is reported
-  as unknown;
+  (Linux ``/sys``), and idle time from the user's terminals (what ``w`` shows; a
+  desktop's idle time needs its session, so without a terminal it is left out);
 - ``mqtt``: readings from a broker (mosquitto or any MQTT 3.1.1/5 broker) on topic
   patterns such as ``home/+/sensor``, with username/password and TLS options. A reading
   is a number, or a JSON object with a numeric ``value`` and an optional ``unit``;
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -307,7 +308,27 @@ def device_readings(root: Path = Path("/sys/class")) -> list[Reading]:
         except OSError:
             continue
     readings.append(Reading("network", {"online": bool(up), "links": sorted(set(up))}))
+    idle = _idle_seconds()
+    if idle is not None:
+        readings.append(Reading("idle", {"seconds": idle}))
     return readings
+
+
+def _idle_seconds(devices: Path = Path("/dev")) -> int | None:
+    """Seconds since the user last typed in one of their terminals (what `w` shows), or
+    None where no terminal of theirs exists (a desktop's idle time needs its session)."""
+    import time
+
+    uid = os.getuid()
+    ages = []
+    for tty in [*devices.glob("pts/[0-9]*"), *devices.glob("tty[0-9]*")]:
+        try:
+            st = tty.stat()
+        except OSError:
+            continue
+        if st.st_uid == uid:
+            ages.append(max(0.0, time.time() - st.st_atime))
+    return int(min(ages)) if ages else None
 
 
 # -- the prompt ------------------------------------------------------------------------
@@ -360,7 +381,7 @@ def current_context(pod: Pod, when: datetime | None = None, limit: int = 6) -> l
     if "device" in live:
         rows = pod.store.query(
             "SELECT kind, value FROM context_events WHERE source = 'device' AND expires_at > ?"
-            " ORDER BY id DESC LIMIT 4", (fresh,))
+            " ORDER BY id DESC LIMIT 6", (fresh,))
         latest: dict[str, dict[str, Any]] = {}
         for kind, value in rows:
             latest.setdefault(kind, json.loads(value))
@@ -369,6 +390,8 @@ def current_context(pod: Pod, when: datetime | None = None, limit: int = 6) -> l
             lines.append(f"battery {b['percent']}% ({b['status']})")
         if "network" in latest:
             lines.append("online" if latest["network"]["online"] else "offline")
+        if "idle" in latest and latest["idle"]["seconds"] >= 300:
+            lines.append(f"the user has been away for {latest['idle']['seconds'] // 60} min")
     return lines[:limit]
 
 

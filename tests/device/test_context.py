@@ -338,3 +338,24 @@ def test_sensor_readings_over_tls(tmp_path: Path, covey: Covey) -> None:
         assert _events(home)[0]["value"] == 42.0
     finally:
         broker.stop()
+
+
+def test_device_state_is_read_where_the_platform_exposes_it(pod: Pod, tmp_path: Path) -> None:
+    from covey.device._context import device_readings, record
+
+    sysfs = tmp_path / "sys"
+    battery = sysfs / "power_supply" / "BAT0"
+    battery.mkdir(parents=True)
+    (battery / "type").write_text("Battery\n")
+    (battery / "capacity").write_text("54\n")
+    (battery / "status").write_text("Charging\n")
+    link = sysfs / "net" / "wlan0"
+    (link / "wireless").mkdir(parents=True)
+    (link / "operstate").write_text("up\n")
+    readings = {r.kind: r.value for r in device_readings(sysfs)}
+    assert readings["battery"] == {"percent": 54, "status": "charging"}
+    assert readings["network"] == {"online": True, "links": ["wifi"]}
+    enable(pod, "device")
+    record(pod, "device", list(device_readings(sysfs)))
+    lines = current_context(pod)
+    assert "battery 54% (charging)" in lines and "online" in lines
