@@ -197,8 +197,10 @@ def stop_command(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Halt generation, sync, capture and training on this pod at once (no passphrase
-    needed); they stay halted until `covey stop --release`."""
+    """Halt generation, sync, capture and training on this pod at once.
+
+    No passphrase is needed. Everything stays halted until `covey stop --release`.
+    """
     from covey.device import _stop
 
     resolved = home_for(home)
