@@ -1,47 +1,51 @@
-"""The sync channel between two pods: mutually authenticated, encrypted, framed.
+"""The sync channel between two pods: the Noise protocol, mutually authenticated, framed.
 
-A SIGMA-style handshake (Krawczyk 2003, the pattern of TLS 1.3 and Noise XX) over any
-byte stream, written sans-IO so it can be tested without sockets:
+The handshake is ``Noise_XX_25519_ChaChaPoly_SHA256`` (the Noise Protocol Framework,
+revision 34, through the ``noiseprotocol`` package) with the prologue
+``covey-sync/1``, written sans-IO so it can be tested without sockets:
 
-1. initiator -> responder: ``hello``: version, an ephemeral X25519 key, a nonce.
-2. responder -> initiator: its ephemeral key and nonce in clear; then, encrypted under a
-   handshake key from the ephemeral Diffie-Hellman, its device key and an Ed25519
-   signature over the transcript hash.
-3. initiator -> responder: encrypted, its device key and signature over the transcript.
+1. initiator -> responder: ``-> e``, with a clear payload naming the protocol and the
+   purpose (``sync`` or ``pair``); the payload is bound into the handshake hash.
+2. responder -> initiator: ``<- e, ee, s, es`` with an encrypted *identity* payload.
+3. initiator -> responder: ``-> s, se`` with its encrypted identity payload.
 
-Each side then checks the other's device key against its pins (the user's paired,
-unrevoked devices) and refuses with a reason otherwise. Traffic keys are derived from
-the shared secret and the whole transcript, one per direction (HKDF-SHA256).
+Each side's Noise static key is a fresh X25519 key. Its identity payload carries the
+device's Ed25519 public key and an Ed25519 signature over
+``"covey-noise-static:" || the X25519 static public key``, which binds the device
+identity to the key Noise authenticated (the construction libp2p uses). Each side then
+checks the other's device key against its pins (the user's paired, unrevoked devices)
+and refuses with a reason otherwise.
 
-Frames are a 4-byte big-endian length and a ChaCha20-Poly1305 ciphertext of at most
-``MAX_FRAME`` bytes. The nonce is the frame's sequence number, never sent: a replayed,
-reordered, dropped or altered frame fails to decrypt and ends the channel.
+Transport messages are Noise transport messages: ChaCha20-Poly1305 with Noise's
+implicit 64-bit nonce counter, so a replayed, reordered, dropped or altered message
+fails to decrypt and ends the channel. A frame is a 4-byte big-endian length and one
+Noise message of at most ``MAX_FRAME`` (65,535) bytes; a JSON message longer than a
+frame is split over several (its first plaintext byte says whether more follow), up to
+``MAX_MESSAGE`` bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from noise.connection import Keypair, NoiseConnection
 
-__all__ = ["MAX_FRAME", "PROTOCOL", "PURPOSES", "ChannelError", "FrameReader", "Handshake",
-           "Pinning", "SecureChannel"]
+__all__ = ["MAX_FRAME", "MAX_MESSAGE", "NOISE_NAME", "PROTOCOL", "PURPOSES", "ChannelError",
+           "FrameReader", "Handshake", "Pinning", "SecureChannel"]
 
 PROTOCOL = "covey-sync/1"
 PURPOSES = ("sync", "pair")
-MAX_FRAME = 1 << 20  # bytes of ciphertext in one frame
-_AAD = PROTOCOL.encode()
+NOISE_NAME = b"Noise_XX_25519_ChaChaPoly_SHA256"
+MAX_FRAME = 65535  # bytes of one Noise message (the Noise limit)
+MAX_MESSAGE = 1 << 20  # bytes of one JSON message, over as many frames as it takes
+_CHUNK = MAX_FRAME - 16 - 1  # plaintext per frame: the AEAD tag and the "more" byte
+_STATIC_LABEL = b"covey-noise-static:"
 
 #: Decides whether a peer's device key may talk to us: None to accept, else the reason.
 Pinning = Callable[[bytes], str | None]
@@ -49,10 +53,6 @@ Pinning = Callable[[bytes], str | None]
 
 class ChannelError(ValueError):
     """The peer broke the protocol, failed authentication or was refused."""
-
-
-def _hkdf(secret: bytes, info: bytes, length: int = 32) -> bytes:
-    return HKDF(hashes.SHA256(), length, salt=None, info=info).derive(secret)
 
 
 def _frame(payload: bytes) -> bytes:
@@ -92,37 +92,44 @@ class FrameReader:
 
 
 class SecureChannel:
-    """Seals and opens frames of JSON messages once the handshake is done."""
+    """Seals and opens JSON messages once the handshake is done."""
 
-    def __init__(self, send_key: bytes, recv_key: bytes, peer_key: bytes) -> None:
-        self._send, self._recv = ChaCha20Poly1305(send_key), ChaCha20Poly1305(recv_key)
-        self._sent = self._received = 0
+    def __init__(self, noise: NoiseConnection, peer_key: bytes) -> None:
+        self._noise = noise
+        self._partial = b""
         self.peer_key = peer_key
 
     def seal(self, message: dict[str, Any]) -> bytes:
-        """One frame carrying ``message``."""
-        nonce = self._sent.to_bytes(12, "big")
-        self._sent += 1
+        """The frames carrying ``message`` (one, unless it is long)."""
         data = json.dumps(message, separators=(",", ":")).encode()
-        return _frame(self._send.encrypt(nonce, data, _AAD))
+        if len(data) > MAX_MESSAGE:
+            raise ChannelError(f"message of {len(data)} bytes over the {MAX_MESSAGE} limit")
+        chunks = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [b""]
+        return b"".join(_frame(bytes(self._noise.encrypt(
+            (b"\1" if i < len(chunks) - 1 else b"\0") + chunk)))
+            for i, chunk in enumerate(chunks))
 
-    def open(self, payload: bytes) -> dict[str, Any]:
-        """The message in the next frame's payload (raises ChannelError)."""
-        nonce = self._received.to_bytes(12, "big")
+    def open(self, payload: bytes) -> dict[str, Any] | None:
+        """The message a frame completes, or None while more frames of it are due.
+
+        Raises:
+            ChannelError: the frame fails authentication (altered, replayed, out of
+                order), the message is too long, or it is not a JSON object.
+        """
         try:
-            data = self._recv.decrypt(nonce, payload, _AAD)
-        except InvalidTag:
+            plain = bytes(self._noise.decrypt(payload))
+        except Exception:
             raise ChannelError("a frame failed authentication (altered, replayed or out of "
                                "order)") from None
-        self._received += 1
+        if not plain or plain[0] not in (0, 1):
+            raise ChannelError("malformed frame")
+        self._partial += plain[1:]
+        if len(self._partial) > MAX_MESSAGE:
+            raise ChannelError(f"a message over the {MAX_MESSAGE} limit")
+        if plain[0] == 1:
+            return None
+        data, self._partial = self._partial, b""
         return _json(data, "message")
-
-
-@dataclass
-class _Side:
-    device: Ed25519PrivateKey
-    ephemeral: X25519PrivateKey
-    nonce: bytes
 
 
 class Handshake:
@@ -130,47 +137,51 @@ class Handshake:
 
     def __init__(self, device_key: Ed25519PrivateKey, pinning: Pinning,
                  initiator: bool, purpose: str = "sync", explain_refusal: bool = False) -> None:
-        """``purpose`` ("sync" or "pair") is the initiator's, sent in its hello and bound
-        into the transcript; a responder learns it from the hello. With
-        ``explain_refusal`` a refused peer still gets a channel, with :attr:`refusal`
-        set, so the caller can tell it why before closing."""
+        """``purpose`` ("sync" or "pair") is the initiator's, sent in its first message
+        and bound into the handshake hash; a responder learns it from that message.
+        With ``explain_refusal`` a refused peer still gets a channel, with
+        :attr:`refusal` set, so the caller can tell it why before closing."""
         if purpose not in PURPOSES:
             raise ValueError(f"purpose must be one of {PURPOSES}")
-        self.me = _Side(device_key, X25519PrivateKey.generate(), os.urandom(16))
+        self.device = device_key
         self.pinning, self.initiator = pinning, initiator
         self.purpose, self.explain_refusal = purpose, explain_refusal
         self.refusal: str | None = None
-        self.transcript = hashlib.sha256(_AAD)
-        self._hs_key = b""
-        self._secret = b""
         self.peer_key = b""
+        self._state: Any = None
+        static = X25519PrivateKey.generate()
+        self._static_public = static.public_key().public_bytes_raw()
+        self._noise = NoiseConnection.from_name(NOISE_NAME)
+        (self._noise.set_as_initiator if initiator else self._noise.set_as_responder)()
+        self._noise.set_keypair_from_private_bytes(Keypair.STATIC, static.private_bytes_raw())
+        self._noise.set_prologue(PROTOCOL.encode())
+        self._noise.start_handshake()
 
-    def _absorb(self, data: bytes) -> None:
-        self.transcript.update(struct.pack(">I", len(data)) + data)
+    # -- identity payloads -------------------------------------------------------------
 
-    def _eph(self) -> bytes:
-        return self.me.ephemeral.public_key().public_bytes_raw()
+    def _identity(self) -> bytes:
+        device = self.device.public_key().public_bytes_raw()
+        signature = self.device.sign(_STATIC_LABEL + self._static_public)
+        return json.dumps({"device": device.hex(), "sig": signature.hex()}).encode()
 
-    def _identity(self, label: bytes) -> bytes:
-        device = self.me.device.public_key().public_bytes_raw()
-        signature = self.me.device.sign(label + self.transcript.digest())
-        sealed = ChaCha20Poly1305(_hkdf(self._hs_key, label)).encrypt(
-            b"\0" * 12, json.dumps({"device": device.hex(), "sig": signature.hex()}).encode(),
-            _AAD)
-        return sealed
-
-    def _check_identity(self, sealed: bytes, label: bytes) -> None:
+    def _read(self, message: bytes, what: str) -> bytes:
+        # Held before reading: the library drops its handshake state once it completes.
+        self._state = getattr(self._noise.noise_protocol, "handshake_state", None)
         try:
-            data = ChaCha20Poly1305(_hkdf(self._hs_key, label)).decrypt(b"\0" * 12, sealed,
-                                                                       _AAD)
-        except InvalidTag:
-            raise ChannelError("handshake failed: the peer does not share our key "
-                               "exchange") from None
-        found = _json(data, "identity")
+            return bytes(self._noise.read_message(message))
+        except Exception:
+            raise ChannelError(f"handshake failed: the peer's {what} does not "
+                               "authenticate") from None
+
+    def _check_identity(self, payload: bytes) -> None:
+        remote = getattr(getattr(self._state, "rs", None), "public_bytes", None)
+        if remote is None:
+            raise ChannelError("handshake failed: no static key from the peer")
+        found = _json(payload, "identity")
         try:
             device = bytes.fromhex(str(found["device"]))
             Ed25519PublicKey.from_public_bytes(device).verify(
-                bytes.fromhex(str(found["sig"])), label + self.transcript.digest())
+                bytes.fromhex(str(found["sig"])), _STATIC_LABEL + bytes(remote))
         except (KeyError, ValueError, InvalidSignature):
             raise ChannelError("handshake failed: the peer's signature does not "
                                "verify") from None
@@ -179,66 +190,32 @@ class Handshake:
         if self.refusal is not None and not self.explain_refusal:
             raise ChannelError(f"refused: {self.refusal}")
 
-    def _shared(self, peer_eph: bytes) -> None:
-        try:
-            shared = self.me.ephemeral.exchange(X25519PublicKey.from_public_bytes(peer_eph))
-        except ValueError:
-            raise ChannelError("handshake failed: bad ephemeral key") from None
-        self._secret = shared
-        self._hs_key = _hkdf(shared, b"handshake" + self.transcript.digest())
-
-    # initiator: hello -> (reply) -> finish ; responder: (hello) -> reply -> (finish)
+    # initiator: hello -> (reply) -> finish ; responder: (hello) -> reply -> (accept)
 
     def hello(self) -> bytes:
-        data = json.dumps({"protocol": PROTOCOL, "purpose": self.purpose,
-                           "eph": self._eph().hex(), "nonce": self.me.nonce.hex()}).encode()
-        self._absorb(data)
-        return _frame(data)
+        """Initiator: the first frame (``-> e`` and the purpose)."""
+        opening = json.dumps({"protocol": PROTOCOL, "purpose": self.purpose}).encode()
+        return _frame(bytes(self._noise.write_message(opening)))
 
     def reply(self, hello: bytes) -> bytes:
-        """Responder: answer the initiator's hello frame payload."""
-        found = _json(hello, "hello")
+        """Responder: answer the initiator's first frame (``<- e, ee, s, es``)."""
+        found = _json(self._read(hello, "opening"), "hello")
         if found.get("protocol") != PROTOCOL:
             raise ChannelError(f"unsupported protocol {found.get('protocol')!r}")
         purpose = found.get("purpose", "sync")
         if purpose not in PURPOSES:
             raise ChannelError(f"unknown purpose {purpose!r}")
         self.purpose = str(purpose)
-        self._absorb(hello)
-        head = json.dumps({"eph": self._eph().hex(), "nonce": self.me.nonce.hex()}).encode()
-        self._absorb(head)
-        try:
-            peer_eph = bytes.fromhex(str(found["eph"]))
-        except (KeyError, ValueError):
-            raise ChannelError("malformed hello") from None
-        self._shared(peer_eph)
-        identity = self._identity(b"responder")
-        self._absorb(identity)
-        return _frame(head) + _frame(identity)
+        return _frame(bytes(self._noise.write_message(self._identity())))
 
-    def finish(self, head: bytes, identity: bytes) -> tuple[bytes, SecureChannel]:
+    def finish(self, reply: bytes) -> tuple[bytes, SecureChannel]:
         """Initiator: check the responder, prove ourselves; our last frame and channel."""
-        found = _json(head, "reply")
-        self._absorb(head)
-        try:
-            self._shared(bytes.fromhex(str(found["eph"])))
-        except (KeyError, ValueError):
-            raise ChannelError("malformed reply") from None
-        self._check_identity(identity, b"responder")
-        self._absorb(identity)
-        mine = self._identity(b"initiator")
-        self._absorb(mine)
-        return _frame(mine), self._channel()
+        self._check_identity(self._read(reply, "reply"))
+        last = _frame(bytes(self._noise.write_message(self._identity())))
+        return last, SecureChannel(self._noise, self.peer_key)
 
-    def accept(self, identity: bytes) -> SecureChannel:
+    def accept(self, last: bytes) -> SecureChannel:
         """Responder: check the initiator's identity; the channel."""
-        self._check_identity(identity, b"initiator")
-        self._absorb(identity)
-        return self._channel()
-
-    def _channel(self) -> SecureChannel:
-        digest = self.transcript.digest()
-        a_to_b = _hkdf(self._secret, b"initiator->responder" + digest)
-        b_to_a = _hkdf(self._secret, b"responder->initiator" + digest)
-        send, recv = (a_to_b, b_to_a) if self.initiator else (b_to_a, a_to_b)
-        return SecureChannel(send, recv, self.peer_key)
+        payload = self._read(last, "identity")
+        self._check_identity(payload)
+        return SecureChannel(self._noise, self.peer_key)

@@ -128,6 +128,8 @@ class _Conn:
     async def message(self, channel: SecureChannel) -> dict[str, Any]:
         """The next message; an ``error`` from the peer is raised as RefusedError."""
         message = channel.open(await self.frame())
+        while message is None:  # a long message continues in the next frames
+            message = channel.open(await self.frame())
         if message.get("type") == "error":
             raise RefusedError(str(message.get("code", "")), str(message.get("message", "")))
         return message
@@ -204,8 +206,7 @@ async def _connect(host: str, port: int, device_key: Ed25519PrivateKey, pinning:
 
         async def handshake() -> SecureChannel:
             await conn.send(hs.hello())
-            head, identity = await conn.frame(), await conn.frame()
-            last, channel = hs.finish(head, identity)
+            last, channel = hs.finish(await conn.frame())
             await conn.send(last)
             return channel
 

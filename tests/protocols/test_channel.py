@@ -38,8 +38,8 @@ def _connect(a_key: Ed25519PrivateKey, b_key: Ed25519PrivateKey, a_pins: Pinning
     a = Handshake(a_key, a_pins, initiator=True)
     b = Handshake(b_key, b_pins, initiator=False)
     [hello] = FrameReader().feed(a.hello())
-    head, identity = FrameReader().feed(b.reply(hello))
-    last, a_channel = a.finish(head, identity)
+    [reply] = FrameReader().feed(b.reply(hello))
+    last, a_channel = a.finish(reply)
     [proof] = FrameReader().feed(last)
     return a_channel, b.accept(proof)
 
@@ -88,9 +88,40 @@ def test_a_man_in_the_middle_swapping_keys_fails_the_handshake() -> None:
     mallory = Handshake(Ed25519PrivateKey.generate(), _pins(), initiator=True)
     a.hello()
     [hello_m] = FrameReader().feed(mallory.hello())  # Mallory's ephemeral key to the laptop
-    head, identity = FrameReader().feed(b.reply(hello_m))
+    [reply] = FrameReader().feed(b.reply(hello_m))
     with pytest.raises(ChannelError, match="handshake failed"):
-        a.finish(head, identity)  # the phone's own key exchange does not match
+        a.finish(reply)  # the phone's own key exchange does not match
+
+
+def test_a_long_message_spans_frames_and_a_cut_one_is_refused() -> None:
+    phone, laptop = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    a, b = _connect(phone, laptop, _pins(_pub(laptop)), _pins(_pub(phone)))
+    big = {"type": "delta", "entries": ["x" * 100] * 2000}
+    frames = FrameReader().feed(a.seal(big))
+    assert len(frames) == 4 and all(len(f) <= MAX_FRAME for f in frames)
+    assert [b.open(f) for f in frames] == [None, None, None, big]
+    frames = FrameReader().feed(a.seal(big))
+    b.open(frames[0])
+    with pytest.raises(ChannelError):
+        b.open(frames[2])  # a frame of the message dropped
+
+
+def test_the_handshake_is_the_noise_protocol() -> None:
+    from noise.connection import Keypair, NoiseConnection
+
+    # A plain Noise_XX responder, not covey's, completes a handshake with covey's initiator.
+    phone = Ed25519PrivateKey.generate()
+    a = Handshake(phone, _pins(), initiator=True, explain_refusal=True)
+    other = NoiseConnection.from_name(b"Noise_XX_25519_ChaChaPoly_SHA256")
+    other.set_as_responder()
+    other.set_keypair_from_private_bytes(Keypair.STATIC, bytes(32 * [7]))
+    other.set_prologue(b"covey-sync/1")
+    other.start_handshake()
+    [hello] = FrameReader().feed(a.hello())
+    assert b'"purpose": "sync"' in bytes(other.read_message(hello))
+    reply = bytes(other.write_message(b"{}"))
+    with pytest.raises(ChannelError, match=r"identity|signature"):
+        a.finish(reply)  # a Noise peer without a covey identity is not accepted
 
 
 def test_oversized_frames_are_refused() -> None:
@@ -112,7 +143,7 @@ def test_fuzzed_input_is_refused_without_a_crash(noise: bytes) -> None:
     a = Handshake(phone, _pins(_pub(laptop)), initiator=True)
     a.hello()
     with pytest.raises(ChannelError):
-        a.finish(noise, noise)
+        a.finish(noise)
     _a2, b2 = _connect(phone, laptop, _pins(_pub(laptop)), _pins(_pub(phone)))
     with pytest.raises(ChannelError):
         b2.open(noise)
