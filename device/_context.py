@@ -360,13 +360,19 @@ def current_context(pod: Pod, when: datetime | None = None, limit: int = 6) -> l
     if "routine" in live:
         rows = pod.store.query("SELECT value FROM context_events WHERE source = 'routine'"
                                " AND kind = 'usage' AND expires_at > ?", (fresh,))
-        hours = [json.loads(r[0])["hour"] for r in rows]
+        usage = [json.loads(r[0]) for r in rows]
+        hours = [u["hour"] for u in usage]
         line = f"It is {_WEEKDAYS[local.weekday()]} {_part_of_day(local.hour)}"
         near = sum(1 for h in hours if min(abs(h - local.hour), 24 - abs(h - local.hour)) <= 1)
         if len(hours) >= 10:
-            usual = near / len(hours) >= 2 * 3 / 24  # twice what an even spread would give
-            line += (" (the user often talks to you at this time)" if usual
-                     else " (the user rarely talks to you at this time)")
+            # "Often": at least twice what an even spread over the hours (or days) gives.
+            usual = near / len(hours) >= 2 * 3 / 24
+            line += (" (the user often talks to you at this time" if usual
+                     else " (the user rarely talks to you at this time")
+            days = sum(1 for u in usage if u.get("weekday") == local.weekday())
+            if days / len(usage) >= 2 / 7:
+                line += f", and often on {_WEEKDAYS[local.weekday()]}s"
+            line += ")"
         lines.append(line + ".")
     if "mqtt" in live:
         rows = pod.store.query(

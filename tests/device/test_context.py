@@ -229,6 +229,8 @@ def test_routine_usage_is_captured_only_when_enabled(pod: Pod) -> None:
         assert record_usage(pod)
     lines = current_context(pod)
     assert lines and lines[0].startswith("It is ") and "often talks to you" in lines[0]
+    weekday = lines[0].split()[2]  # "It is Thursday evening (...)"
+    assert f"often on {weekday}s" in lines[0]
 
 
 def test_usage_statistics_leave_only_under_dp_and_are_charged(pod: Pod) -> None:
