@@ -428,5 +428,9 @@ class SyncServer:
                 self.paired.put_nowait(exc)
             if self.on_refused:
                 self.on_refused(str(exc), stats.peer)
+        except Exception as exc:
+            if not pairing:
+                raise
+            self.paired.put_nowait(exc)  # e.g. the person could not be asked to confirm
         finally:
             await conn.close()

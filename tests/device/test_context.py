@@ -361,3 +361,25 @@ def test_device_state_is_read_where_the_platform_exposes_it(pod: Pod, tmp_path: 
     record(pod, "device", list(device_readings(sysfs)))
     lines = current_context(pod)
     assert "battery 54% (charging)" in lines and "online" in lines
+
+
+def test_bad_context_input_gets_one_clear_line(tmp_path: Path, covey: Covey) -> None:
+    home = tmp_path / "pod"
+    Pod.create(home, PASSPHRASE, name="home", config=FAST_CONFIG).close()
+    env = cli_env(tmp_path)
+    cases = [
+        (("context", "enable", "weather"), "unknown context source 'weather'"),
+        (("context", "enable", "routine", "--retention", "soon"), "retention 'soon'"),
+        (("context", "enable", "mqtt", "--broker", "nohost"), "use HOST:PORT"),
+        (("context", "enable", "mqtt", "--topic", "home/#/x"), "not an MQTT topic pattern"),
+        (("context", "enable", "mqtt", "--password-env", "UNSET_VAR"), "UNSET_VAR is empty"),
+        (("pod", "profile", "--timezone", "Mars/Olympus"), "unknown time zone"),
+    ]
+    for args, message in cases:
+        result = covey(*args, "--home", str(home), env=env)
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    # Nothing was enabled by the failed attempts.
+    status = json.loads(covey("context", "status", "--json", "--home", str(home),
+                              env=env).stdout)
+    assert not any(s["enabled"] for s in status)

@@ -340,3 +340,20 @@ def test_two_pods_in_separate_network_namespaces_pair_and_sync(pods: Pods) -> No
         except subprocess.TimeoutExpired:
             os.killpg(script.pid, signal.SIGKILL)
             script.wait()
+
+
+def test_pairing_without_a_terminal_needs_yes(pods: Pods) -> None:
+    pods.create("a", "b")
+    cmd = ["sync", "pair", "--json", "--address", LOOPBACK, "--timeout", "20"]
+    procs = [subprocess.Popen([sys.executable, "-m", "covey", *cmd, "--home",
+                               str(pods.home(n))], env=pods.env, text=True,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for n in ("a", "b")]
+    started = time.monotonic()
+    results = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 3 for p in procs), results
+    assert all("pass --yes in scripts" in err for _, err in results), results
+    assert time.monotonic() - started < 15  # both say so at once, not at the time-out
+    # Nothing is trusted before confirmation: neither pod holds a user key.
+    for name in ("a", "b"):
+        assert pods.read(name, lambda p: PodState(p).user_key()) is None
