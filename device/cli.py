@@ -119,12 +119,20 @@ def _read_export(path: Path) -> dict[str, Any]:
 @pod_app.command("status")
 def pod_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Identity, encryption, counts, and checks of every page and of the audit chain."""
+    from covey.device._context import sources
     from covey.device._join import node_key, supernode
     from covey.device._participation import budget_policy, spent
+    from covey.device._stop import is_stopped
+    from covey.device._sync import PodState
 
     with open_pod(home) as pod:
         status = pod.status()
         policy, used = budget_policy(pod), spent(pod)
+        state = PodState(pod)
+        key = state.user_key()
+        sync = {"user_id": key.user_id if key else None, "devices": len(state.devices())}
+        context = [s.name for s in sources(pod) if s.active]
+        stopped = is_stopped(pod.home)
     chain = status.audit_chain
     node = supernode(Path(status.home))
     federation: dict[str, Any] = {"node_key": str(node_key(Path(status.home))),
@@ -132,7 +140,8 @@ def pod_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
                   "epsilon_spent": used if used != float("inf") else None,
                   "max_epsilon": policy.max_epsilon, "delta": policy.delta}
     if as_json:
-        _emit_json({**status.to_dict(), "federation": federation})
+        _emit_json({**status.to_dict(), "federation": federation, "sync": sync,
+                    "context_sources": context, "stopped": stopped})
     else:
         table = Table(show_header=False, box=None)
         table.add_row("pod", f"{status.name} ({status.pod_id})")
@@ -157,6 +166,11 @@ def pod_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
                       if node else "not joined")
         table.add_row("privacy budget", f"epsilon {used:.3g} of {policy.max_epsilon:g} spent "
                       f"(delta {policy.delta:g})")
+        table.add_row("sync", f"user {sync['user_id']}, {sync['devices']} devices"
+                      if sync["user_id"] else "not paired (`covey sync pair`)")
+        table.add_row("context", ", ".join(context) or "no source on (`covey context enable`)")
+        if stopped:
+            table.add_row("stopped", "[red]yes[/] (`covey stop --release` to run again)")
         out.print(table)
     if status.integrity:
         raise StoreCorruptError(Path(status.home) / "pod.db",
