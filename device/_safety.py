@@ -15,7 +15,7 @@ What it checks, and what happens:
 
 The classifier is softmax regression over hashed word 1-2-grams and character
 3-5-grams, trained (deterministically, in about a second, then cached) on
-``device/safety_data/train.jsonl`` plus ordinary chat from the public share of
+``device/safety_data/*.jsonl`` plus ordinary chat from the public share of
 chitchat-dataset. The red-team set in ``tests/safety`` is never used to train it.
 """
 
@@ -40,8 +40,14 @@ HOLDBACK = 48  # characters of a reply held back until checked
 DIM = 1 << 18
 TARGET_FPR = 0.01  # the threshold is set so that 1 % of held-out ordinary chat is flagged
 _FLOOR = 0.35  # the threshold never goes below this (fewer false refusals of requests)
-_RECIPE = 3  # bump when training changes, so cached weights are rebuilt
-_DATA = Path(__file__).parent / "safety_data" / "train.jsonl"
+_RECIPE = 4  # bump when training changes, so cached weights are rebuilt
+_DATA_DIR = Path(__file__).parent / "safety_data"
+_DATA = _DATA_DIR / "train.jsonl"  # labelled examples of every category
+
+
+def _data_files() -> list[Path]:
+    """Every training file in ``safety_data`` (``train.jsonl`` and further examples)."""
+    return sorted(_DATA_DIR.glob("*.jsonl"))
 _PUBLIC_BENIGN = 8000  # ordinary chat lines from the public share, as benign examples
 _CALIBRATION = 2000  # further public lines, never trained on, to set the threshold
 REFUSAL = "I can't help with that."
@@ -162,7 +168,9 @@ def _training_set() -> tuple[list[str], list[int], list[str]]:
     texts, labels = [], []
     names = {"injection": "injection", "jailbreak": "jailbreak", "harm": "harm",
              "pii_exfiltration": "pii_exfiltration", "benign": "benign"}
-    for line in _DATA.read_text(encoding="utf-8").splitlines():
+    lines = [line for path in _data_files()
+             for line in path.read_text(encoding="utf-8").splitlines()]
+    for line in lines:
         if line.strip():
             row = json.loads(line)
             texts.append(str(row["text"]))
@@ -223,8 +231,8 @@ class SafetyFilter:
         """Train on first use (about a second) and cache the weights by data hash."""
         from covey.models._embedder import cache_dir
 
-        recipe = _DATA.read_bytes() + f"{_PUBLIC_BENIGN} {_CALIBRATION} {TARGET_FPR} {DIM} " \
-            f"{_FLOOR} v{_RECIPE}".encode()
+        settings = f"{_PUBLIC_BENIGN} {_CALIBRATION} {TARGET_FPR} {DIM} {_FLOOR} v{_RECIPE}"
+        recipe = b"".join(p.read_bytes() for p in _data_files()) + settings.encode()
         digest = hashlib.sha256(recipe).hexdigest()[:16]
         path = (cache or cache_dir()) / "safety" / f"classifier-{digest}.npz"
         if path.exists():
