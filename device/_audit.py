@@ -17,6 +17,8 @@ from typing import Any
 
 import sqlcipher3.dbapi2 as sqlite
 
+from covey.device._store import set_meta
+
 __all__ = ["GENESIS", "AuditEntry", "ChainCheck", "append", "entries", "verify"]
 
 GENESIS = "0" * 64
@@ -70,11 +72,7 @@ def append(conn: sqlite.Connection, kind: str, *, peer: str = "", nbytes: int = 
         " prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (seq, created_at, kind, peer, nbytes, float(epsilon), detail_json, prev, digest),
     )
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES (?, ?)"
-        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (_HEAD_KEY, f"{seq}:{digest}"),
-    )
+    set_meta(conn, _HEAD_KEY, f"{seq}:{digest}")
     return AuditEntry(seq, created_at, kind, peer, nbytes, float(epsilon),
                       detail or {}, prev, digest)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import sqlcipher3.dbapi2 as sqlite
+
 from covey.device._pod import Pod
 from covey.errors import InvalidInputError
 
@@ -40,12 +42,17 @@ def consented(pod: Pod, scope: str = TRAINING_CONSENT) -> bool:
     return bool(rows and rows[0][0])
 
 
+def write_consent(conn: sqlite.Connection, scope: str, granted: bool) -> None:
+    """Record a consent inside the caller's transaction (not audited here)."""
+    conn.execute("INSERT INTO consents (scope, granted, updated_at) VALUES (?, ?, ?)"
+                 " ON CONFLICT (scope) DO UPDATE SET granted = excluded.granted,"
+                 " updated_at = excluded.updated_at", (scope, int(granted), _now()))
+
+
 def set_consent(pod: Pod, scope: str, granted: bool) -> None:
     """Grant or revoke a consent (audited)."""
     with pod.store.transaction() as c:
-        c.execute("INSERT INTO consents (scope, granted, updated_at) VALUES (?, ?, ?)"
-                  " ON CONFLICT (scope) DO UPDATE SET granted = excluded.granted,"
-                  " updated_at = excluded.updated_at", (scope, int(granted), _now()))
+        write_consent(c, scope, granted)
         from covey.device import _audit
 
         _audit.append(c, "consent", detail={"scope": scope, "granted": granted})

@@ -34,6 +34,7 @@ import numpy as np
 from covey.device._feedback import TRAINING_CONSENT, consented
 from covey.device._pod import Pod
 from covey.device._stop import is_stopped
+from covey.device._store import set_meta
 from covey.errors import CoveyError
 from covey.privacy import DPConfig, GaussianRounds, get_accountant
 from covey.protocols import ModelVersion, SignatureError, verify_version
@@ -127,8 +128,7 @@ def set_budget_policy(pod: Pod, max_epsilon: float, delta: float | None = None) 
 
     with pod.store.transaction() as c:
         for key, value in ((_MAX_EPS_KEY, policy.max_epsilon), (_DELTA_KEY, policy.delta)):
-            c.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
-                      " DO UPDATE SET value = excluded.value", (key, repr(value)))
+            set_meta(c, key, repr(value))
         _audit.append(c, "budget_policy", detail={"max_epsilon": policy.max_epsilon,
                                                   "delta": policy.delta})
     return policy

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from covey.device import _audit
+from covey.device._store import set_meta
 from covey.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -59,7 +60,6 @@ def set_profile(pod: Pod, values: dict[str, str | None]) -> dict[str, str]:
             if value is None:
                 c.execute("DELETE FROM meta WHERE key = ?", (PREFIX + field,))
             else:
-                c.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
-                          " DO UPDATE SET value = excluded.value", (PREFIX + field, value))
+                set_meta(c, PREFIX + field, value)
         _audit.append(c, "profile", detail={"fields": sorted(checked)})
     return get_profile(pod)

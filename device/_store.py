@@ -24,7 +24,7 @@ import sqlcipher3.dbapi2 as sqlite
 from covey.device._schema import MIGRATIONS, SCHEMA_VERSION
 from covey.errors import DiskFullError, PodLockedError, StoreCorruptError
 
-__all__ = ["Store", "StoreError"]
+__all__ = ["Store", "StoreError", "set_meta"]
 
 StoreError = sqlite.Error
 
@@ -153,6 +153,12 @@ class Store:
         if primary == sqlite.SQLITE_IOERR:
             return StoreCorruptError(self.path, f"I/O error: {exc}")
         return exc
+
+
+def set_meta(conn: sqlite.Connection, key: str, value: str) -> None:
+    """Set a metadata value inside the caller's transaction."""
+    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
+                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
 
 
 def _disk_is_full(path: Path) -> bool:

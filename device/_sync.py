@@ -35,9 +35,12 @@ import sqlcipher3.dbapi2 as sqlite
 
 from covey.device import _audit
 from covey.device._facts import Fact
+from covey.device._feedback import write_consent
 from covey.device._graph import PreferenceGraph
+from covey.device._participation import _DELTA_KEY, _MAX_EPS_KEY
 from covey.device._pod import DeviceIdentity
 from covey.device._profile import PROFILE_FIELDS, validate
+from covey.device._store import set_meta
 from covey.errors import InvalidInputError
 from covey.protocols._crdt import Entry, Replica
 from covey.protocols._hlc import HLC
@@ -51,7 +54,6 @@ __all__ = ["SYNC_MEMORIES", "Device", "PodState", "memory_key", "record_forgotte
 SYNC_MEMORIES = "sync_memories"  # the consent scope under which memories are shared
 _NOT_FUNCTIONAL = {"likes", "dislikes", "allergic_to"}
 _TASTES = {"likes", "dislikes"}
-_MAX_EPS_KEY, _DELTA_KEY = "privacy.max_epsilon", "privacy.delta"
 
 
 def _now() -> str:
@@ -271,18 +273,13 @@ class PodState:
             if entry.deleted:
                 conn.execute("DELETE FROM consents WHERE scope = ?", (entry.key,))
             else:
-                conn.execute("INSERT INTO consents (scope, granted, updated_at) VALUES (?, ?, ?)"
-                             " ON CONFLICT (scope) DO UPDATE SET granted = excluded.granted,"
-                             " updated_at = excluded.updated_at",
-                             (entry.key, int(bool(value)), _now()))
+                write_consent(conn, entry.key, bool(value))
         elif c == "budget_policy" and entry.key == "policy":
             if entry.deleted:
                 conn.execute("DELETE FROM meta WHERE key IN (?, ?)", (_MAX_EPS_KEY, _DELTA_KEY))
             else:
                 for key, field in ((_MAX_EPS_KEY, "max_epsilon"), (_DELTA_KEY, "delta")):
-                    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
-                                 " DO UPDATE SET value = excluded.value",
-                                 (key, repr(float(value[field]))))
+                    set_meta(conn, key, repr(float(value[field])))
         elif c == "memories":
             self._apply_memory(conn, entry)
         elif c == "profile" and entry.key in PROFILE_FIELDS:
@@ -290,9 +287,7 @@ class PodState:
                 conn.execute("DELETE FROM meta WHERE key = ?", ("profile." + entry.key,))
             else:
                 value = validate(entry.key, str(value))  # a bad value fails the whole merge
-                conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
-                             " DO UPDATE SET value = excluded.value",
-                             ("profile." + entry.key, value))
+                set_meta(conn, "profile." + entry.key, value)
 
     def _apply_preference(self, conn: sqlite.Connection, entry: Entry) -> None:
         now = _now()
