@@ -163,9 +163,10 @@ class Capture:
                         break
                     self._check_sources()
                 self.flush()
-                if now - last_device >= self.device_interval and active(self.pod, "device"):
+                if now - last_device >= self.device_interval:
                     last_device = now
-                    record(self.pod, "device", device_readings())
+                    if active(self.pod, "device"):
+                        record(self.pod, "device", device_readings())
                 if now - last_purge >= min(self.check_interval * 5, 60.0):
                     last_purge = now
                     purge_expired(self.pod)

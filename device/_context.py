@@ -174,17 +174,19 @@ def disable(pod: Pod, name: str) -> int:
     return erased
 
 
-def sources(pod: Pod) -> list[SourceStatus]:
-    """Every source, enabled or not."""
+def sources(pod: Pod, counts: bool = True) -> list[SourceStatus]:
+    """Every source, enabled or not. ``counts=False`` leaves out the events held (a scan
+    of the events table), for callers that only ask whether a source is on."""
     rows = {r["name"]: r for r in pod.store.query("SELECT * FROM context_sources")}
     consents = {r[0]: bool(r[1]) for r in pod.store.query(
         "SELECT scope, granted FROM consents WHERE scope LIKE 'context_%'")}
-    counts = {r[0]: (int(r[1]), r[2]) for r in pod.store.query(
-        "SELECT source, count(*), max(created_at) FROM context_events GROUP BY source")}
+    held = {r[0]: (int(r[1]), r[2]) for r in pod.store.query(
+        "SELECT source, count(*), max(created_at) FROM context_events GROUP BY source")
+    } if counts else {}
     found = []
     for name in SOURCES:
         row = rows.get(name)
-        events, last = counts.get(name, (0, None))
+        events, last = held.get(name, (0, None))
         found.append(SourceStatus(
             name, bool(row and row["enabled"]), consents.get(_scope(name), False),
             int(row["retention_s"]) if row else DEFAULT_RETENTION[name], events,
@@ -195,7 +197,7 @@ def sources(pod: Pod) -> list[SourceStatus]:
 
 def active(pod: Pod, name: str) -> SourceStatus | None:
     """The source's status if it is capturing now (enabled and consented), else None."""
-    status = next(s for s in sources(pod) if s.name == name)
+    status = next(s for s in sources(pod, counts=False) if s.name == name)
     return status if status.active else None
 
 
@@ -353,7 +355,7 @@ def current_context(pod: Pod, when: datetime | None = None, limit: int = 6) -> l
     local = when or local_now(pod)
     now = local.astimezone(UTC)
     lines: list[str] = []
-    live = {s.name for s in sources(pod) if s.active}
+    live = {s.name for s in sources(pod, counts=False) if s.active}
     if not live:
         return lines
     fresh = _iso(now)

@@ -136,7 +136,8 @@ class SyncLoop:
                 _log.exception("sync: reading the pod's state failed")
                 continue
             changed, last_vector = vector != last_vector, vector
-            trust = self._trust()
+            # Devices and revocations change only with the vector: look only then.
+            trust = self._trust() if changed else last_trust
             if trust != last_trust:  # a device was paired or revoked: try everyone again
                 last_trust = trust
                 for peer_state in self._peers.values():

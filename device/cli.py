@@ -131,7 +131,7 @@ def pod_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         state = PodState(pod)
         key = state.user_key()
         sync = {"user_id": key.user_id if key else None, "devices": len(state.devices())}
-        context = [s.name for s in sources(pod) if s.active]
+        context = [s.name for s in sources(pod, counts=False) if s.active]
         stopped = is_stopped(pod.home)
     chain = status.audit_chain
     node = supernode(Path(status.home))
