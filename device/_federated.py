@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from covey.models import Adapter, ChatTokenizer, Example, TinyLM
     from covey.models._finetune import FinetuneConfig
 
-__all__ = ["ClientUpdate", "train_update"]
+__all__ = ["ClientUpdate", "train_update", "train_updates"]
 
 
 @dataclass(frozen=True)
@@ -54,14 +54,29 @@ def train_update(model: TinyLM, tok: ChatTokenizer, examples: Sequence[Example],
     Raises:
         ValueError: no examples, or training produced a non-finite update.
     """
-    from covey.models._finetune import finetune_adapter
+    return train_updates(model, tok, [(examples, train, rng)], global_adapter, dp)[0]
 
-    if not examples:
+
+def train_updates(model: TinyLM, tok: ChatTokenizer,
+                  pods: Sequence[tuple[Sequence[Example], FinetuneConfig,
+                                       np.random.Generator | None]],
+                  global_adapter: Adapter, dp: DPConfig) -> list[ClientUpdate]:
+    """:func:`train_update` for several pods at once, each with its own examples,
+    settings and noise generator: the simulation's batched clients. Each update is the
+    one the pod would compute alone (within float rounding).
+    """
+    from covey.models._finetune import FinetuneJob, finetune_adapters
+
+    if any(not examples for examples, _, _ in pods):
         raise ValueError("no training examples")
-    result = finetune_adapter(model, tok, examples, global_adapter, train)
-    delta = result.adapter.flat() - global_adapter.flat()
-    clipped, norm = clip_update(delta, dp.clip_norm)
-    if dp.mode == "local":
-        clipped = add_gaussian_noise(clipped, dp.noise_multiplier * dp.clip_norm, rng)
-    return ClientUpdate(clipped, norm, norm > dp.clip_norm, result.examples, result.tokens,
-                        result.loss_before, result.loss_after)
+    results = finetune_adapters(model, tok, [FinetuneJob(examples, global_adapter, train)
+                                             for examples, train, _ in pods])
+    start = global_adapter.flat()
+    updates = []
+    for result, (_, _, rng) in zip(results, pods, strict=True):
+        clipped, norm = clip_update(result.adapter.flat() - start, dp.clip_norm)
+        if dp.mode == "local":
+            clipped = add_gaussian_noise(clipped, dp.noise_multiplier * dp.clip_norm, rng)
+        updates.append(ClientUpdate(clipped, norm, norm > dp.clip_norm, result.examples,
+                                    result.tokens, result.loss_before, result.loss_after))
+    return updates

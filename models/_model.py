@@ -67,6 +67,8 @@ class LoRALinear(nn.Linear):
     """A linear layer with an optional low-rank update: ``W x + (alpha/r) B A x``.
 
     ``lora_B`` starts at zero, so a fresh adapter leaves the base model unchanged.
+    ``external`` may hold one adapter per batch row, A (B, r, in) and B (B, out, r), so
+    that many pods' adapters train in one pass.
     """
 
     def __init__(self, d_in: int, d_out: int, rank: int, alpha: float, bias: bool = True):
@@ -77,9 +79,17 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         # Set only while tracing for ONNX: the matrices then come from graph inputs.
         self.external: tuple[Tensor, Tensor] | None = None
+        # Off while pretraining the base: the adapter is zero then, and skipping it
+        # saves its two matrix products per call.
+        self.adapter_on = True
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.adapter_on:
+            return super().forward(x)
         a, b = self.external if self.external is not None else (self.lora_A, self.lora_B)
+        if a.dim() == 3:  # one adapter per batch row: A (B, r, in), B (B, out, r)
+            low = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
+            return super().forward(x) + low * self.scale
         return super().forward(x) + (x @ a.T @ b.T) * self.scale
 
 
@@ -218,7 +228,22 @@ class TinyLM(nn.Module):
         if not bool(keep.any()):
             return x.sum() * 0.0  # nothing to predict: a zero that still backpropagates
         logits = x.flatten(0, 1)[keep] @ self.tok.weight.T  # (N, V)
-        return F.cross_entropy(logits, targets.flatten()[keep])
+        return F.cross_entropy(logits.float(), targets.flatten()[keep])  # fp32 under autocast
+
+    def window_loss(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy over windows where every position has a target.
+
+        The pretraining loss: no masking, so it compiles to one graph.
+        """
+        x, _ = self._hidden(idx, ())
+        logits = x @ self.tok.weight.T  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def set_adapters(self, on: bool) -> None:
+        """Use (or skip) every LoRA adapter in the forward pass."""
+        for module in self.modules():
+            if isinstance(module, LoRALinear):
+                module.adapter_on = on
 
     def num_parameters(self, lora: bool = False) -> int:
         """Parameters of the base model, or of the LoRA adapter."""

@@ -4,7 +4,7 @@ The ServerApp runs the aggregator's ``run_federated`` over Flower's grid through
 deployment's own :class:`~covey.aggregator._serverapp.FlowerTransport`; every virtual
 SuperNode runs a ClientApp that parses the round message as a real pod does
 (:func:`~covey.device._clientapp.request_from`), trains with the same client function
-as the ``fast`` engine (:func:`~covey.simulations._simulate.train_pod`) and answers in
+as the ``fast`` engine (:func:`~covey.simulations._simulate.train_pods`) and answers in
 the real pod's reply format (:func:`~covey.device._clientapp.reply_message`).
 
 Flower gives virtual SuperNodes random node ids. So that a seed samples the same pods in
@@ -58,7 +58,7 @@ def client_app(cfg: Any) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         from covey.device._clientapp import REFUSAL_CODE, reply_message, request_from
-        from covey.simulations._simulate import train_pod
+        from covey.simulations._simulate import train_pods
 
         try:
             request = request_from(dict(msg.content.config_records["round"]), "simulation")
@@ -67,7 +67,7 @@ def client_app(cfg: Any) -> ClientApp:
                                  f"({type(exc).__name__})"), reply_to=msg)
         state = _client_state(cfg)
         node = int(context.node_config[_PARTITION]) + 1
-        update = train_pod(state["users"], state["model"], state["tok"], node, request)
+        update, = train_pods(state["users"], state["model"], state["tok"], [node], request)
         # A simulated pod keeps no ledger: its spend is the run's, accounted by the server.
         return reply_message(msg, update, float("nan"), str(request.version.get("id")))
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from covey.device._participation import RoundRequest
 
 __all__ = ["SimulationConfig", "eval_sample", "personalized", "population",
-           "population_summary", "simulate"]
+           "population_summary", "simulate", "train_pods"]
 
 ENGINES = ("fast", "flower")
 
@@ -138,33 +138,46 @@ def population_summary(users: Sequence[Any], tok: Any) -> dict[str, Any]:
 _WORKER: dict[str, Any] = {}
 
 
-def train_pod(users: Sequence[Any], model: Any, tok: Any, node: int,
-              request: RoundPayload | RoundRequest) -> ClientUpdate:
-    """Pod ``node`` (1-based into ``users``) runs the client training function.
+#: Pods trained together in one batched pass of the fast engine (memory grows with it).
+POD_GROUP = 8
+
+
+def _pod_job(users: Sequence[Any], node: int, request: RoundPayload | RoundRequest
+             ) -> tuple[Any, Any, np.random.Generator]:
+    """Pod ``node``'s examples, training settings and noise generator for a round.
 
     The pod's training seed and local noise derive from the round's seed and the pod's
     index alone, so the result does not depend on which process or engine trains it.
     """
-    from covey.device._federated import train_update
-    from covey.models import Adapter
     from covey.models._finetune import FinetuneConfig
 
     train = FinetuneConfig(epochs=request.local_epochs, lr=request.lr,
                            max_examples=request.max_examples,
                            seed=request.seed * 100_003 + node, measure_loss=False)
-    rng = np.random.default_rng([request.seed, node])
-    return train_update(model, tok, users[node - 1].train, Adapter.from_bytes(request.adapter),
-                        train, request.dp, rng)
+    return users[node - 1].train, train, np.random.default_rng([request.seed, node])
+
+
+def train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
+               request: RoundPayload | RoundRequest) -> list[ClientUpdate]:
+    """Pods ``nodes`` (1-based into ``users``) run the client training function; the
+    fast engine trains them ``POD_GROUP`` at a time, batched, with the same results."""
+    from covey.device._federated import train_updates
+    from covey.models import Adapter
+
+    adapter = Adapter.from_bytes(request.adapter)
+    updates: list[ClientUpdate] = []
+    for i in range(0, len(nodes), POD_GROUP):
+        group = [_pod_job(users, node, request) for node in nodes[i:i + POD_GROUP]]
+        updates += train_updates(model, tok, group, adapter, request.dp)
+    return updates
 
 
 def _train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
                 payload: RoundPayload) -> list[PodReply]:
-    replies = []
-    for node in nodes:
-        update = train_pod(users, model, tok, node, payload)
-        replies.append(PodReply(node, values=update.delta, version=str(payload.version["id"]),
-                                examples=update.examples, clipped=update.clipped))
-    return replies
+    updates = train_pods(users, model, tok, nodes, payload)
+    return [PodReply(node, values=update.delta, version=str(payload.version["id"]),
+                     examples=update.examples, clipped=update.clipped)
+            for node, update in zip(nodes, updates, strict=True)]
 
 
 def _worker_init(cfg: SimulationConfig, users: Sequence[Any] | None) -> None:

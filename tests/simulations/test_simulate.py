@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from covey.errors import InvalidInputError
@@ -124,17 +125,22 @@ def test_a_sweep_writes_what_its_runs_measured(tmp_path: Path) -> None:
 
 def test_worker_processes_give_the_same_aggregate(tmp_path: Path) -> None:
     from covey.aggregator._registry import Registry
+    from covey.models import Adapter
 
     cfg = SimulationConfig(pods=6, rounds=2, clients_per_round=6, target_epsilon=8.0,
                            eval_examples=20, seed=5, workers=1)
     one = simulate(cfg, tmp_path / "one")
     two = simulate(SimulationConfig(**{**cfg.__dict__, "workers": 2}), tmp_path / "two")
     assert two["simulation"]["workers"] == 2
-    hashes = [Registry(tmp_path / d / "registry").get(r["final_version"])[0].sha256
-              for d, r in (("one", one), ("two", two))]
-    assert hashes[0] == hashes[1]
+    # Two workers batch different groups of pods together: the same updates up to float
+    # rounding (the order of sums inside a batched pass), not bit for bit.
+    for version in range(1, 3):
+        adapters = [Adapter.from_bytes(Registry(tmp_path / d / "registry").get(
+            next(v.id for v in Registry(tmp_path / d / "registry").versions()
+                 if v.round == version))[1]).flat() for d in ("one", "two")]
+        np.testing.assert_allclose(adapters[0], adapters[1], rtol=1e-4, atol=1e-5)
     assert [r.get("perplexity") for r in one["rounds"]] == \
-        [r.get("perplexity") for r in two["rounds"]]
+        pytest.approx([r.get("perplexity") for r in two["rounds"]], rel=1e-5)
 
 
 def test_too_little_memory_fails_before_any_work(tmp_path: Path) -> None:

@@ -1,0 +1,82 @@
+"""Adapter training: many pods' adapters trained in one batched pass equal each trained
+alone, and pretraining trains the base only."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from covey.models._adapter import Adapter
+from covey.models._data import Example
+from covey.models._finetune import (
+    FinetuneConfig,
+    FinetuneJob,
+    finetune_adapter,
+    finetune_adapters,
+)
+from covey.models._model import TinyLM
+from covey.models._tokenizer import ChatTokenizer
+from covey.models._train import TrainConfig, pretrain
+from tests.models.conftest import TEXTS
+
+
+def _examples(start: int, count: int) -> list[Example]:
+    return [Example(TEXTS[i % 6], TEXTS[(i + 1) % 6] * (1 + i % 3), f"2024-01-{i % 28 + 1:02d}")
+            for i in range(start, start + count)]
+
+
+def _jobs(start: Adapter) -> list[FinetuneJob]:
+    # Different sizes, epochs and learning rates: jobs take different numbers of steps.
+    return [FinetuneJob(_examples(k, n), start, FinetuneConfig(
+        epochs=e, lr=lr, batch_tokens=96, seed=k, measure_loss=True))
+        for k, (n, e, lr) in enumerate([(3, 1, 5e-3), (9, 2, 1e-2), (5, 3, 5e-3), (1, 1, 2e-2)])]
+
+
+def test_batched_adapters_equal_each_trained_alone(model: TinyLM,
+                                                   tokenizer: ChatTokenizer) -> None:
+    start = Adapter.from_model(model)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    jobs = _jobs(start)
+    together = finetune_adapters(model, tokenizer, jobs)
+    alone = [finetune_adapter(model, tokenizer, j.examples, start, j.cfg) for j in jobs]
+    for a, b in zip(together, alone, strict=True):
+        moved = np.abs(b.adapter.flat() - start.flat()).max()
+        assert moved > 1e-3  # training changed the adapter ...
+        np.testing.assert_allclose(a.adapter.flat(), b.adapter.flat(), rtol=1e-4, atol=1e-6)
+        assert (a.examples, a.tokens) == (b.examples, b.tokens)
+        assert a.loss_before == b.loss_before != a.loss_after
+        assert a.loss_after < a.loss_before  # ... and it learned its own examples
+    # The base weights never change; the model ends holding the last job's adapter.
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, base[name])
+    np.testing.assert_array_equal(Adapter.from_model(model).flat(), alone[-1].adapter.flat())
+
+
+def test_a_pods_adapter_does_not_depend_on_its_group(model: TinyLM,
+                                                     tokenizer: ChatTokenizer) -> None:
+    start = Adapter.from_model(model)
+    jobs = _jobs(start)
+    full = finetune_adapters(model, tokenizer, jobs)
+    pair = finetune_adapters(model, tokenizer, jobs[1:3])
+    for a, b in zip(full[1:3], pair, strict=True):
+        np.testing.assert_allclose(a.adapter.flat(), b.adapter.flat(), rtol=1e-4, atol=1e-6)
+
+
+def test_pretraining_trains_the_base_and_leaves_the_adapter(model: TinyLM) -> None:
+    adapter = Adapter.from_model(model).flat()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    stream = np.random.default_rng(0).integers(0, model.cfg.vocab_size, 400)
+    losses = pretrain(model, stream, TrainConfig(steps=3, batch_size=2, seq_len=16,
+                                                 compile=False))
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert not torch.equal(model.tok.weight, before["tok.weight"])
+    np.testing.assert_array_equal(Adapter.from_model(model).flat(), adapter)
+    # Adapters are back on after pretraining: the (non-zero) adapter changes the output.
+    ids = torch.arange(8)[None]
+    with torch.no_grad():
+        on = model(ids)[0]
+        model.set_adapters(False)
+        off = model(ids)[0]
+        model.set_adapters(True)
+    assert not torch.allclose(on, off)
