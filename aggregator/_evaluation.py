@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 __all__ = ["AdapterEvaluator", "public_evaluator"]
 
 
@@ -19,12 +17,11 @@ class AdapterEvaluator:
 
     def __init__(self, examples: Sequence[Any], threads: int = 1,
                  model: Any = None, tok: Any = None) -> None:
-        import torch
 
         from covey.models import load_model
         from covey.models._evaluate import examples_to_batches
 
-        torch.set_num_threads(threads)
+        self.threads = threads
         if model is None or tok is None:
             model, tok, _ = load_model()
         self.model, self.tok = model, tok
@@ -35,15 +32,11 @@ class AdapterEvaluator:
         import torch
 
         from covey.models import Adapter
-        from covey.models._evaluate import evaluate
+        from covey.models._evaluate import evaluate, torch_scored
 
         Adapter.from_bytes(adapter_bytes).load_into(self.model)
-
-        def logits(ids: np.ndarray) -> Any:
-            with torch.no_grad():
-                return self.model(torch.from_numpy(ids))[0].numpy()
-
-        q = evaluate(logits, self.batches, self.examples)
+        torch.set_num_threads(self.threads)
+        q = evaluate(torch_scored(self.model), self.batches, self.examples)
         return {"perplexity": round(q.perplexity, 4), "top1": round(q.top1, 4),
                 "top3": round(q.top3, 4)}
 

@@ -19,7 +19,13 @@ import numpy as np
 
 from covey.models._artifacts import ARTIFACT_FILES, CARD, sha256_file
 from covey.models._data import Corpus, load_corpus
-from covey.models._evaluate import BigramModel, evaluate, examples_to_batches
+from covey.models._evaluate import (
+    BigramModel,
+    evaluate,
+    examples_to_batches,
+    scored,
+    torch_scored,
+)
 from covey.models._model import ModelConfig, TinyLM
 from covey.models._onnx import OnnxLM, export_onnx, quantize_int8
 from covey.models._tokenizer import ChatTokenizer, train_tokenizer
@@ -46,18 +52,12 @@ def _federated_test(corpus: Corpus) -> list[Any]:
 
 def _quality(model: TinyLM, lm_int8: OnnxLM, bigram: BigramModel, tok: ChatTokenizer,
              examples: list[Any]) -> dict[str, Any]:
-    import torch
 
     batches = examples_to_batches(tok, examples, model.cfg.context)
-
-    def torch_logits(ids: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return model(torch.from_numpy(ids))[0].numpy()
-
     return {
-        "model_fp32": evaluate(torch_logits, batches, len(examples)).to_dict(),
-        "model_int8_onnx": evaluate(lm_int8.logits, batches, len(examples)).to_dict(),
-        "bigram_baseline": evaluate(bigram.logits, batches, len(examples)).to_dict(),
+        "model_fp32": evaluate(torch_scored(model), batches, len(examples)).to_dict(),
+        "model_int8_onnx": evaluate(scored(lm_int8.logits), batches, len(examples)).to_dict(),
+        "bigram_baseline": evaluate(scored(bigram.logits), batches, len(examples)).to_dict(),
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,11 +18,27 @@ import torch
 from covey.models._data import Example
 from covey.models._tokenizer import PAD, ChatTokenizer
 
-__all__ = ["BigramModel", "Quality", "evaluate", "examples_to_batches"]
+__all__ = ["BigramModel", "Quality", "evaluate", "examples_to_batches", "scored", "torch_scored"]
 
-# Logits of a right-padded batch: (B, T) ids -> (B, T, V). Right padding needs no mask
-# in a causal model: a real token never attends to the pads after it.
-LogitsFn = Callable[[np.ndarray], np.ndarray]
+# Logits of the scored positions of a right-padded batch: (B, T) ids and (B, T) mask ->
+# (N, V), N the mask's true count. Right padding needs no attention mask in a causal
+# model: a real token never attends to the pads after it.
+LogitsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def scored(full: Callable[[np.ndarray], np.ndarray]) -> LogitsFn:
+    """A LogitsFn from a function giving logits at every position, (B, T) -> (B, T, V)."""
+    return lambda ids, mask: full(ids)[mask]
+
+
+def torch_scored(model: Any) -> LogitsFn:
+    """The torch model's logits at the scored positions only: the vocabulary projection
+    of context tokens, a third of the work, is skipped."""
+    def logits(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model.scored_logits(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+    return logits
 
 
 @dataclass(frozen=True)
@@ -82,7 +99,7 @@ def evaluate(logits_fn: LogitsFn, batches: Sequence[tuple[np.ndarray, np.ndarray
     hit1 = hit3 = count = 0
     for ids, tgt in batches:
         mask = tgt >= 0
-        sel = torch.from_numpy(np.ascontiguousarray(logits_fn(ids)[mask]))  # (N, V) scored
+        sel = torch.from_numpy(np.ascontiguousarray(logits_fn(ids, mask)))  # (N, V) scored
         y = torch.from_numpy(tgt[mask])
         target = sel.gather(1, y[:, None])  # (N, 1)
         nll += float((sel.double().logsumexp(dim=1) - target[:, 0].double()).sum())

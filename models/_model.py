@@ -230,6 +230,11 @@ class TinyLM(nn.Module):
         logits = x.flatten(0, 1)[keep] @ self.tok.weight.T  # (N, V)
         return F.cross_entropy(logits.float(), targets.flatten()[keep])  # fp32 under autocast
 
+    def scored_logits(self, idx: Tensor, mask: Tensor) -> Tensor:
+        """Logits (N, V) of the positions where ``mask`` (B, T) is true, in order."""
+        x, _ = self._hidden(idx, ())
+        return x[mask] @ self.tok.weight.T
+
     def window_loss(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy over windows where every position has a target.
 

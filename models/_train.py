@@ -21,7 +21,7 @@ class TrainConfig:
     """Optimisation settings of pretraining."""
 
     seed: int = 1234
-    steps: int = 1400
+    steps: int = 2300
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 3e-3
@@ -70,7 +70,6 @@ def pretrain(model: TinyLM, stream: np.ndarray, cfg: TrainConfig,
     """Train the base weights (LoRA frozen) on random windows of ``stream``; returns losses."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    rng = np.random.default_rng(cfg.seed)
     base = [p for n, p in model.named_parameters() if "lora_" not in n]
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" not in n)
@@ -81,8 +80,6 @@ def pretrain(model: TinyLM, stream: np.ndarray, cfg: TrainConfig,
          {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95),
     )
-    window = cfg.seq_len + 1
-    losses: list[float] = []
     model.train()
     model.set_adapters(False)  # the adapters are zero while the base trains
 
@@ -91,6 +88,29 @@ def pretrain(model: TinyLM, stream: np.ndarray, cfg: TrainConfig,
             return model.window_loss(batch[:, :-1], batch[:, 1:])
 
     loss_fn = torch.compile(eager_loss) if cfg.compile else eager_loss
+    # The compiled backward would otherwise scatter-add embedding gradients with atomics
+    # across threads, in a different order each run; this costs no measurable speed.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        losses = _train_steps(model, stream, cfg, opt, loss_fn, eager_loss, base, on_step)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    model.eval()
+    model.set_adapters(True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return losses
+
+
+def _train_steps(model: TinyLM, stream: np.ndarray, cfg: TrainConfig,
+                 opt: torch.optim.Optimizer, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                 eager_loss: Callable[[torch.Tensor], torch.Tensor],
+                 base: list[torch.nn.Parameter],
+                 on_step: Callable[[int, float], None] | None) -> list[float]:
+    rng = np.random.default_rng(cfg.seed)
+    window = cfg.seq_len + 1
+    losses: list[float] = []
     for step in range(cfg.steps):
         starts = rng.integers(0, len(stream) - window, size=cfg.batch_size)
         batch = torch.from_numpy(np.stack([stream[s:s + window] for s in starts]))
@@ -112,10 +132,6 @@ def pretrain(model: TinyLM, stream: np.ndarray, cfg: TrainConfig,
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step, losses[-1])
-    model.eval()
-    model.set_adapters(True)
-    for p in model.parameters():
-        p.requires_grad_(True)
     return losses
 
 

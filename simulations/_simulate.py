@@ -165,11 +165,16 @@ def train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
     from covey.models import Adapter
 
     adapter = Adapter.from_bytes(request.adapter)
-    updates: list[ClientUpdate] = []
-    for i in range(0, len(nodes), POD_GROUP):
-        group = [_pod_job(users, node, request) for node in nodes[i:i + POD_GROUP]]
-        updates += train_updates(model, tok, group, adapter, request.dp)
-    return updates
+    # Pods of alike size train together: fewer padded rows and idle steps.
+    order = sorted(range(len(nodes)), key=lambda i: (len(users[nodes[i] - 1].train), i))
+    updates: list[ClientUpdate | None] = [None] * len(nodes)
+    for at in range(0, len(order), POD_GROUP):
+        group = order[at:at + POD_GROUP]
+        trained = train_updates(model, tok, [_pod_job(users, nodes[i], request) for i in group],
+                                adapter, request.dp)
+        for i, update in zip(group, trained, strict=True):
+            updates[i] = update
+    return [u for u in updates if u is not None]
 
 
 def _train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
@@ -215,10 +220,22 @@ class _MemoryPods:
               ) -> list[PodReply]:
         if self.pool is None or len(nodes) < 2:
             return _train_pods(self.users, self.model, self.tok, nodes, payload)
-        shares = [list(nodes[i::self.workers]) for i in range(self.workers)]
-        futures = [self.pool.submit(_worker_train, share, payload) for share in shares if share]
+        futures = [self.pool.submit(_worker_train, share, payload)
+                   for share in self._shares(nodes, payload.max_examples) if share]
         replies = [r for f in futures for r in f.result(timeout=timeout)]
         return sorted(replies, key=lambda r: r.node_id)
+
+    def _shares(self, nodes: Sequence[int], max_examples: int) -> list[list[int]]:
+        """Nodes split over the workers with about equal work (a pod's work grows with
+        its examples, up to the round's cap)."""
+        cost = {n: min(len(self.users[n - 1].train), max_examples) for n in nodes}
+        shares: list[list[int]] = [[] for _ in range(self.workers)]
+        loads = [0] * self.workers
+        for node in sorted(nodes, key=lambda n: (-cost[n], n)):
+            least = loads.index(min(loads))
+            shares[least].append(node)
+            loads[least] += cost[node]
+        return shares
 
     def close(self) -> None:
         if self.pool is not None:
@@ -286,8 +303,8 @@ def personalized(cfg: SimulationConfig, users: Sequence[Any], adapter_bytes: byt
     import torch
 
     from covey.models import Adapter, TinyLM, load_model
-    from covey.models._evaluate import evaluate, examples_to_batches
-    from covey.models._finetune import FinetuneConfig, finetune_adapter
+    from covey.models._evaluate import evaluate, examples_to_batches, torch_scored
+    from covey.models._finetune import FinetuneConfig, FinetuneJob, finetune_adapters
 
     model, tok, _ = load_model()
     torch.manual_seed(cfg.seed)
@@ -297,17 +314,17 @@ def personalized(cfg: SimulationConfig, users: Sequence[Any], adapter_bytes: byt
     for index, example in eval_sample(users, cfg, np.random.default_rng(cfg.seed)):
         by_user.setdefault(index, []).append(example)
     nll = hits1 = hits3 = tokens = 0.0
-    for index, examples in by_user.items():
-        finetune_adapter(model, tok, users[index].train, start,
-                         FinetuneConfig(epochs=max(cfg.local_epochs, 1), lr=cfg.lr,
-                                        max_examples=cfg.max_examples, seed=cfg.seed,
-                                        measure_loss=False))
-
-        def logits(ids: np.ndarray) -> Any:
-            with torch.no_grad():
-                return model(torch.from_numpy(ids))[0].numpy()
-
-        q = evaluate(logits, examples_to_batches(tok, examples, model.cfg.context),
+    users_in = list(by_user)
+    trained = []
+    for i in range(0, len(users_in), POD_GROUP):
+        trained += finetune_adapters(model, tok, [FinetuneJob(
+            users[index].train, start, FinetuneConfig(
+                epochs=max(cfg.local_epochs, 1), lr=cfg.lr, max_examples=cfg.max_examples,
+                seed=cfg.seed, measure_loss=False)) for index in users_in[i:i + POD_GROUP]])
+    for index, result in zip(users_in, trained, strict=True):
+        examples = by_user[index]
+        result.adapter.load_into(model)
+        q = evaluate(torch_scored(model), examples_to_batches(tok, examples, model.cfg.context),
                      len(examples))
         nll += math.log(q.perplexity) * q.tokens
         hits1 += q.top1 * q.tokens
@@ -360,7 +377,7 @@ def simulate(cfg: SimulationConfig, out: Path,
     (out / "population.json").write_text(json.dumps(summary, indent=2) + "\n")
     rng = np.random.default_rng(cfg.seed)
     chosen = [example for _, example in eval_sample(users, cfg, rng)]
-    evaluator = AdapterEvaluator(chosen, model=model, tok=tok)
+    evaluator = AdapterEvaluator(chosen, threads=os.cpu_count() or 1, model=model, tok=tok)
     registry = Registry(out / "registry")
     if resume:
         unfinished = _unfinished(out)
