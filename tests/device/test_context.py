@@ -289,9 +289,11 @@ def test_covey_stop_halts_a_running_generation(pod: Pod) -> None:
     real = assistant.generator.stream_chat
 
     def counted(*args: object, **kwargs: object) -> Iterator[str]:
-        for piece in real(*args, **kwargs):  # type: ignore[arg-type]
-            generated.append(piece)
-            yield piece
+        # A reply far longer than any the model would give: only the stop can cut it.
+        for _ in range(20):
+            for piece in real(*args, **kwargs):  # type: ignore[arg-type]
+                generated.append(piece)
+                yield piece
 
     assistant.generator.stream_chat = counted  # type: ignore[method-assign]
     params = SamplingParams(max_tokens=200, temperature=0.0, repetition_penalty=1.3)
