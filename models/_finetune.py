@@ -178,12 +178,10 @@ class _Stacked:
                     layer.external = (a[parts[0][0]], b[parts[0][0]])
                 else:
                     layer.external = (a[owner], b[owner])  # (rows, r, in), (rows, out, r)
-            x, _ = self.model._hidden(ids, ())
-            flat = targets.flatten()
-            keep = flat != -100
-            logits = x.flatten(0, 1)[keep] @ self.model.tok.weight.T  # (N, V) scored only
-            nll = F.cross_entropy(logits.float(), flat[keep], reduction="none")
-            token_owner = owner[:, None].expand_as(targets).flatten()[keep]
+            keep = targets != -100
+            logits = self.model.scored_logits(ids, keep)  # (N, V), scored positions only
+            nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+            token_owner = owner[:, None].expand_as(targets)[keep]
             sums = sums.index_add(0, token_owner, nll)
             counts += torch.bincount(token_owner, minlength=k)
         return sums, counts

@@ -217,19 +217,6 @@ class TinyLM(nn.Module):
             present += [k, v]
         return self.ln_f(x), present
 
-    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Mean cross-entropy of next-token prediction; targets of -100 are ignored.
-
-        Logits are computed only where a target counts: fine-tuning on replies skips
-        the vocabulary projection of every context token.
-        """
-        x, _ = self._hidden(idx, ())
-        keep = targets.flatten() != -100  # (B*T,)
-        if not bool(keep.any()):
-            return x.sum() * 0.0  # nothing to predict: a zero that still backpropagates
-        logits = x.flatten(0, 1)[keep] @ self.tok.weight.T  # (N, V)
-        return F.cross_entropy(logits.float(), targets.flatten()[keep])  # fp32 under autocast
-
     def scored_logits(self, idx: Tensor, mask: Tensor) -> Tensor:
         """Logits (N, V) of the positions where ``mask`` (B, T) is true, in order."""
         x, _ = self._hidden(idx, ())
