@@ -5,8 +5,9 @@ cross-entropy of the reply tokens (the context is conditioning only), as in eval
 
 Many adapters can train at once (:func:`finetune_adapters`, what a simulation does with
 the pods of a round): each job keeps its own examples, batch order and AdamW state, and
-step ``s`` of every job runs in one pass through the shared frozen base, its rows
-padded to a common shape. Padding changes no result (right padding under a causal
+step ``s`` of every job runs in one pass through the shared frozen base, the jobs' rows
+regrouped by length into padded sub-batches, each row carrying its job's LoRA matrices.
+Padding changes no result (right padding under a causal
 mask, ignored targets), so each adapter equals the one training alone would give,
 within float rounding; one big pass per step is cheaper than many small ones.
 """
