@@ -79,6 +79,12 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+# What a Memory is read from: every column but the embedding, which only the index needs
+# (reading it makes SQLCipher decrypt its overflow pages).
+_COLUMNS = "id, text, kind, created_at, updated_at, provenance"
+_M_COLUMNS = ", ".join(f"m.{c}" for c in _COLUMNS.split(", "))
+
+
 def _row_to_memory(row: Any) -> Memory:
     return Memory(row["id"], row["text"], row["kind"], row["created_at"], row["updated_at"],
                   json.loads(row["provenance"]))
@@ -129,7 +135,7 @@ class Memories:
         self._on_erase = on_erase
         self._embedder = embedder
         self._index: VectorIndex | None = None
-        self._indexed: tuple[int, int] = (0, 0)  # (max id, count) the index reflects
+        self._stamp: int | None = None  # the memories_stamp the index reflects
         self._df: dict[str, int] = {}  # term -> memories holding it, at _df_total
         self._df_total = 0
 
@@ -162,10 +168,12 @@ class Memories:
         if vector is not None:
             twin = self._near_duplicate(conn, vector, kind)
             if twin is not None:
+                before = self._stamp_now(conn)
                 conn.execute("UPDATE memories SET text = ?, updated_at = ?, embedding = ?"
                              " WHERE id = ?", (text, now, encode_vector(vector), twin))
-                self._reindex(twin, vector)
+                self._reindex(conn, before, twin, vector)
                 return twin
+        before = self._stamp_now(conn)
         cur = conn.execute(
             "INSERT INTO memories (text, kind, provenance, created_at, updated_at, embedding,"
             " embedding_model) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -175,7 +183,7 @@ class Memories:
         )
         mid = int(cur.lastrowid or 0)
         if vector is not None:
-            self._reindex(mid, vector)
+            self._reindex(conn, before, mid, vector)
         return mid
 
     def delete(self, conn: sqlite.Connection, memory_id: int) -> bool:
@@ -187,10 +195,12 @@ class Memories:
             record_forgotten(conn, row[0], row[1])
         conn.execute("DELETE FROM graph_edges WHERE json_extract(provenance, '$.memory_id') = ?",
                      (memory_id,))
+        before = self._stamp_now(conn)
         gone = conn.execute("DELETE FROM memories WHERE id = ?", (memory_id,)).rowcount > 0
-        if gone and self._index is not None and memory_id in self._index:
-            self._index.remove([memory_id])
-            self._indexed = (self._indexed[0], self._indexed[1] - 1)
+        if gone and self._index is not None:
+            if memory_id in self._index:
+                self._index.remove([memory_id])
+            self._follow(conn, before)
         return gone
 
     def _embed(self, text: str) -> np.ndarray | None:
@@ -210,15 +220,28 @@ class Memories:
                 return mid
         return None
 
-    def _reindex(self, memory_id: int, vector: np.ndarray) -> None:
+    def _reindex(self, conn: sqlite.Connection, before: int, memory_id: int,
+                 vector: np.ndarray) -> None:
+        """Put this process's write of ``memory_id`` into the index."""
         if self._index is None:
             return
-        fresh = memory_id not in self._index
-        if not fresh:
+        if memory_id in self._index:
             self._index.remove([memory_id])
         self._index.add([memory_id], vector[None, :])
-        top, count = self._indexed
-        self._indexed = (max(top, memory_id), count + (1 if fresh else 0))
+        self._follow(conn, before)
+
+    def _stamp_now(self, conn: sqlite.Connection | None = None) -> int:
+        """The store's memories stamp (schema v6), which every write to memories changes."""
+        sql = "SELECT stamp FROM memories_stamp WHERE id = 1"
+        row = (conn.execute(sql).fetchone() if conn is not None else self._store.query(sql)[0])
+        return int(row[0])
+
+    def _follow(self, conn: sqlite.Connection, before: int) -> None:
+        """After this process's own write, which the index already holds: the index is
+        current if it was current before the write. A rollback restores the old stamp,
+        which then no longer matches, so the index is rebuilt at the next recall."""
+        if self._stamp == before:
+            self._stamp = self._stamp_now(conn)
 
     # -- the vector layer --------------------------------------------------------------
 
@@ -228,12 +251,13 @@ class Memories:
         ``backfill`` embeds memories stored without an embedding first; it writes, so it
         must not run inside another transaction.
         """
-        row = self._store.query("SELECT coalesce(max(id), 0), count(*) FROM memories"
-                                " WHERE embedding IS NOT NULL")[0]
-        state = (int(row[0]), int(row[1]))
-        if self._index is None or state != self._indexed:
+        stamp = self._stamp_now()
+        if self._index is None or stamp != self._stamp:
             if backfill:
                 self._backfill()
+                stamp = self._stamp_now()
+            # The stamp is read before the rows: a write landing in between makes the
+            # next recall rebuild again, never leaves the index behind unnoticed.
             rows = self._store.query("SELECT id, embedding FROM memories WHERE"
                                      " embedding_model = ?", (EMBEDDING_MODEL,))
             ids, matrix = load_vectors((r[0], r[1]) for r in rows)
@@ -242,9 +266,7 @@ class Memories:
             self._index = VectorIndex(VectorIndexConfig(background=True))
             if len(ids):
                 self._index.add(ids, matrix)
-            row = self._store.query("SELECT coalesce(max(id), 0), count(*) FROM memories"
-                                    " WHERE embedding IS NOT NULL")[0]
-            self._indexed = (int(row[0]), int(row[1]))
+            self._stamp = stamp
         return self._index
 
     def _backfill(self) -> None:
@@ -279,12 +301,13 @@ class Memories:
 
     def get(self, memory_id: int) -> Memory | None:
         """One memory by id, or None."""
-        rows = self._store.query("SELECT * FROM memories WHERE id = ?", (memory_id,))
+        rows = self._store.query(f"SELECT {_COLUMNS} FROM memories WHERE id = ?",  # noqa: S608
+                                 (memory_id,))
         return _row_to_memory(rows[0]) if rows else None
 
     def all(self, kind: str | None = None, limit: int | None = None) -> list[Memory]:
         """Memories, newest first, optionally of one kind."""
-        sql = "SELECT * FROM memories"
+        sql = f"SELECT {_COLUMNS} FROM memories"  # noqa: S608
         params: tuple[Any, ...] = ()
         if kind is not None:
             sql += " WHERE kind = ?"
@@ -328,7 +351,7 @@ class Memories:
         # Rank inside FTS5 first, then join only the winners: joining every match before
         # sorting reads each matching row (embedding included) and was 10x slower at 100k.
         rows = self._store.query(
-            "SELECT m.*, f.rank AS rank FROM (SELECT rowid, rank FROM memories_fts"
+            f"SELECT {_M_COLUMNS}, f.rank AS rank FROM (SELECT rowid, rank FROM memories_fts"  # noqa: S608
             " WHERE memories_fts MATCH ? ORDER BY rank LIMIT ?) AS f"
             " JOIN memories m ON m.id = f.rowid ORDER BY f.rank",
             (match, int(limit)),
@@ -356,7 +379,7 @@ class Memories:
         if not ids:
             return []
         rows = {r["id"]: r for r in self._store.query(
-            f"SELECT * FROM memories WHERE id IN ({', '.join('?' * len(ids))})",  # noqa: S608
+            f"SELECT {_COLUMNS} FROM memories WHERE id IN ({', '.join('?' * len(ids))})",  # noqa: S608
             tuple(ids))}
         now = datetime.now(UTC)
         ages = {mid: _age_seconds(rows[mid]["updated_at"], now) if mid in rows else 0.0

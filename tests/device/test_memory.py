@@ -97,3 +97,33 @@ def test_common_words_do_not_drive_keyword_search(pod: Pod) -> None:
     hits = pod.memories.search("the sister")
     assert [h.memory.id for h in hits] == [target.id]
     assert pod.memories.search("the the") == []  # only common words: nothing specific to find
+
+
+def test_semantic_recall_follows_other_writers_and_rollbacks(tmp_path: Path) -> None:
+    """The in-memory vector index follows the file: another connection's writes and
+    erasures are seen at the next recall, and a rolled-back write is never recalled."""
+    from covey.models import create_embedder
+
+    embedder = create_embedder("minilm-onnx")
+    ours_store, theirs_store = Store(tmp_path / "m.db", key=None), Store(tmp_path / "m.db", key=None)
+    ours = Memories(ours_store, on_erase=lambda: None, embedder=embedder)
+    theirs = Memories(theirs_store, on_erase=lambda: None, embedder=embedder)
+    try:
+        ours.add("I play the cello on Sundays")
+        assert [h.memory.text for h in ours.recall("what instrument do I play?", 1)] == [
+            "I play the cello on Sundays"]
+        boat = theirs.add("My boat is moored in Porto")
+        hits = ours.recall("where is my boat kept?", 1)
+        assert [h.memory.id for h in hits] == [boat.id]
+        assert theirs.forget(boat.id)
+        assert all(h.memory.id != boat.id for h in ours.recall("where is my boat kept?", 3))
+        with pytest.raises(RuntimeError), ours_store.transaction() as c:
+            ours.insert(c, "My passport expires in March", "fact", {"source": "manual"})
+            raise RuntimeError("the caller fails after the insert")
+        theirs.add("I like green tea")  # another write, which may reuse the freed row id
+        assert ours.recall("when does my passport expire?", 3) == []
+        assert [h.memory.text for h in ours.recall("which tea do I like?", 1)] == [
+            "I like green tea"]
+    finally:
+        ours_store.close()
+        theirs_store.close()
