@@ -139,6 +139,11 @@ class Memories:
         self._df: dict[str, int] = {}  # term -> memories holding it, at _df_total
         self._df_total = 0
 
+    @property
+    def index(self) -> VectorIndex | None:
+        """The in-memory vector index, once built (by :meth:`prepare` or a recall)."""
+        return self._index
+
     def use_embedder(self, embedder: TextEmbedder) -> None:
         """Turn on semantic recall and near-duplicate merging."""
         self._embedder = embedder
@@ -363,17 +368,25 @@ class Memories:
         if self._embedder is not None:
             self._ensure_index()
 
-    def recall(self, query: str, k: int = 5) -> list[MemoryHit]:
+    def recall(self, query: str, k: int = 5, vector: np.ndarray | None = None
+               ) -> list[MemoryHit]:
         """Hybrid recall: semantic and keyword rankings fused by rank, then time decay.
 
-        Without an embedder this is keyword search alone.
+        Args:
+            query: the text to recall memories for.
+            k: how many memories at most.
+            vector: the query's embedding, when the caller has it already; None embeds
+                ``query`` with the pod's embedder.
+
+        Without an embedder (and no ``vector``) this is keyword search alone.
         """
-        if self._embedder is None:
+        if vector is None:
+            vector = self._embed(query)
+        if vector is None:
             return self.search(query, limit=k)
-        vector = self._embed(query)
         pool = max(4 * k, 20)
         semantic = [mid for mid, score in self._ensure_index().search(vector, pool)
-                    if score >= MIN_SIMILARITY] if vector is not None else []
+                    if score >= MIN_SIMILARITY]
         keyword = [h.memory.id for h in self.search(query, limit=pool)]
         ids = sorted(set(semantic) | set(keyword))
         if not ids:

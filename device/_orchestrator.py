@@ -104,13 +104,16 @@ def assemble(parts: PromptParts, budget: PromptBudget, count: Counter
     kept_memories, mem_tokens, mem_dropped = _take(memory_texts, budget.memories, count)
     context, ctx_tokens, ctx_dropped = _take(parts.context, budget.context, count)
 
+    # What changes least comes first, so the generator's prefix cache covers it: system
+    # text and preferences, then earlier turns; what this message recalled goes last.
     system = SYSTEM_TEXT
     if prefs:
         system += " About the user: " + "; ".join(prefs) + "."
+    recalled = []
     if kept_memories:
-        system += " The user told you: " + " ".join(kept_memories)
+        recalled.append("The user told you: " + " ".join(kept_memories))
     if context:
-        system += " Now: " + "; ".join(context) + "."
+        recalled.append("Now: " + "; ".join(context) + ".")
 
     turns: list[ChatMessage] = []
     turn_tokens = 0
@@ -132,4 +135,6 @@ def assemble(parts: PromptParts, budget: PromptBudget, count: Counter
                  "context": ctx_dropped, "turns": len(parts.turns) - len(turns),
                  "message_tokens": count(parts.message) - count(message)},
     )
-    return [ChatMessage("system", system), *turns, ChatMessage("user", message)], explanation
+    notes = [ChatMessage("system", " ".join(recalled))] if recalled else []
+    return [ChatMessage("system", system), *turns, *notes, ChatMessage("user", message)], \
+        explanation

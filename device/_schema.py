@@ -233,7 +233,8 @@ CREATE INDEX context_events_source ON context_events (source, kind, created_at);
 # v6: a stamp that changes with every write to the memories' embeddings, so that a
 # process keeps its in-memory vector index in step with other processes' writes by
 # reading one row, not by scanning the table (a scan reads every embedding: 0.65 s at
-# 100k memories). A random stamp, not a counter: a rolled-back write of this process
+# 100k memories; the same scan found memories without an embedding, now a partial
+# index). A random stamp, not a counter: a rolled-back write of this process
 # followed by another process's write never looks like "nothing changed".
 _V6 = """
 CREATE TABLE memories_stamp (
@@ -241,6 +242,8 @@ CREATE TABLE memories_stamp (
     stamp INTEGER NOT NULL
 ) STRICT;
 INSERT INTO memories_stamp (id, stamp) VALUES (1, 0);
+-- Memories awaiting an embedding, found without reading every row.
+CREATE INDEX memories_unembedded ON memories (id) WHERE embedding IS NULL;
 CREATE TRIGGER memories_stamp_ai AFTER INSERT ON memories BEGIN
     UPDATE memories_stamp SET stamp = random() WHERE id = 1;
 END;

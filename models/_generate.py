@@ -151,8 +151,36 @@ class _StopScanner:
 StepFn = Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]  # (ids (1,T), cache) -> logits
 
 
+@dataclass(frozen=True)
+class _Prefix:
+    """The token ids a generator last read, and their key/value cache."""
+
+    ids: list[int]
+    cache: Any  # [k0, v0, k1, v1, ...], each (1, heads, len(ids), head size)
+    adapter: int  # the adapter the cache was computed with
+
+
+def _head(cache: Any, length: int) -> Any:
+    """The first ``length`` positions of one cache tensor (numpy or torch)."""
+    part = cache[:, :, :length]
+    return np.ascontiguousarray(part) if isinstance(part, np.ndarray) else part.contiguous()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
+
+
 class _LocalGenerator:
-    """The decoding loop shared by the on-device backends."""
+    """The decoding loop shared by the on-device backends.
+
+    It keeps the key/value cache of the last sequence it read (prompt and reply). A chat
+    prompt repeats most of the previous one (system text, preferences, earlier turns),
+    so the next prompt reads only the tokens after the longest common prefix: prefix
+    caching, as llama.cpp and vLLM do. The cache is dropped when the adapter changes.
+    """
 
     name = "local"
     context = 256
@@ -160,10 +188,28 @@ class _LocalGenerator:
     def __init__(self, tokenizer: ChatTokenizer) -> None:
         self.tokenizer = tokenizer
         self.finish_reason = ""
-        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+        self._prefix: _Prefix | None = None
 
     def _step(self, ids: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]:
         raise NotImplementedError
+
+    def _adapter(self) -> int:
+        """A number that changes whenever the weights in use change."""
+        return 0
+
+    def _prefill(self, ids: list[int]) -> tuple[np.ndarray, Any, int]:
+        """Logits and cache after ``ids``, reading only what the kept prefix lacks;
+        returns (logits, cache, tokens taken from the kept cache)."""
+        kept, reuse = self._prefix, 0
+        if kept is not None and kept.adapter == self._adapter():
+            reuse = min(_common_prefix(kept.ids, ids), len(ids) - 1)  # one token is read
+        if reuse > 0 and kept is not None:
+            cache = [_head(c, reuse) for c in kept.cache]
+            logits, cache = self._step(np.asarray([ids[reuse:]], dtype=np.int64), cache)
+        else:
+            logits, cache = self._step(np.asarray([ids], dtype=np.int64), None)
+        return logits, cache, reuse
 
     def stream_chat(self, messages: Sequence[ChatMessage], params: SamplingParams,
                     cancel: threading.Event | None = None) -> Iterator[str]:
@@ -188,34 +234,40 @@ class _LocalGenerator:
         rng = np.random.default_rng(params.seed)
         scanner = _StopScanner(params.stop)
         out: list[int] = []
-        self.usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
+        fed = 0  # how many tokens of ``out`` the cache holds
         self.finish_reason = "length"
-        logits, cache = self._step(np.asarray([ids], dtype=np.int64), None)
-        while len(out) < params.max_tokens:
-            if cancel is not None and cancel.is_set():
-                self.finish_reason = "cancelled"
-                break
-            token = pick_token(logits[0, -1], params, rng, ids[-64:] + out)
-            if (chat and token in _END_OF_TURN) or (not chat and token == EOS):
-                self.finish_reason = "stop"
-                break
-            out.append(token)
-            self.usage["completion_tokens"] = len(out)
-            text = self.tokenizer.decode(out)
-            # A byte-level token can end inside a UTF-8 character: wait for the rest.
-            if not text.endswith("\ufffd"):
-                piece = scanner.feed(text)
-                if piece:
-                    yield piece
-                if scanner.stopped:
+        adapter = self._adapter()
+        logits, cache, reuse = self._prefill(ids)
+        self.usage = {"prompt_tokens": len(ids), "completion_tokens": 0, "cached_tokens": reuse}
+        try:
+            while len(out) < params.max_tokens:
+                if cancel is not None and cancel.is_set():
+                    self.finish_reason = "cancelled"
+                    break
+                token = pick_token(logits[0, -1], params, rng, ids[-64:] + out)
+                if (chat and token in _END_OF_TURN) or (not chat and token == EOS):
                     self.finish_reason = "stop"
-                    return
-            if len(ids) + len(out) >= self.context:
-                break
-            logits, cache = self._step(np.asarray([[token]], dtype=np.int64), cache)
-        tail = scanner.flush()
-        if tail:
-            yield tail
+                    break
+                out.append(token)
+                self.usage["completion_tokens"] = len(out)
+                text = self.tokenizer.decode(out)
+                # A byte-level token can end inside a UTF-8 character: wait for the rest.
+                if not text.endswith("\ufffd"):
+                    piece = scanner.feed(text)
+                    if piece:
+                        yield piece
+                    if scanner.stopped:
+                        self.finish_reason = "stop"
+                        return
+                if len(ids) + len(out) >= self.context:
+                    break
+                logits, cache = self._step(np.asarray([[token]], dtype=np.int64), cache)
+                fed = len(out)
+            tail = scanner.flush()
+            if tail:
+                yield tail
+        finally:  # also when the reader stops early: what was read stays reusable
+            self._prefix = _Prefix(ids + out[:fed], cache, adapter)
 
 
 class OnnxGenerator(_LocalGenerator):
@@ -231,6 +283,9 @@ class OnnxGenerator(_LocalGenerator):
     def set_adapter(self, tensors: dict[str, np.ndarray]) -> None:
         """Apply a LoRA adapter from the next token on (no restart)."""
         self.lm.set_adapter(tensors)
+
+    def _adapter(self) -> int:
+        return int(self.lm.adapter_version)
 
     def _step(self, ids: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]:
         return self.lm.step(ids, cache)

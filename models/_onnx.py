@@ -119,6 +119,7 @@ class OnnxLM:
         first = inputs[self.cache_names[0]]
         self.n_head, self.head_size = int(first.shape[1]), int(first.shape[3])
         self._lora = {n: np.zeros(_static(inputs[n].shape), np.float32) for n in self.lora_names}
+        self.adapter_version = 0  # counts set_adapter calls: key/value caches depend on it
 
     def set_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
         """Use these LoRA matrices from the next call on (missing names mean zero).
@@ -136,6 +137,7 @@ class OnnxLM:
                                  f"expected {fresh[name].shape}")
             fresh[name] = array
         self._lora = fresh  # one assignment: a concurrent step sees old or new, never half
+        self.adapter_version += 1
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         """A zero-length cache."""

@@ -9,9 +9,12 @@ built, both timed. Then each retrieval method answers the same queries, timed on
 - ``hnsw``: the HNSW graph, where the size is past the exact threshold, and forced at the
   ``forced_hnsw_sizes`` to compare with exact search at the same size;
 - ``fts``: the product's keyword search, ``Memories.search`` (``fts_query`` and FTS5 BM25);
-- ``hybrid``: vector top-``candidates`` (the default index: exact or HNSW by size) and
-  keyword top-``candidates``, fused by ``fuse_with_decay``, the winners' ages and texts
-  read from the store.
+- ``hybrid``: the product's recall, ``Memories.recall`` given the query's embedding:
+  vector and keyword candidates (the pod's own index: exact or HNSW by size), fused by
+  rank with time decay, the winners read from the store.
+
+The unlock is the product's too: ``Memories.prepare`` reads and decodes the stored
+embeddings and builds the index, as the first recall after an unlock does.
 
 Query embedding is not in these latencies: it is timed on its own, with the ONNX MiniLM
 embedder, one query text at a time. Insert throughput embeds real (generated) texts with
@@ -43,9 +46,16 @@ from typing import Any
 
 import numpy as np
 
-from covey.device._fusion import fuse_with_decay
 from covey.device._keys import new_data_key
-from covey.device._memory import MEMORY_KINDS, Memories, fts_query
+from covey.device._memory import (
+    DECAY_FLOOR,
+    EMBEDDING_MODEL,
+    HALF_LIFE_S,
+    MEMORY_KINDS,
+    Memories,
+    TextEmbedder,
+    fts_query,
+)
 from covey.device._store import Store
 from covey.device._vector import (
     DIMENSION,
@@ -59,7 +69,6 @@ from covey.simulations.bench._store import VOCABULARY
 __all__ = ["FULL", "QUICK", "RecallBenchConfig", "run"]
 
 TARGET_P95_MS = 10.0
-SYNTHETIC_MODEL = "bench-synthetic"
 _LATENT = 24  # intrinsic dimension of the synthetic embeddings
 _WORD_CUM_WEIGHTS = tuple(accumulate(1.0 / (rank + 1) for rank in range(len(VOCABULARY))))
 _START = datetime(2025, 1, 1, tzinfo=UTC)
@@ -82,10 +91,6 @@ class RecallBenchConfig:
         queries: timed queries per method and size.
         warmup: untimed queries before each method.
         k: results returned by every method.
-        candidates: results taken from each retriever before hybrid fusion.
-        rrf_k: the reciprocal rank fusion constant.
-        half_life_days: time decay half-life of hybrid retrieval.
-        decay_floor: the least weight time decay leaves an old memory.
         fill_batch: memories per transaction while filling a store.
         real_texts: memories embedded with the real embedder for insert throughput; half
             one durable transaction each, half in batches.
@@ -101,10 +106,6 @@ class RecallBenchConfig:
     queries: int = 300
     warmup: int = 30
     k: int = 10
-    candidates: int = 20
-    rrf_k: int = 60
-    half_life_days: float = 30.0
-    decay_floor: float = 0.2
     fill_batch: int = 2000
     real_texts: int = 2000
     insert_batch: int = 100
@@ -115,18 +116,16 @@ class RecallBenchConfig:
     index: VectorIndexConfig = field(default_factory=lambda: VectorIndexConfig(background=True))
 
     def __post_init__(self) -> None:
-        if not self.sizes or min(self.sizes) < self.candidates:
-            raise ValueError(f"sizes must be at least candidates ({self.candidates})")
+        if not self.sizes or min(self.sizes) < self.k:
+            raise ValueError(f"sizes must be at least k ({self.k})")
         if self.queries < 1 or self.warmup < 0 or self.embed_queries < 1:
             raise ValueError("queries and embed_queries must be >= 1, warmup >= 0")
-        if not 1 <= self.k <= self.candidates:
-            raise ValueError(f"k must be in 1..candidates, got {self.k}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
         if self.fill_batch < 1 or self.insert_batch < 1 or self.real_texts < 2:
             raise ValueError("fill_batch and insert_batch must be >= 1, real_texts >= 2")
         if self.count_queries < 0:
             raise ValueError("count_queries must be >= 0")
-        if self.half_life_days <= 0 or not 0 <= self.decay_floor <= 1:
-            raise ValueError("half_life_days must be > 0 and decay_floor in [0, 1]")
 
 
 FULL = RecallBenchConfig()
@@ -176,9 +175,10 @@ def _fill(store: Store, n: int, rng: random.Random, vectors: EmbeddingLike,
     for start in range(0, n, batch):
         count = min(batch, n - start)
         rows = vectors.rows(count)
+        # Labelled as the product's embeddings, so the pod's own index loads them.
         params = [
             (_words(rng, 5, 25), rng.choice(MEMORY_KINDS), encode_vector(rows[j]),
-             SYNTHETIC_MODEL, _timestamp(start + j), _timestamp(start + j))
+             EMBEDDING_MODEL, _timestamp(start + j), _timestamp(start + j))
             for j in range(count)
         ]
         with store.transaction() as c:
@@ -222,46 +222,6 @@ def _recall(found: Sequence[Sequence[tuple[int, float]]],
 # -- retrieval -------------------------------------------------------------------------
 
 
-def _placeholders(n: int) -> str:
-    """``n`` comma-separated SQL parameter marks."""
-    return ", ".join("?" * n)
-
-
-def hybrid_search(store: Store, memories: Memories, index: VectorIndex, query: np.ndarray,
-                  text: str, now: float, cfg: RecallBenchConfig) -> list[tuple[int, float, str]]:
-    """Vector and keyword candidates fused with time decay: ``(id, score, text)``, best first.
-
-    Args:
-        store: the store ``memories`` reads, for the vector hits' ages and texts.
-        memories: the product's memories, whose keyword search is the keyword leg.
-        index: the vector index, the semantic leg.
-        query: the query's embedding.
-        text: the query's text.
-        now: the time ages are measured from (POSIX seconds).
-        cfg: candidates, k, and the fusion and decay settings.
-    """
-    vector_ids = [i for i, _ in index.search(query, cfg.candidates)]
-    keyword_hits = [hit.memory for hit in memories.search(text, cfg.candidates)]
-    keyword_ids = [m.id for m in keyword_hits]
-    created = {m.id: m.created_at for m in keyword_hits}
-    texts = {m.id: m.text for m in keyword_hits}
-    missing = [i for i in vector_ids if i not in created]
-    if missing:
-        # Only "?" placeholders are interpolated; the ids are bound parameters.
-        marks = _placeholders(len(missing))
-        sql = f"SELECT id, created_at FROM memories WHERE id IN ({marks})"  # noqa: S608
-        created.update((int(r[0]), r[1]) for r in store.query(sql, tuple(missing)))
-    ages = {i: now - datetime.fromisoformat(c).timestamp() for i, c in created.items()}
-    fused = fuse_with_decay([vector_ids, keyword_ids], ages, cfg.half_life_days * 86_400.0,
-                            k=cfg.rrf_k, floor=cfg.decay_floor)[:cfg.k]
-    need = [i for i, _ in fused if i not in texts]
-    if need:
-        marks = _placeholders(len(need))
-        sql = f"SELECT id, text FROM memories WHERE id IN ({marks})"  # noqa: S608
-        texts.update((int(r[0]), r[1]) for r in store.query(sql, tuple(need)))
-    return [(i, score, texts[i]) for i, score in fused]
-
-
 def _build(ids: np.ndarray, matrix: np.ndarray, config: VectorIndexConfig
            ) -> tuple[VectorIndex, float]:
     """A vector index over the vectors, and the seconds its build took."""
@@ -271,7 +231,8 @@ def _build(ids: np.ndarray, matrix: np.ndarray, config: VectorIndexConfig
     return index, time.perf_counter() - started
 
 
-def _measure_size(n: int, cfg: RecallBenchConfig, root: Path) -> dict[str, Any]:
+def _measure_size(n: int, cfg: RecallBenchConfig, root: Path, embedder: TextEmbedder
+                  ) -> dict[str, Any]:
     """Fill a store with ``n`` memories, reopen it, and time every method."""
     rng = random.Random(cfg.seed + n)  # noqa: S311 - reproducible filler, not a secret
     vectors = EmbeddingLike(cfg.seed)
@@ -285,21 +246,25 @@ def _measure_size(n: int, cfg: RecallBenchConfig, root: Path) -> dict[str, Any]:
         store.close()
     queries = vectors.rows(cfg.queries)  # (q, d), from the same distribution
     texts = [_words(rng, 2, 6) for _ in range(cfg.queries)]
-    now = (_START + timedelta(minutes=n + 1)).timestamp()
 
     _progress(f"{n:,}: unlock (open, read and decode embeddings, build the index)")
     started = time.perf_counter()
     store = Store(path, key)
     open_s = time.perf_counter() - started
     try:
+        memories = Memories(store, on_erase=lambda: None, embedder=embedder)
         started = time.perf_counter()
-        ids, matrix = load_vectors(store.query(_LOAD, (SYNTHETIC_MODEL,)))
-        read_s = time.perf_counter() - started
-        default, build_s = _build(ids, matrix, cfg.index)
-        started = time.perf_counter()
+        memories.prepare()  # the pod's unlock path: read, decode, index
+        build_s = time.perf_counter() - started
+        default = memories.index
+        assert default is not None
         background = default.building
+        started = time.perf_counter()
         default.wait_ready()
         ready_s = build_s + time.perf_counter() - started
+        started = time.perf_counter()
+        ids, matrix = load_vectors(store.query(_LOAD, (EMBEDDING_MODEL,)))
+        read_s = time.perf_counter() - started
         result: dict[str, Any] = {
             "memories": n,
             "fill_memories_per_s": round(n / fill_s, 1),
@@ -308,7 +273,7 @@ def _measure_size(n: int, cfg: RecallBenchConfig, root: Path) -> dict[str, Any]:
                        "hnsw_in_background": background,
                        "index_ready_s": round(ready_s, 4)},
         }
-        result.update(_measure_methods(store, default, ids, matrix, queries, texts, now, cfg))
+        result.update(_measure_methods(memories, default, ids, matrix, queries, texts, cfg))
         result["fts_matches"] = _count_matches(store, texts[: cfg.count_queries])
     finally:
         store.close()
@@ -316,8 +281,8 @@ def _measure_size(n: int, cfg: RecallBenchConfig, root: Path) -> dict[str, Any]:
     return result
 
 
-def _measure_methods(store: Store, default: VectorIndex, ids: np.ndarray, matrix: np.ndarray,
-                     queries: np.ndarray, texts: list[str], now: float,
+def _measure_methods(memories: Memories, default: VectorIndex, ids: np.ndarray,
+                     matrix: np.ndarray, queries: np.ndarray, texts: list[str],
                      cfg: RecallBenchConfig) -> dict[str, Any]:
     """Latency of each method, ratios against exact search, and HNSW recall."""
     n, count = len(ids), cfg.queries
@@ -333,13 +298,11 @@ def _measure_methods(store: Store, default: VectorIndex, ids: np.ndarray, matrix
         hnsw, builds["hnsw"] = _build(ids, matrix, replace(cfg.index, exact_threshold=0,
                                                            background=False))
     del matrix
-    memories = Memories(store, on_erase=lambda: None)
 
     methods: dict[str, Callable[[int], Any]] = {
         "exact": lambda i: exact.search(queries[i], cfg.k),
         "fts": lambda i: memories.search(texts[i], cfg.k),
-        "hybrid": lambda i: hybrid_search(store, memories, default, queries[i], texts[i],
-                                           now, cfg),
+        "hybrid": lambda i: memories.recall(texts[i], cfg.k, vector=queries[i]),
     }
     if hnsw is not None:
         graph = hnsw
@@ -401,14 +364,9 @@ def _insert_batch(store: Store, index: VectorIndex, texts: Sequence[str], vector
     index.add(ids, vectors)
 
 
-def measure_real(cfg: RecallBenchConfig, root: Path) -> dict[str, Any]:
+def measure_real(cfg: RecallBenchConfig, root: Path, embedder: Any, load_s: float
+                 ) -> dict[str, Any]:
     """Insert throughput with real embeddings, and query embedding latency."""
-    from covey.models import create_embedder
-
-    _progress("loading the ONNX embedder")
-    started = time.perf_counter()
-    embedder = create_embedder("minilm-onnx")
-    load_s = time.perf_counter() - started
     rng = random.Random(cfg.seed)  # noqa: S311 - reproducible filler, not a secret
     texts = [_words(rng, 5, 25) for _ in range(cfg.real_texts)]
     half = len(texts) // 2
@@ -525,12 +483,19 @@ def summary_lines(results: dict[str, Any], cfg: RecallBenchConfig) -> list[str]:
 
 def run(quick: bool = False, cfg: RecallBenchConfig | None = None) -> dict[str, Any]:
     """Run the retrieval benchmark; returns ``config``, ``results`` and ``summary``."""
+    from covey.models import create_embedder
+
     cfg = cfg or (QUICK if quick else FULL)
+    _progress("loading the ONNX embedder")
+    started = time.perf_counter()
+    embedder = create_embedder("minilm-onnx")
+    load_s = time.perf_counter() - started
     with tempfile.TemporaryDirectory(prefix="covey-bench-") as tmp:
         root = Path(tmp)
-        sizes = [_measure_size(n, cfg, root) for n in cfg.sizes]
-        real = measure_real(cfg, root)
+        sizes = [_measure_size(n, cfg, root, embedder) for n in cfg.sizes]
+        real = measure_real(cfg, root, embedder, load_s)
     results = {"sizes": sizes, "real": real}
     config = {**asdict(cfg), "tmp_dir": tempfile.gettempdir(),
+              "recall": {"half_life_days": HALF_LIFE_S / 86_400, "decay_floor": DECAY_FLOOR},
               "vectors": f"synthetic, {_LATENT}-dimensional latent, unit {DIMENSION}-d"}
     return {"config": config, "results": results, "summary": summary_lines(results, cfg)}

@@ -105,7 +105,7 @@ def test_semantic_recall_follows_other_writers_and_rollbacks(tmp_path: Path) -> 
     from covey.models import create_embedder
 
     embedder = create_embedder("minilm-onnx")
-    ours_store, theirs_store = Store(tmp_path / "m.db", key=None), Store(tmp_path / "m.db", key=None)
+    ours_store, theirs_store = (Store(tmp_path / "m.db", key=None) for _ in range(2))
     ours = Memories(ours_store, on_erase=lambda: None, embedder=embedder)
     theirs = Memories(theirs_store, on_erase=lambda: None, embedder=embedder)
     try:

@@ -100,3 +100,23 @@ def test_params_validation_and_registry() -> None:
             SamplingParams(**bad)
     with pytest.raises(InvalidInputError, match="known: onnx, torch, openai"):
         create_generator("gpt-17")
+
+
+def _chat(*texts: str) -> list[ChatMessage]:
+    return [ChatMessage("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(texts)]
+
+
+def test_prefix_cache_reads_only_the_new_tokens_and_changes_nothing(
+        model: TinyLM, tokenizer: ChatTokenizer) -> None:
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    cached = TorchGenerator(model, tokenizer)
+    first = "".join(cached.stream_chat(_chat("hello there", "I am fine", "what about you?"),
+                                       greedy))
+    follow = _chat("hello there", "I am fine", "what about you?", first, "do you have pets?")
+    reply = "".join(cached.stream_chat(follow, greedy))
+    usage = cached.usage
+    # Everything up to the previous reply was read already; the new turn is read now.
+    assert usage["cached_tokens"] >= len(tokenizer.render(follow[:3], reply=False))
+    assert usage["cached_tokens"] < usage["prompt_tokens"]
+    assert reply == "".join(TorchGenerator(model, tokenizer).stream_chat(follow, greedy))
+

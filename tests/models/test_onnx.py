@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from covey.models._adapter import Adapter
+from covey.models._generate import OnnxGenerator, SamplingParams
 from covey.models._model import TinyLM
 from covey.models._onnx import OnnxLM, export_onnx, quantize_int8
+from covey.models._tokenizer import ChatMessage, ChatTokenizer
 from tests.models.conftest import SMALL
 
 
@@ -64,3 +66,25 @@ def test_bad_adapter_is_refused(exported) -> None:
     name = lm.lora_names[0]
     with pytest.raises(ValueError, match="shape"):
         lm.set_adapter({name: np.zeros((1, 1), np.float32)})
+
+
+def test_prefix_cache_matches_a_full_read_and_follows_the_adapter(
+        exported, tokenizer: ChatTokenizer) -> None:
+    """A prompt read after a cached prefix gives the logits of reading it whole (fp32);
+    changing the adapter drops the cache, whose keys and values it changed."""
+    model, fp32, _ = exported
+    gen = OnnxGenerator(OnnxLM(fp32), tokenizer, context=SMALL.context)
+    earlier = [ChatMessage("user", "hello there"), ChatMessage("assistant", "I am fine")]
+    now = [*earlier, ChatMessage("user", "what do you like to do for fun?")]
+    ids = tokenizer.render(now)
+    full, _, reused = gen._prefill(ids)
+    assert reused == 0
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    "".join(gen.stream_chat(earlier, greedy))
+    part, _, reused = gen._prefill(ids)
+    assert reused >= len(tokenizer.render(earlier, reply=False))
+    np.testing.assert_allclose(part[:, -1], full[:, -1], atol=1e-4)
+    gen.set_adapter(Adapter.from_model(model).tensors)
+    adapted, _, reused = gen._prefill(ids)
+    assert reused == 0
+    assert np.abs(adapted[:, -1] - full[:, -1]).max() > 1e-3
