@@ -84,6 +84,13 @@ class Assistant:
         self.model_version = model_version
         self.graph = PreferenceGraph(pod.store)
         self._lock = threading.Lock()
+        pod.memories.after_erasure(self._forget_cache)
+
+    def _forget_cache(self) -> None:
+        """Nothing derived from erased text stays in the generator's prefix cache."""
+        forget = getattr(self.generator, "forget_cache", None)
+        if forget is not None:
+            forget()
 
     # -- sessions --------------------------------------------------------------------
 
@@ -297,6 +304,7 @@ class Assistant:
             _audit.append(c, "erasure", detail={"table": "messages", "rows": erased,
                                                 "memories": len(memories)})
         self.pod.store.checkpoint()
+        self._forget_cache()
         return erased
 
 

@@ -132,7 +132,7 @@ class Memories:
     def __init__(self, store: Store, on_erase: Callable[[], None],
                  embedder: TextEmbedder | None = None) -> None:
         self._store = store
-        self._on_erase = on_erase
+        self._on_erase = [on_erase]
         self._embedder = embedder
         self._index: VectorIndex | None = None
         self._stamp: int | None = None  # the memories_stamp the index reflects
@@ -143,6 +143,11 @@ class Memories:
     def index(self) -> VectorIndex | None:
         """The in-memory vector index, once built (by :meth:`prepare` or a recall)."""
         return self._index
+
+    def after_erasure(self, action: Callable[[], None]) -> None:
+        """Also run ``action`` after each erasure (a generator drops the key/value cache
+        of a prompt that may have held the erased text)."""
+        self._on_erase.append(action)
 
     def use_embedder(self, embedder: TextEmbedder) -> None:
         """Turn on semantic recall and near-duplicate merging."""
@@ -410,7 +415,8 @@ class Memories:
             if not self.delete(c, memory_id):
                 return False
             _audit.append(c, "erasure", detail={"table": "memories", "rows": 1})
-        self._on_erase()
+        for action in self._on_erase:
+            action()
         _log.info("memory %d erased", memory_id)
         return True
 

@@ -194,6 +194,11 @@ class _LocalGenerator:
     def _step(self, ids: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]:
         raise NotImplementedError
 
+    def forget_cache(self) -> None:
+        """Drop the kept prefix cache: the token ids and keys and values of the last
+        sequence read (after the user erases something it may have held)."""
+        self._prefix = None
+
     def _adapter(self) -> int:
         """A number that changes whenever the weights in use change."""
         return 0

@@ -42,12 +42,19 @@ def test_fact_from_one_session_is_used_in_a_later_one(assistant: Assistant) -> N
     assert why["tokens"]["memories"] <= assistant.config.budget.memories
 
 
+def _holds(ids: list[int], part: list[int]) -> bool:
+    return any(ids[i:i + len(part)] == part for i in range(len(ids)))
+
+
 def test_forgotten_memory_is_never_recalled_again(assistant: Assistant) -> None:
     session = assistant.new_session()
     _, why = _say(assistant, session, "My favorite color is teal.")
     memory = assistant.pod.memories.recall("favorite color", 3)[0].memory
     assert memory.text == "My favorite color is teal."
+    teal = assistant.generator.tokenizer.encode(" teal")
+    assert _holds(assistant.generator._prefix.ids, teal)  # the last prompt had it
     assert assistant.pod.memories.forget(memory.id)
+    assert assistant.generator._prefix is None  # no cached keys and values of it either
     assert all(h.memory.id != memory.id for h in assistant.pod.memories.recall("color", 5))
     assert assistant.graph.lookup("favorite_color") is None
     _, why = _say(assistant, session, "what is my favorite color?")
@@ -105,7 +112,9 @@ def test_forget_last_message(assistant: Assistant) -> None:
     session = assistant.new_session()
     _say(assistant, session, "My dog is Bolt.")
     assert assistant.graph.lookup("dog") is not None
+    assert assistant.generator._prefix is not None
     assert assistant.forget_last_message() == 2  # the message and its reply
+    assert assistant.generator._prefix is None
     assert assistant.graph.lookup("dog") is None
     assert assistant.pod.memories.count() == 0
     assert assistant.pod.export()["audit_log"][-1]["kind"] == "erasure"
