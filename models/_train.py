@@ -24,7 +24,7 @@ class TrainConfig:
     steps: int = 2300
     batch_size: int = 16
     seq_len: int = 256
-    lr: float = 3e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.1
