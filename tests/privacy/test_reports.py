@@ -165,7 +165,9 @@ def test_canary_exposure_is_high_without_dp_and_falls_with_dp(simulated_run: Pat
     check_schema(report)
     found = report["summary"]["empirical"]
     no_dp, dp = found["no_dp"], found["dp"]
-    assert no_dp["mean_exposure"] > 5  # out of log2(501) = 9 bits: the secrets leaked
+    # Out of log2(501) = 9 bits, 1 by chance: above 4, the secrets rank on average in the
+    # top sixteenth of the candidates; they leaked.
+    assert no_dp["mean_exposure"] > 4
     assert dp["mean_exposure"] < no_dp["mean_exposure"] - 3  # DP hides them
     assert dp["epsilon_lower_bound"] <= dp["epsilon_theory"]
     assert no_dp["auc"] > 0.5
