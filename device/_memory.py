@@ -178,12 +178,12 @@ class Memories:
         if vector is not None:
             twin = self._near_duplicate(conn, vector, kind)
             if twin is not None:
-                before = self._stamp_now(conn)
+                before = self._stamp_before(conn)
                 conn.execute("UPDATE memories SET text = ?, updated_at = ?, embedding = ?"
                              " WHERE id = ?", (text, now, encode_vector(vector), twin))
                 self._reindex(conn, before, twin, vector)
                 return twin
-        before = self._stamp_now(conn)
+        before = self._stamp_before(conn)
         cur = conn.execute(
             "INSERT INTO memories (text, kind, provenance, created_at, updated_at, embedding,"
             " embedding_model) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -205,7 +205,7 @@ class Memories:
             record_forgotten(conn, row[0], row[1])
         conn.execute("DELETE FROM graph_edges WHERE json_extract(provenance, '$.memory_id') = ?",
                      (memory_id,))
-        before = self._stamp_now(conn)
+        before = self._stamp_before(conn)
         gone = conn.execute("DELETE FROM memories WHERE id = ?", (memory_id,)).rowcount > 0
         if gone and self._index is not None:
             if memory_id in self._index:
@@ -230,7 +230,7 @@ class Memories:
                 return mid
         return None
 
-    def _reindex(self, conn: sqlite.Connection, before: int, memory_id: int,
+    def _reindex(self, conn: sqlite.Connection, before: int | None, memory_id: int,
                  vector: np.ndarray) -> None:
         """Put this process's write of ``memory_id`` into the index."""
         if self._index is None:
@@ -246,11 +246,16 @@ class Memories:
         row = (conn.execute(sql).fetchone() if conn is not None else self._store.query(sql)[0])
         return int(row[0])
 
-    def _follow(self, conn: sqlite.Connection, before: int) -> None:
+    def _stamp_before(self, conn: sqlite.Connection) -> int | None:
+        """The stamp before one of this process's writes, read only while there is an
+        index to keep in step (None otherwise)."""
+        return self._stamp_now(conn) if self._index is not None else None
+
+    def _follow(self, conn: sqlite.Connection, before: int | None) -> None:
         """After this process's own write, which the index already holds: the index is
         current if it was current before the write. A rollback restores the old stamp,
         which then no longer matches, so the index is rebuilt at the next recall."""
-        if self._stamp == before:
+        if before is not None and self._stamp == before:
             self._stamp = self._stamp_now(conn)
 
     # -- the vector layer --------------------------------------------------------------
