@@ -34,9 +34,13 @@ class AdapterEvaluator:
         from covey.models import Adapter
         from covey.models._evaluate import evaluate, torch_scored
 
-        Adapter.from_bytes(adapter_bytes).load_into(self.model)
+        adapter = Adapter.from_bytes(adapter_bytes)
+        adapter.load_into(self.model)  # what callers find loaded afterwards
+        # Folded into the base weights: the LoRA products of every layer are skipped.
+        merged = adapter.merged_into(self.model)
+        merged.set_adapters(False)
         torch.set_num_threads(self.threads)
-        q = evaluate(torch_scored(self.model), self.batches, self.examples)
+        q = evaluate(torch_scored(merged), self.batches, self.examples)
         return {"perplexity": round(q.perplexity, 4), "top1": round(q.top1, 4),
                 "top3": round(q.top3, 4)}
 

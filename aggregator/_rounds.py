@@ -29,6 +29,7 @@ from covey._files import write_atomic
 from covey.aggregator._registry import Registry
 from covey.aggregator._strategy import PodUpdate, aggregate, poisson_sample
 from covey.errors import CoveyError, InvalidInputError
+from covey.models import PRECISIONS
 from covey.privacy import AdaptiveClipping, DPConfig, GaussianRounds, epsilon_spent
 
 __all__ = ["PodReply", "RoundPayload", "RunConfig", "Transport", "run_federated"]
@@ -60,10 +61,13 @@ class RunConfig:
     max_examples: int = 256
     eval_examples: int = 200
     seed: int = 0
+    precision: str = "fp32"  # of the pods' local training: see models PRECISIONS
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError("rounds must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}")
         if self.min_pods < 1:
             raise ValueError("min_pods must be at least 1")
         if self.round_timeout <= 0 or self.wait_timeout <= 0:
@@ -92,6 +96,7 @@ class RoundPayload:
     lr: float
     max_examples: int
     seed: int
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -231,7 +236,7 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
                             dp.accountant, None)
         payload = RoundPayload(run_id, rnd, cfg.rounds, round_dp, json.loads(
             version.canonical()), signature, adapter_bytes, cfg.local_epochs, cfg.lr,
-            cfg.max_examples, cfg.seed + rnd)
+            cfg.max_examples, cfg.seed + rnd, cfg.precision)
         replies = transport.train(sampled, payload, cfg.round_timeout) if sampled else []
         refused = Counter(r.refusal for r in replies if r.refusal)
         updates = [PodUpdate(r.node_id, r.values, r.examples, r.version, r.clipped)

@@ -40,7 +40,8 @@ def run_config_from(rc: dict[str, Any]) -> RunConfig:
                      wait_timeout=float(rc["wait-timeout"]),
                      local_epochs=int(rc["local-epochs"]), lr=float(rc["lr"]),
                      max_examples=int(rc["max-examples"]),
-                     eval_examples=int(rc["eval-examples"]), seed=int(rc["seed"]))
+                     eval_examples=int(rc["eval-examples"]), seed=int(rc["seed"]),
+                     precision=str(rc.get("precision", "fp32")))
 
 
 def payload_record(p: RoundPayload) -> RecordDict:
@@ -51,7 +52,7 @@ def payload_record(p: RoundPayload) -> RecordDict:
         "clip-norm": p.dp.clip_norm, "sample-rate": p.dp.sample_rate, "delta": p.dp.delta,
         "accountant": p.dp.accountant, "version": json.dumps(p.version),
         "signature": p.signature, "adapter": p.adapter, "local-epochs": p.local_epochs,
-        "lr": p.lr, "max-examples": p.max_examples, "seed": p.seed,
+        "lr": p.lr, "max-examples": p.max_examples, "seed": p.seed, "precision": p.precision,
     })})
 
 

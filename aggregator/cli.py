@@ -156,9 +156,13 @@ def train(
     wait_timeout: Annotated[float, typer.Option(help="Seconds to wait for pods.")] = 60.0,
     local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
     lr: Annotated[float, typer.Option(help="Local learning rate.")] = 5e-3,
+    precision: Annotated[str, typer.Option(
+        help="Pods' training arithmetic: fp32, or bf16 (faster on CPUs with native bf16).")
+    ] = "fp32",
     as_json: JsonOpt = False,
 ) -> None:
     """Run federated training rounds on the admitted pods and write a run record."""
+    from covey.models import PRECISIONS
     from covey.privacy import DPConfig, noise_for_epsilon
 
     if (target_epsilon is None) == (noise_multiplier is None):
@@ -173,6 +177,8 @@ def train(
                       accountant=accountant)
         if rounds < 1 or min_pods < 1:
             raise ValueError("--rounds and --min-pods must be at least 1")
+        if precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}")
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from None
     agg = AggregatorHome(home)
@@ -183,7 +189,7 @@ def train(
         "clip-norm": clip_norm, "sample-rate": sample_rate, "delta": delta,
         "accountant": accountant, "adaptive-quantile": adaptive_quantile,
         "min-pods": min_pods, "round-timeout": round_timeout, "wait-timeout": wait_timeout,
-        "local-epochs": local_epochs, "lr": lr, "max-examples": 256,
+        "local-epochs": local_epochs, "lr": lr, "max-examples": 256, "precision": precision,
         "eval-examples": int(os.environ.get("COVEY_EVAL_EXAMPLES", "200")), "seed": 0,
     }
     if not as_json:

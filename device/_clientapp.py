@@ -43,7 +43,7 @@ def request_from(cfg: Mapping[str, Any], peer: str) -> RoundRequest:
         version=json.loads(str(cfg["version"])), signature=signature, adapter=adapter,
         local_epochs=int(cfg["local-epochs"]), lr=float(cfg["lr"]),
         max_examples=int(cfg["max-examples"]), seed=int(cfg["seed"]),
-        peer=peer)
+        precision=str(cfg.get("precision", "fp32")), peer=peer)
 
 
 def _model() -> tuple[Any, Any]:

@@ -36,6 +36,7 @@ from covey.device._pod import Pod
 from covey.device._stop import is_stopped
 from covey.device._store import set_meta
 from covey.errors import CoveyError
+from covey.models import PRECISIONS
 from covey.privacy import DPConfig, GaussianRounds, get_accountant
 from covey.protocols import ModelVersion, SignatureError, verify_version
 
@@ -101,12 +102,15 @@ class RoundRequest:
     lr: float = 5e-3
     max_examples: int = 256
     seed: int = 0
+    precision: str = "fp32"
     peer: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 1 <= self.round <= self.planned_rounds:
             raise ValueError(f"round {self.round} is outside the run's {self.planned_rounds}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown training precision {self.precision!r}")
 
 
 def _now() -> str:
@@ -244,7 +248,8 @@ def take_part(pod: Pod, request: RoundRequest, model: TinyLM, tok: ChatTokenizer
         raise RoundRefused("bad_model", f"refused: the model version is unusable: {exc}"
                            ) from None
     train = FinetuneConfig(epochs=request.local_epochs, lr=request.lr,
-                           max_examples=request.max_examples, seed=request.seed)
+                           max_examples=request.max_examples, seed=request.seed,
+                           precision=request.precision)
     update = train_update(model, tok, examples, adapter, train, request.dp, rng)
     dp = request.dp
     from covey.device import _audit

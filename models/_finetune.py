@@ -26,6 +26,7 @@ from covey.models._adapter import Adapter
 from covey.models._data import Example
 from covey.models._evaluate import examples_to_batches
 from covey.models._model import LoRALinear, TinyLM
+from covey.models._precision import PRECISIONS
 from covey.models._tokenizer import PAD, ChatTokenizer
 
 __all__ = ["FinetuneConfig", "FinetuneJob", "FinetuneResult", "finetune_adapter",
@@ -43,12 +44,15 @@ class FinetuneConfig:
     seed: int = 0
     threads: int = 1
     measure_loss: bool = True  # the loss on the examples before and after (two passes)
+    precision: str = "fp32"  # or "bf16": see covey.models._precision
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_tokens < 16 or self.max_examples < 1:
             raise ValueError("epochs, batch_tokens and max_examples must be positive")
         if not 0 < self.lr < 1:
             raise ValueError("lr must be in (0, 1)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -146,8 +150,8 @@ def _regroup(parts: Sequence[tuple[int, Batch]], budget: int) -> list[tuple[Batc
 class _Stacked:
     """K adapters as stacked leaf tensors (K, ...), installed in the model's LoRA layers."""
 
-    def __init__(self, model: TinyLM, adapters: Sequence[Adapter]) -> None:
-        self.model = model
+    def __init__(self, model: TinyLM, adapters: Sequence[Adapter], bf16: bool = False) -> None:
+        self.model, self.bf16 = model, bf16
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
         self.params: dict[str, torch.Tensor] = {}
         for name in self.layers:
@@ -180,7 +184,8 @@ class _Stacked:
                 else:
                     layer.external = (a[owner], b[owner])  # (rows, r, in), (rows, out, r)
             keep = targets != -100
-            logits = self.model.scored_logits(ids, keep)  # (N, V), scored positions only
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.model.scored_logits(ids, keep)  # (N, V), scored positions only
             nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")
             token_owner = owner[:, None].expand_as(targets)[keep]
             sums = sums.index_add(0, token_owner, nll)
@@ -219,11 +224,13 @@ def finetune_adapters(model: TinyLM, tok: ChatTokenizer, jobs: Sequence[Finetune
     if not jobs:
         return []
     cfg0 = jobs[0].cfg
+    if any(job.cfg.precision != cfg0.precision for job in jobs):
+        raise ValueError("jobs trained together must share one precision")
     torch.manual_seed(cfg0.seed)  # only dropout draws from it
     torch.set_num_threads(cfg0.threads)
     plans = [_plan(tok, job, model.cfg.context) for job in jobs]
     budget = max(job.cfg.batch_tokens for job in jobs)
-    stacked = _Stacked(model, [job.adapter for job in jobs])
+    stacked = _Stacked(model, [job.adapter for job in jobs], cfg0.precision == "bf16")
     measure = any(job.cfg.measure_loss for job in jobs)
     lr = torch.tensor([job.cfg.lr for job in jobs], dtype=torch.float32)
     moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in stacked.params.items()}

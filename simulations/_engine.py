@@ -29,7 +29,8 @@ def request_for(payload: RoundPayload, peer: str = "in-process") -> RoundRequest
         run_id=payload.run_id, round=payload.round, planned_rounds=payload.planned_rounds,
         dp=payload.dp, version=payload.version, signature=payload.signature,
         adapter=payload.adapter, local_epochs=payload.local_epochs, lr=payload.lr,
-        max_examples=payload.max_examples, seed=payload.seed, peer=peer)
+        max_examples=payload.max_examples, seed=payload.seed, precision=payload.precision,
+        peer=peer)
 
 
 def answer(home: Path, passphrase: str, model: Any, tok: Any, aggregator_key: bytes,

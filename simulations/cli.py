@@ -36,6 +36,8 @@ EpochsOpt = Annotated[int, typer.Option(help="Local epochs.")]
 EvalOpt = Annotated[int, typer.Option(help="Federated test messages evaluated each round.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of sampling, training and noise.")]
 WorkersOpt = Annotated[int, typer.Option(help="Processes that train pods (0: one per core).")]
+PrecisionOpt = Annotated[str, typer.Option(
+    help="Pods' training arithmetic: fp32, bf16, or auto (bf16 where the CPU has it natively).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 
@@ -75,6 +77,7 @@ def simulate(
     eval_examples: EvalOpt = 300,
     seed: SeedOpt = 0,
     workers: WorkersOpt = 0,
+    precision: PrecisionOpt = "auto",
     encrypted_pods: Annotated[bool, typer.Option(
         help="Give each pod a real encrypted store (fast engine), to measure its cost.")
     ] = False,
@@ -93,7 +96,8 @@ def simulate(
                   clients_per_round=clients_per_round, target_epsilon=target_epsilon,
                   mode=mode, clip_norm=clip_norm, delta=delta, lr=lr,
                   local_epochs=local_epochs, eval_examples=eval_examples, seed=seed,
-                  engine=engine, workers=workers, encrypted_pods=encrypted_pods)
+                  engine=engine, workers=workers, encrypted_pods=encrypted_pods,
+                  precision=precision)
     record = run(cfg, out_dir, on_round=_show(rounds, as_json), resume=resume)
     if as_json:
         sys.stdout.write(json.dumps(record, indent=2) + "\n")
@@ -128,6 +132,7 @@ def sweep(
     eval_examples: EvalOpt = 300,
     seed: SeedOpt = 0,
     workers: WorkersOpt = 0,
+    precision: PrecisionOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Run one simulation per epsilon plus baselines; write a table, figures and HTML."""
@@ -143,7 +148,8 @@ def sweep(
     cfg = _config(pods=pods, min_messages=min_messages, rounds=rounds,
                   clients_per_round=clients_per_round, target_epsilon=grid[0], mode=mode,
                   clip_norm=clip_norm, delta=delta, lr=lr, local_epochs=local_epochs,
-                  eval_examples=eval_examples, seed=seed, engine=engine, workers=workers)
+                  eval_examples=eval_examples, seed=seed, engine=engine, workers=workers,
+                  precision=precision)
     result = run(cfg, grid, out_dir, on_run=None if as_json else
                  (lambda text: out.print(f"[bold]{text}[/]")),
                  on_round=_show(rounds, as_json))

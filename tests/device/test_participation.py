@@ -247,3 +247,21 @@ def test_adaptive_clipping_moves_c_at_no_extra_epsilon(
                           _evaluator([]), tmp_path / "run2.json")
     assert record["epsilon"] == pytest.approx(plain["epsilon"])
     assert "adaptive" in record["mechanism"]["clipping"]
+
+
+def test_the_round_message_carries_the_training_precision(registry: Registry) -> None:
+    from dataclasses import replace
+
+    from covey.aggregator._serverapp import payload_record
+    from covey.device._clientapp import request_from
+
+    payload = replace(_payload(registry, CENTRAL), precision="bf16")
+    config = dict(payload_record(payload).config_records["round"])
+    assert request_from(config, "peer").precision == "bf16"
+    # An older aggregator sends no precision: the pod trains in fp32.
+    assert request_from({k: v for k, v in config.items() if k != "precision"},
+                        "peer").precision == "fp32"
+    with pytest.raises(ValueError, match="precision"):  # the pod refuses it as malformed
+        request_from({**config, "precision": "fp8"}, "peer")
+    with pytest.raises(ValueError, match="precision"):
+        RunConfig(precision="fp16")

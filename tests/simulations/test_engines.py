@@ -21,8 +21,11 @@ def _final_adapter(out: Path, record: dict) -> np.ndarray:
 
 
 def test_flower_and_fast_engines_give_the_same_aggregate(tmp_path: Path) -> None:
+    # fp32: the claim is the same arithmetic in both engines; bf16 rounds differently in
+    # batched and lone passes (tests/models/test_finetune.py bounds how much).
     cfg = SimulationConfig(pods=5, rounds=2, clients_per_round=3, target_epsilon=8.0,
-                           eval_examples=20, seed=7, workers=1, engine="fast")
+                           eval_examples=20, seed=7, workers=1, engine="fast",
+                           precision="fp32")
     fast = simulate(cfg, tmp_path / "fast")
     flower = simulate(SimulationConfig(**{**cfg.__dict__, "engine": "flower", "workers": 2}),
                       tmp_path / "flower")

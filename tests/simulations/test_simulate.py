@@ -128,7 +128,7 @@ def test_worker_processes_give_the_same_aggregate(tmp_path: Path) -> None:
     from covey.models import Adapter
 
     cfg = SimulationConfig(pods=6, rounds=2, clients_per_round=6, target_epsilon=8.0,
-                           eval_examples=20, seed=5, workers=1)
+                           eval_examples=20, seed=5, workers=1, precision="fp32")
     one = simulate(cfg, tmp_path / "one")
     two = simulate(SimulationConfig(**{**cfg.__dict__, "workers": 2}), tmp_path / "two")
     assert two["simulation"]["workers"] == 2

@@ -1,0 +1,46 @@
+"""The arithmetic of local (LoRA) training, without importing torch.
+
+``fp32`` is exact float32. ``bf16`` runs the frozen base's matrix products in bfloat16
+under CPU autocast (float32 accumulation); the LoRA matrices, their AdamW state, the
+loss and attention stay float32. On a CPU with native bf16 instructions (AVX512-BF16 or
+AMX here, BF16 on Arm) a pod's update costs about 1.45x less with the same utility (a
+3-round FedAvg of 100 pods: global perplexity 94.0234 against 94.0240 in fp32); without
+them bf16 is emulated and slower, so fp32 stays the default of real runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+__all__ = ["PRECISIONS", "native_bf16", "resolve_precision"]
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (Linux CPU flags)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in info.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` as ``bf16`` where the CPU has native bf16, else ``fp32``; others as given.
+
+    Raises:
+        ValueError: an unknown precision.
+    """
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, "
+                         f"got {precision!r}")
+    return precision
