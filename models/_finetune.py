@@ -15,7 +15,7 @@ within float rounding; one big pass per step is cheaper than many small ones.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,13 +164,11 @@ class _Stacked:
                     values.append(torch.from_numpy(np.asarray(adapter.tensors[key], np.float32)))
                 self.params[key] = torch.stack(values).requires_grad_(True)
 
-    def losses(self, parts: Sequence[tuple[int, Batch]], budget: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed reply-token cross-entropy and token count of every job, over the
-        batches ``parts`` gives as (job, batch); one job's batch runs as it is."""
-        k = next(iter(self.params.values())).shape[0]
-        sums = torch.zeros(k)
-        counts = torch.zeros(k, dtype=torch.int64)
+    def _passes(self, parts: Sequence[tuple[int, Batch]], budget: int
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The reply-token cross-entropy (N,) and the job of each token (N,), one pass
+        at a time over the batches ``parts`` gives as (job, batch); one job's batch
+        runs as it is, several jobs' rows are regrouped by length."""
         if len(parts) == 1:
             job, batch = parts[0]
             groups = [(batch, torch.full((batch[0].shape[0],), job))]
@@ -186,11 +184,36 @@ class _Stacked:
             keep = targets != -100
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.model.scored_logits(ids, keep)  # (N, V), scored positions only
-            nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-            token_owner = owner[:, None].expand_as(targets)[keep]
-            sums = sums.index_add(0, token_owner, nll)
-            counts += torch.bincount(token_owner, minlength=k)
+            yield (F.cross_entropy(logits.float(), targets[keep], reduction="none"),
+                   owner[:, None].expand_as(targets)[keep])
+
+    def losses(self, parts: Sequence[tuple[int, Batch]], budget: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed reply-token cross-entropy and token count of every job."""
+        k = next(iter(self.params.values())).shape[0]
+        sums = torch.zeros(k)
+        counts = torch.zeros(k, dtype=torch.int64)
+        for nll, owner in self._passes(parts, budget):
+            sums = sums.index_add(0, owner, nll)
+            counts += torch.bincount(owner, minlength=k)
         return sums, counts
+
+    def gradients(self, parts: Sequence[tuple[int, Batch]], budget: int
+                  ) -> list[torch.Tensor | None]:
+        """The gradient of the sum of every job's mean reply loss (each job's own
+        gradient in its rows), taken pass by pass: only one pass's activations are alive
+        at a time, so memory does not grow with the number of jobs."""
+        params = list(self.params.values())
+        counts = torch.zeros(params[0].shape[0], dtype=torch.int64)
+        for job, (_, targets) in parts:
+            counts[job] += int((targets != -100).sum())
+        weight = 1.0 / counts.clamp(min=1).float()
+        total: list[torch.Tensor | None] = [None] * len(params)
+        for nll, owner in self._passes(parts, budget):
+            grads = torch.autograd.grad((nll * weight[owner]).sum(), params, allow_unused=True)
+            total = [t if g is None else g if t is None else t + g
+                     for t, g in zip(total, grads, strict=True)]
+        return total
 
     def remove(self) -> None:
         for layer in self.layers.values():
@@ -241,10 +264,8 @@ def finetune_adapters(model: TinyLM, tok: ChatTokenizer, jobs: Sequence[Finetune
         model.train()
         for step in range(max((len(p.order) for p in plans), default=0)):
             active = [i for i, p in enumerate(plans) if step < len(p.order)]
-            sums, counts = stacked.losses(
+            grads = stacked.gradients(
                 [(i, plans[i].batches[plans[i].order[step]]) for i in active], budget)
-            loss = (sums / counts.clamp(min=1)).sum()  # each job's own mean: its own gradient
-            grads = torch.autograd.grad(loss, list(stacked.params.values()), allow_unused=True)
             rows = torch.tensor(active)
             _adamw_step(stacked.params, moments, grads, rows, lr[rows], step + 1)
         model.eval()
