@@ -29,7 +29,7 @@ from covey._files import write_atomic
 from covey.aggregator._registry import Registry
 from covey.aggregator._strategy import PodUpdate, aggregate, poisson_sample
 from covey.errors import CoveyError, InvalidInputError
-from covey.models import PRECISIONS
+from covey.models import check_precision
 from covey.privacy import AdaptiveClipping, DPConfig, GaussianRounds, epsilon_spent
 
 __all__ = ["PodReply", "RoundPayload", "RunConfig", "Transport", "run_federated"]
@@ -61,13 +61,12 @@ class RunConfig:
     max_examples: int = 256
     eval_examples: int = 200
     seed: int = 0
-    precision: str = "fp32"  # of the pods' local training: see models PRECISIONS
+    precision: str = "fp32"  # of the pods' local training: fp32 or bf16
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError("rounds must be at least 1")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}")
+        check_precision(self.precision)
         if self.min_pods < 1:
             raise ValueError("min_pods must be at least 1")
         if self.round_timeout <= 0 or self.wait_timeout <= 0:

@@ -162,7 +162,7 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Run federated training rounds on the admitted pods and write a run record."""
-    from covey.models import PRECISIONS
+    from covey.models import check_precision
     from covey.privacy import DPConfig, noise_for_epsilon
 
     if (target_epsilon is None) == (noise_multiplier is None):
@@ -177,8 +177,7 @@ def train(
                       accountant=accountant)
         if rounds < 1 or min_pods < 1:
             raise ValueError("--rounds and --min-pods must be at least 1")
-        if precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        check_precision(precision)
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from None
     agg = AggregatorHome(home)

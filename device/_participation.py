@@ -36,7 +36,7 @@ from covey.device._pod import Pod
 from covey.device._stop import is_stopped
 from covey.device._store import set_meta
 from covey.errors import CoveyError
-from covey.models import PRECISIONS
+from covey.models import check_precision
 from covey.privacy import DPConfig, GaussianRounds, get_accountant
 from covey.protocols import ModelVersion, SignatureError, verify_version
 
@@ -109,8 +109,7 @@ class RoundRequest:
     def __post_init__(self) -> None:
         if not 1 <= self.round <= self.planned_rounds:
             raise ValueError(f"round {self.round} is outside the run's {self.planned_rounds}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown training precision {self.precision!r}")
+        check_precision(self.precision)
 
 
 def _now() -> str:

@@ -10,7 +10,7 @@ onnxruntime until a name that needs it is used):
     SamplingParams, Generator, GENERATORS, create_generator generation backends by name
     BackendUnavailableError, ArtifactError, Artifacts       errors and shipped files
     Embedder, EmbedderConfig, EMBEDDERS, create_embedder    sentence embeddings
-    PRECISIONS, resolve_precision                           arithmetic of local training
+    check_precision, resolve_precision                      arithmetic of local training
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ _EXPORTS = {
     "ArtifactError": "_artifacts", "Artifacts": "_artifacts",
     "Embedder": "_embedder", "EmbedderConfig": "_embedder", "EMBEDDERS": "_embedder",
     "create_embedder": "_embedder",
-    "PRECISIONS": "_precision", "resolve_precision": "_precision",
+    "check_precision": "_precision", "resolve_precision": "_precision",
 }
 
 __all__ = sorted(_EXPORTS)

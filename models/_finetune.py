@@ -26,7 +26,7 @@ from covey.models._adapter import Adapter
 from covey.models._data import Example
 from covey.models._evaluate import examples_to_batches
 from covey.models._model import LoRALinear, TinyLM
-from covey.models._precision import PRECISIONS
+from covey.models._precision import check_precision
 from covey.models._tokenizer import PAD, ChatTokenizer
 
 __all__ = ["FinetuneConfig", "FinetuneJob", "FinetuneResult", "finetune_adapter",
@@ -51,8 +51,7 @@ class FinetuneConfig:
             raise ValueError("epochs, batch_tokens and max_examples must be positive")
         if not 0 < self.lr < 1:
             raise ValueError("lr must be in (0, 1)")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_precision(self.precision)
 
 
 @dataclass(frozen=True)

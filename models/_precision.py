@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-__all__ = ["PRECISIONS", "native_bf16", "resolve_precision"]
+__all__ = ["PRECISIONS", "check_precision", "native_bf16", "resolve_precision"]
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -32,6 +32,12 @@ def native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def check_precision(precision: str) -> None:
+    """Raises ValueError unless ``precision`` is one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def resolve_precision(precision: str) -> str:
     """``auto`` as ``bf16`` where the CPU has native bf16, else ``fp32``; others as given.
 
@@ -40,7 +46,5 @@ def resolve_precision(precision: str) -> str:
     """
     if precision == "auto":
         return "bf16" if native_bf16() else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, "
-                         f"got {precision!r}")
+    check_precision(precision)
     return precision

@@ -320,9 +320,13 @@ def personalized(cfg: SimulationConfig, users: Sequence[Any], adapter_bytes: byt
     by_user: dict[int, list[Any]] = {}
     for index, example in eval_sample(users, cfg, np.random.default_rng(cfg.seed)):
         by_user.setdefault(index, []).append(example)
+    model: Any = None
+    tok: Any = None
+    if adapter_bytes is None or pool is None:  # the model is needed here, not only in workers
+        model, tok, _ = load_model()
     if adapter_bytes is None:
         torch.manual_seed(cfg.seed)
-        adapter_bytes = Adapter.zeros_like(TinyLM(load_model()[0].cfg)).to_bytes()
+        adapter_bytes = Adapter.zeros_like(TinyLM(model.cfg)).to_bytes()
     # Users of alike size train together, the most work first (as pods do in rounds).
     ordered = sorted(by_user.items(), key=lambda item: (-len(users[item[0]].train), item[0]))
     groups = [ordered[i:i + POD_GROUP] for i in range(0, len(ordered), POD_GROUP)]
@@ -330,7 +334,6 @@ def personalized(cfg: SimulationConfig, users: Sequence[Any], adapter_bytes: byt
         futures = [pool.submit(_worker_personal, group, adapter_bytes, cfg) for group in groups]
         scores = [s for f in futures for s in f.result()]
     else:
-        model, tok, _ = load_model()
         scores = [s for group in groups for s in _personal_scores(
             users, model, tok, group, adapter_bytes, cfg, os.cpu_count() or 1)]
     nll, hits1, hits3, tokens = (sum(column) for column in zip(*scores, strict=True))
