@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -263,7 +264,7 @@ class TinyLM(nn.Module):
         The last block's MLP runs on those positions only (the others feed no logit),
         unless it holds one adapter per batch row, which needs the rows.
         """
-        last = self.blocks[-1]
+        last = cast(Block, self.blocks[-1])
         per_row = any(isinstance(m, LoRALinear) and m.external is not None
                       and m.external[0].dim() == 3 for m in last.mlp.modules())
         if per_row:
