@@ -6,41 +6,72 @@ a pod's data); simulations also evaluate on the federated users' test messages.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["AdapterEvaluator", "public_evaluator"]
+if TYPE_CHECKING:
+    import numpy as np
+
+    from covey.models._evaluate import Tally
+
+__all__ = ["AdapterEvaluator", "adapter_tally", "public_evaluator"]
+
+Batches = Sequence[tuple["np.ndarray", "np.ndarray"]]
+#: Tallies ``(adapter bytes, parts)`` -> one tally per part, each part elsewhere.
+Spread = Callable[[bytes, Sequence[Batches]], Sequence["Tally"]]
+
+
+def adapter_tally(model: Any, adapter_bytes: bytes, batches: Batches) -> Tally:
+    """``model`` with the adapter folded into its base weights (so the LoRA products of
+    every layer are skipped), tallied over ``batches``."""
+    from covey.models import Adapter
+    from covey.models._evaluate import tally, torch_scored
+
+    merged = Adapter.from_bytes(adapter_bytes).merged_into(model)
+    merged.set_adapters(False)
+    return tally(torch_scored(merged), batches)
 
 
 class AdapterEvaluator:
-    """Quality of the base model with an adapter on a fixed list of examples."""
+    """Quality of the base model with an adapter on a fixed list of examples.
+
+    ``spread``: tallies parts of the examples elsewhere (a simulation's worker processes,
+    ``parts`` of them, one thread each), instead of on ``threads`` threads here.
+    """
 
     def __init__(self, examples: Sequence[Any], threads: int = 1,
-                 model: Any = None, tok: Any = None) -> None:
+                 model: Any = None, tok: Any = None, spread: Spread | None = None,
+                 parts: int = 1) -> None:
 
         from covey.models import load_model
         from covey.models._evaluate import examples_to_batches
 
-        self.threads = threads
+        self.threads, self.spread = threads, spread
         if model is None or tok is None:
             model, tok, _ = load_model()
         self.model, self.tok = model, tok
-        self.batches = examples_to_batches(self.tok, list(examples), self.model.cfg.context)
+        if spread is None:
+            self.batches = examples_to_batches(self.tok, list(examples), self.model.cfg.context)
+            self.parts: list[Batches] = [self.batches]
+        else:  # smaller batches, dealt to the parts by tokens
+            self.batches = examples_to_batches(self.tok, list(examples), self.model.cfg.context,
+                                               batch_tokens=1024)
+            self.parts = _deal(self.batches, parts)
         self.examples = len(examples)
 
     def __call__(self, adapter_bytes: bytes) -> dict[str, float]:
         import torch
 
         from covey.models import Adapter
-        from covey.models._evaluate import evaluate, torch_scored
+        from covey.models._evaluate import Tally
 
-        adapter = Adapter.from_bytes(adapter_bytes)
-        adapter.load_into(self.model)  # what callers find loaded afterwards
-        # Folded into the base weights: the LoRA products of every layer are skipped.
-        merged = adapter.merged_into(self.model)
-        merged.set_adapters(False)
-        torch.set_num_threads(self.threads)
-        q = evaluate(torch_scored(merged), self.batches, self.examples)
+        Adapter.from_bytes(adapter_bytes).load_into(self.model)  # what callers find loaded
+        if self.spread is not None:
+            total = sum(self.spread(adapter_bytes, self.parts), Tally())
+        else:
+            torch.set_num_threads(self.threads)
+            total = adapter_tally(self.model, adapter_bytes, self.batches)
+        q = total.quality(self.examples)
         return {"perplexity": round(q.perplexity, 4), "top1": round(q.top1, 4),
                 "top3": round(q.top3, 4)}
 
@@ -59,3 +90,15 @@ def public_evaluator(examples: int = 200, threads: int = 1) -> AdapterEvaluator:
     from covey.models import load_corpus
 
     return AdapterEvaluator(load_corpus().public_eval[:examples], threads)
+
+
+def _deal(batches: Batches, parts: int) -> list[Batches]:
+    """``batches`` in ``parts`` lists of about equal tokens (the biggest batch first, each
+    to the lightest list)."""
+    dealt: list[list[Any]] = [[] for _ in range(max(1, parts))]
+    load = [0] * len(dealt)
+    for batch in sorted(batches, key=lambda b: -b[0].size):
+        i = load.index(min(load))
+        dealt[i].append(batch)
+        load[i] += batch[0].size
+    return [d for d in dealt if d]

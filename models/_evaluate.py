@@ -18,7 +18,8 @@ import torch
 from covey.models._data import Example
 from covey.models._tokenizer import PAD, ChatTokenizer
 
-__all__ = ["BigramModel", "Quality", "evaluate", "examples_to_batches", "scored", "torch_scored"]
+__all__ = ["BigramModel", "Quality", "Tally", "evaluate", "examples_to_batches", "scored", "tally",
+           "torch_scored"]
 
 # Logits of the scored positions of a right-padded batch: (B, T) ids and (B, T) mask ->
 # (N, V), N the mask's true count. Right padding needs no attention mask in a causal
@@ -92,9 +93,29 @@ def examples_to_batches(tok: ChatTokenizer, examples: Sequence[Example], context
     return batches
 
 
-def evaluate(logits_fn: LogitsFn, batches: Sequence[tuple[np.ndarray, np.ndarray]],
-             examples: int) -> Quality:
-    """Perplexity and top-k accuracy of ``logits_fn`` over the batches' target tokens."""
+@dataclass(frozen=True)
+class Tally:
+    """Sums over scored tokens, which add up across batches (and processes)."""
+
+    nll: float = 0.0  # summed log-loss, in double
+    hit1: int = 0
+    hit3: int = 0
+    tokens: int = 0
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(self.nll + other.nll, self.hit1 + other.hit1, self.hit3 + other.hit3,
+                     self.tokens + other.tokens)
+
+    def quality(self, examples: int) -> Quality:
+        """Perplexity and accuracies of the tokens tallied (of ``examples`` examples)."""
+        if self.tokens == 0:
+            return Quality(float("nan"), 0.0, 0.0, 0, examples)
+        return Quality(math.exp(self.nll / self.tokens), self.hit1 / self.tokens,
+                       self.hit3 / self.tokens, self.tokens, examples)
+
+
+def tally(logits_fn: LogitsFn, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> Tally:
+    """Log-loss and top-1 / top-3 hits of ``logits_fn`` over the batches' target tokens."""
     nll = 0.0
     hit1 = hit3 = count = 0
     for ids, tgt in batches:
@@ -107,9 +128,13 @@ def evaluate(logits_fn: LogitsFn, batches: Sequence[tuple[np.ndarray, np.ndarray
         hit1 += int((sel.argmax(dim=1) == y).sum())
         hit3 += int(((sel > target).sum(dim=1) < 3).sum())  # fewer than 3 strictly better
         count += len(y)
-    if count == 0:
-        return Quality(float("nan"), 0.0, 0.0, 0, examples)
-    return Quality(math.exp(nll / count), hit1 / count, hit3 / count, count, examples)
+    return Tally(nll, hit1, hit3, count)
+
+
+def evaluate(logits_fn: LogitsFn, batches: Sequence[tuple[np.ndarray, np.ndarray]],
+             examples: int) -> Quality:
+    """Perplexity and top-k accuracy of ``logits_fn`` over the batches' target tokens."""
+    return tally(logits_fn, batches).quality(examples)
 
 
 class BigramModel:

@@ -29,6 +29,7 @@ from covey.privacy import DPConfig, noise_for_epsilon
 if TYPE_CHECKING:
     from covey.device._federated import ClientUpdate
     from covey.device._participation import RoundRequest
+    from covey.models._evaluate import Tally
 
 __all__ = ["SimulationConfig", "eval_sample", "personalized", "population",
            "population_summary", "simulate", "train_pods"]
@@ -199,10 +200,19 @@ def _train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int]
 
 
 def _worker_init(cfg: SimulationConfig, users: Sequence[Any] | None) -> None:
+    import torch
+
     from covey.models import load_model
 
+    torch.set_num_threads(1)  # one process per core
     _WORKER["users"] = population(cfg) if users is None else users
     _WORKER["model"], _WORKER["tok"], _ = load_model()
+
+
+def _worker_tally(adapter_bytes: bytes, batches: Any) -> Tally:
+    from covey.aggregator._evaluation import adapter_tally
+
+    return adapter_tally(_WORKER["model"], adapter_bytes, batches)
 
 
 def _worker_train(nodes: Sequence[int], payload: RoundPayload) -> list[PodReply]:
@@ -224,6 +234,8 @@ class _MemoryPods:
             self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
                                             initializer=_worker_init,
                                             initargs=(cfg, self.users if given else None))
+            for _ in range(workers):  # start every worker now: each loads for seconds
+                self.pool.submit(int)
         self.workers = workers
 
     def node_ids(self) -> list[int]:
@@ -237,6 +249,12 @@ class _MemoryPods:
                    for group in self._groups(nodes, payload.max_examples)]
         replies = [r for f in futures for r in f.result(timeout=timeout)]
         return sorted(replies, key=lambda r: r.node_id)
+
+    def tally(self, adapter_bytes: bytes, parts: Sequence[Any]) -> list[Tally]:
+        """Each part of the evaluation batches tallied by a worker, with the adapter."""
+        assert self.pool is not None
+        futures = [self.pool.submit(_worker_tally, adapter_bytes, part) for part in parts]
+        return [f.result() for f in futures]
 
     def _groups(self, nodes: Sequence[int], max_examples: int) -> list[list[int]]:
         """Nodes in batches of up to ``POD_GROUP`` pods of alike size, the most work
@@ -316,6 +334,7 @@ def personalized(cfg: SimulationConfig, users: Sequence[Any], adapter_bytes: byt
     import torch
 
     from covey.models import Adapter, TinyLM, load_model
+    from covey.models._evaluate import Tally
 
     by_user: dict[int, list[Any]] = {}
     for index, example in eval_sample(users, cfg, np.random.default_rng(cfg.seed)):
@@ -332,23 +351,22 @@ def personalized(cfg: SimulationConfig, users: Sequence[Any], adapter_bytes: byt
     groups = [ordered[i:i + POD_GROUP] for i in range(0, len(ordered), POD_GROUP)]
     if pool is not None:
         futures = [pool.submit(_worker_personal, group, adapter_bytes, cfg) for group in groups]
-        scores = [s for f in futures for s in f.result()]
+        scores = [f.result() for f in futures]
     else:
-        scores = [s for group in groups for s in _personal_scores(
-            users, model, tok, group, adapter_bytes, cfg, os.cpu_count() or 1)]
-    nll, hits1, hits3, tokens = (sum(column) for column in zip(*scores, strict=True))
-    return {"perplexity": round(math.exp(nll / tokens), 4), "top1": round(hits1 / tokens, 4),
-            "top3": round(hits3 / tokens, 4), "users": len(by_user)}
+        scores = [_personal_scores(users, model, tok, group, adapter_bytes, cfg,
+                                   os.cpu_count() or 1) for group in groups]
+    q = sum(scores, Tally()).quality(sum(len(examples) for examples in by_user.values()))
+    return {"perplexity": round(q.perplexity, 4), "top1": round(q.top1, 4),
+            "top3": round(q.top3, 4), "users": len(by_user)}
 
 
 def _personal_scores(users: Sequence[Any], model: Any, tok: Any,
                      group: Sequence[tuple[int, list[Any]]], adapter_bytes: bytes,
-                     cfg: SimulationConfig, threads: int = 1
-                     ) -> list[tuple[float, float, float, int]]:
+                     cfg: SimulationConfig, threads: int = 1) -> Tally:
     """Personal adapters of ``group`` (user index, their evaluation examples), trained
-    together; each user's (summed log-loss, top-1 hits, top-3 hits, tokens)."""
+    together, each tallied on its own user's examples."""
     from covey.models import Adapter
-    from covey.models._evaluate import evaluate, examples_to_batches, torch_scored
+    from covey.models._evaluate import Tally, examples_to_batches, tally, torch_scored
     from covey.models._finetune import FinetuneConfig, FinetuneJob, finetune_adapters
 
     start = Adapter.from_bytes(adapter_bytes)
@@ -356,18 +374,15 @@ def _personal_scores(users: Sequence[Any], model: Any, tok: Any,
         epochs=max(cfg.local_epochs, 1), lr=cfg.lr, max_examples=cfg.max_examples,
         seed=cfg.seed, measure_loss=False, precision=resolve_precision(cfg.precision),
         threads=threads)) for index, _ in group])
-    scores = []
+    total = Tally()
     for (_, examples), result in zip(group, trained, strict=True):
         result.adapter.load_into(model)
-        q = evaluate(torch_scored(model), examples_to_batches(tok, examples, model.cfg.context),
-                     len(examples))
-        scores.append((math.log(q.perplexity) * q.tokens, q.top1 * q.tokens,
-                       q.top3 * q.tokens, q.tokens))
-    return scores
+        total += tally(torch_scored(model), examples_to_batches(tok, examples, model.cfg.context))
+    return total
 
 
 def _worker_personal(group: Sequence[tuple[int, list[Any]]], adapter_bytes: bytes,
-                     cfg: SimulationConfig) -> list[tuple[float, float, float, int]]:
+                     cfg: SimulationConfig) -> Tally:
     return _personal_scores(_WORKER["users"], _WORKER["model"], _WORKER["tok"], group,
                             adapter_bytes, cfg)
 
@@ -397,30 +412,51 @@ def simulate(cfg: SimulationConfig, out: Path,
         InvalidInputError: an impossible configuration (before any work), or nothing to
             resume.
     """
-    from covey.aggregator._evaluation import AdapterEvaluator
-    from covey.aggregator._registry import Registry
     from covey.models import load_model
 
+    if resume and _unfinished(out) is None:
+        raise InvalidInputError(f"no interrupted simulation to resume in {out}")
     given = users is not None
     users = list(users) if users is not None else population(cfg)
     if cfg.clients_per_round > len(users):
         raise InvalidInputError(f"{cfg.clients_per_round} clients per round but only "
                                 f"{len(users)} pods")
+    if given and cfg.engine == "flower":
+        raise InvalidInputError("a given population runs on the fast engine")
     dp = _dp(cfg, len(users))
     workers = cfg.workers or (os.cpu_count() or 1)
     check_memory(cfg, workers)
     model, tok, _ = load_model()
+    # The fast engine's workers start now: they load while this process sets up, and
+    # evaluate every version as well as train the pods.
+    pods = (_MemoryPods(users, model, tok, cfg, workers, given)
+            if cfg.engine == "fast" and not cfg.encrypted_pods else None)
+    try:
+        return _simulate(cfg, out, users, dp, workers, model, tok, pods, on_round, resume)
+    finally:
+        if pods is not None:
+            pods.close()
+
+
+def _simulate(cfg: SimulationConfig, out: Path, users: Sequence[Any], dp: DPConfig,
+              workers: int, model: Any, tok: Any, pods: _MemoryPods | None,
+              on_round: Callable[[dict[str, Any]], None] | None, resume: bool
+              ) -> dict[str, Any]:
+    from covey.aggregator._evaluation import AdapterEvaluator
+    from covey.aggregator._registry import Registry
+
     out.mkdir(parents=True, exist_ok=True)
     summary = population_summary(users, tok)
     (out / "population.json").write_text(json.dumps(summary, indent=2) + "\n")
     rng = np.random.default_rng(cfg.seed)
     chosen = [example for _, example in eval_sample(users, cfg, rng)]
-    evaluator = AdapterEvaluator(chosen, threads=os.cpu_count() or 1, model=model, tok=tok)
+    pool = pods.pool if pods is not None else None
+    evaluator = AdapterEvaluator(chosen, threads=os.cpu_count() or 1, model=model, tok=tok,
+                                 spread=pods.tally if pods is not None and pool is not None
+                                 else None, parts=workers)
     registry = Registry(out / "registry")
-    if resume:
-        unfinished = _unfinished(out)
-        if unfinished is None:
-            raise InvalidInputError(f"no interrupted simulation to resume in {out}")
+    unfinished = _unfinished(out) if resume else None
+    if unfinished is not None:
         run_id = unfinished
         first = next(v for v in registry.versions() if v.round == 0 and v.run_id == run_id)
     else:
@@ -442,27 +478,18 @@ def simulate(cfg: SimulationConfig, out: Path,
                              out / "runs" / f"{run_id}.json", on_round=on_round, rng=rng,
                              resume=resume)
 
-    pods = None
-    try:
-        if cfg.engine == "flower":
-            from covey.simulations._flower import run_flower
+    if cfg.engine == "flower":
+        from covey.simulations._flower import run_flower
 
-            if given:
-                raise InvalidInputError("a given population runs on the fast engine")
-            record = run_flower(cfg, len(users), workers, rounds)
-        elif cfg.encrypted_pods:
-            record = rounds(_store_pods(users, model, tok, out, registry.public_key, workers,
-                                        (cfg.target_epsilon, dp.delta)))
-        else:
-            pods = _MemoryPods(users, model, tok, cfg, workers, given)
-            record = rounds(pods)
-        seconds = time.perf_counter() - started
-        # The fast engine's workers, still up, share the personal fine-tuning.
-        personal = personalized(cfg, users, registry.get(record["final_version"])[1],
-                                pods.pool if pods is not None else None)
-    finally:
-        if pods is not None:
-            pods.close()
+        record = run_flower(cfg, len(users), workers, rounds)
+    elif cfg.encrypted_pods:
+        record = rounds(_store_pods(users, model, tok, out, registry.public_key, workers,
+                                    (cfg.target_epsilon, dp.delta)))
+    else:
+        record = rounds(pods)
+    seconds = time.perf_counter() - started
+    # The fast engine's workers, still up, share the personal fine-tuning.
+    personal = personalized(cfg, users, registry.get(record["final_version"])[1], pool)
     updates = sum(r["accepted"] for r in record["rounds"])
     final = registry.get(record["final_version"])[0]
     record.update(simulation={**asdict(cfg), "precision": run.precision,

@@ -143,8 +143,10 @@ def test_worker_processes_give_the_same_aggregate(tmp_path: Path) -> None:
                  if v.round == version))[1]).flat() for d in ("one", "two")]
         gap = np.linalg.norm(adapters[0] - adapters[1]) / np.linalg.norm(adapters[1])
         assert gap < 1e-4, gap
+    # Two workers also evaluate each version, each on part of the examples.
     assert [r.get("perplexity") for r in one["rounds"]] == \
         pytest.approx([r.get("perplexity") for r in two["rounds"]], rel=1e-5)
+    assert one["simulation"]["base_metrics"] == pytest.approx(two["simulation"]["base_metrics"])
 
 
 def test_too_little_memory_fails_before_any_work(tmp_path: Path) -> None:
