@@ -1,11 +1,12 @@
 """The arithmetic of local (LoRA) training, without importing torch.
 
-``fp32`` is exact float32. ``bf16`` runs the frozen base's matrix products in bfloat16
-under CPU autocast (float32 accumulation); the LoRA matrices, their AdamW state, the
-loss and attention stay float32. On a CPU with native bf16 instructions (AVX512-BF16 or
-AMX here, BF16 on Arm) a pod's update costs about 1.45x less with the same utility (a
-3-round FedAvg of 100 pods: global perplexity 94.0234 against 94.0240 in fp32); without
-them bf16 is emulated and slower, so fp32 stays the default of real runs.
+``fp32`` is exact float32. ``bf16`` runs the frozen base's matrix products and
+attention's two products in bfloat16 under CPU autocast (float32 accumulation); the LoRA
+matrices, their AdamW state, the loss and attention's softmax stay float32. On a CPU
+with native bf16 instructions (AVX512-BF16 or AMX, BF16 on Arm) a pod's update costs
+about 1.5x less with the same utility (a 3-round FedAvg of 100 pods: global perplexity
+94.0235 against 94.0240 in fp32); without them bf16 is emulated and slower, so fp32
+stays the default of real runs.
 """
 
 from __future__ import annotations
