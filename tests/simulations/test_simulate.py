@@ -12,7 +12,7 @@ import pytest
 from covey.errors import InvalidInputError
 from covey.models import share_of
 from covey.privacy import GaussianRounds, epsilon_spent
-from covey.simulations._simulate import SimulationConfig, population, simulate
+from covey.simulations._simulate import SimulationConfig, population, simulate, worker_malloc
 from tests.conftest import Covey
 
 
@@ -132,6 +132,10 @@ def test_worker_processes_give_the_same_aggregate(tmp_path: Path) -> None:
     one = simulate(cfg, tmp_path / "one")
     two = simulate(SimulationConfig(**{**cfg.__dict__, "workers": 2}), tmp_path / "two")
     assert two["simulation"]["workers"] == 2
+    # The workers run on tcmalloc where it is installed (`make setup` installs it).
+    assert two["simulation"]["worker_allocator"] == (
+        "tcmalloc" if worker_malloc() else "glibc")
+    assert one["simulation"]["worker_allocator"] is None  # no worker processes
     # Two workers batch different groups of pods together: the same updates up to float
     # rounding (the order of sums inside a batched pass), not bit for bit. AdamW divides
     # by the root of its second moment, which magnifies rounding where a gradient is
