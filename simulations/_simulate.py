@@ -87,13 +87,15 @@ class SimulationConfig:
 
 
 #: Peak resident memory measured here: the main process (model, population, evaluator)
-#: 956 MiB; a ``fast`` worker process on the whole population 3.9 GB after 100 rounds
-#: (glibc keeps the freed memory of batches of many sizes; trimming it after every
-#: batch held a worker near 1 GB but made rounds 5-20 % slower); a Ray actor running
-#: the ClientApp about 890 MiB (30 pods), plus Ray's daemons and driver about 1 GiB.
-#: An ``--encrypted-pods`` worker is a thread with one model copy (an estimate).
+#: 956 MiB; a ``fast`` worker process on the whole population over 100 rounds 1.46 GB
+#: on tcmalloc, 3.9 GB on glibc's malloc (which keeps the freed memory of batches of
+#: many sizes; trimming it after every batch held a worker near 1 GB but made rounds
+#: 5-20 % slower); a Ray actor running the ClientApp about 890 MiB (30 pods), plus Ray's
+#: daemons and driver about 1 GiB. An ``--encrypted-pods`` worker is a thread with one
+#: model copy (an estimate).
 MAIN_BYTES = 1000 * 2**20
-WORKER_BYTES = {"fast": 4096 * 2**20, "flower": 900 * 2**20, "encrypted": 40 * 2**20}
+WORKER_BYTES = {"fast": 4096 * 2**20, "fast-tcmalloc": 1536 * 2**20, "flower": 900 * 2**20,
+                "encrypted": 40 * 2**20}
 RAY_BYTES = 1024 * 2**20
 
 
@@ -111,7 +113,8 @@ def available_memory() -> int | None:
 def check_memory(cfg: SimulationConfig, workers: int, available: int | None = None) -> None:
     """Fail before any work when the engine would not fit in memory."""
     kind = "encrypted" if cfg.encrypted_pods else cfg.engine
-    need = MAIN_BYTES + workers * WORKER_BYTES[kind] + (RAY_BYTES if kind == "flower" else 0)
+    per = WORKER_BYTES["fast-tcmalloc" if kind == "fast" and worker_malloc() else kind]
+    need = MAIN_BYTES + workers * per + (RAY_BYTES if kind == "flower" else 0)
     available = available_memory() if available is None else available
     if available is not None and need > available:
         raise InvalidInputError(
