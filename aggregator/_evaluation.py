@@ -50,13 +50,11 @@ class AdapterEvaluator:
         if model is None or tok is None:
             model, tok, _ = load_model()
         self.model, self.tok = model, tok
-        if spread is None:
-            self.batches = examples_to_batches(self.tok, list(examples), self.model.cfg.context)
-            self.parts: list[Batches] = [self.batches]
-        else:  # smaller batches, dealt to the parts by tokens
-            self.batches = examples_to_batches(self.tok, list(examples), self.model.cfg.context,
-                                               batch_tokens=1024)
-            self.parts = _deal(self.batches, parts)
+        # Spread: smaller batches, dealt to the parts by tokens.
+        size = {} if spread is None else {"batch_tokens": 1024}
+        self.batches = examples_to_batches(self.tok, list(examples), self.model.cfg.context,
+                                           **size)
+        self.parts = _deal(self.batches, parts) if spread is not None else []
         self.examples = len(examples)
 
     def __call__(self, adapter_bytes: bytes) -> dict[str, float]:

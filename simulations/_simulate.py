@@ -11,6 +11,7 @@ and privacy, not transport.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -219,6 +220,7 @@ def _worker_tally(adapter_bytes: bytes, batches: Any) -> Tally:
     return adapter_tally(_WORKER["model"], adapter_bytes, batches)
 
 
+@functools.cache
 def worker_malloc() -> str | None:
     """The allocator the fast engine's workers preload, if installed: tcmalloc.
 
