@@ -12,6 +12,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +20,14 @@ from typing import Any
 from covey.device._context import current_context, record_usage
 from covey.device._facts import extract_facts
 from covey.device._graph import PreferenceGraph
-from covey.device._orchestrator import Counter, Explanation, PromptBudget, PromptParts, assemble
+from covey.device._orchestrator import (
+    Counter,
+    Explanation,
+    PromptBudget,
+    PromptParts,
+    assemble,
+    opening,
+)
 from covey.device._pod import Pod
 from covey.device._safety import HOLDBACK, REFUSAL, WITHHELD, SafetyFilter, Verdict
 from covey.device._stop import is_stopped
@@ -83,14 +91,32 @@ class Assistant:
         self.config = config or ChatConfig()
         self.model_version = model_version
         self.graph = PreferenceGraph(pod.store)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one generation at a time: the model is shared
+        self._erasures = 0  # counts erasures, so that work begun before one is dropped
+        self._worker: ThreadPoolExecutor | None = None
+        self._priming: Future[Any] | None = None
         pod.memories.after_erasure(self._forget_cache)
 
     def _forget_cache(self) -> None:
         """Nothing derived from erased text stays in the generator's prefix cache."""
+        self._erasures += 1  # a priming that read the erased text drops what it read
+        self.settle()
         forget = getattr(self.generator, "forget_cache", None)
         if forget is not None:
             forget()
+
+    def _background(self) -> ThreadPoolExecutor:
+        """The thread that reads the next prompt's opening into the generator after a
+        reply. It never touches the store."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="covey-assistant")
+        return self._worker
+
+    def settle(self) -> None:
+        """Wait until the background work of the last turn is done."""
+        priming = self._priming
+        if priming is not None:
+            priming.result()
 
     # -- sessions --------------------------------------------------------------------
 
@@ -239,7 +265,8 @@ class Assistant:
         t0 = time.perf_counter()
         pieces: list[str] = []
         guard = _OutputGuard(self, turn, to_program) if self.safety is not None else None
-        with self._lock:  # one generation at a time per assistant: the model is shared
+        erasures = self._erasures
+        with self._lock:
             for piece in self.generator.stream_chat(messages, params, cancel):
                 if not pieces:
                     turn.timings["first_token_s"] = time.perf_counter() - t0
@@ -252,6 +279,8 @@ class Assistant:
                 if len(pieces) % 4 == 0 and is_stopped(self.pod.home):
                     turn.timings["stopped"] = 1.0  # `covey stop`: no further token
                     break
+            if erasures != self._erasures:  # something was erased while this turn ran
+                self._forget_cache()
         if guard:
             rest = guard.finish()
             if rest:
@@ -268,6 +297,31 @@ class Assistant:
             for memory in turn.explanation.memories:
                 c.execute("UPDATE memories SET last_used_at = ?, use_count = use_count + 1"
                           " WHERE id = ?", (_now(), memory["id"]))
+        self._prime_next()
+
+    def _prime_next(self) -> None:
+        """Have the generator read the next prompt's opening (system text, preferences,
+        recent turns) now, in the background, instead of after the next message arrives."""
+        if not hasattr(self.generator, "prime") or self.config.recent_turns == 0:
+            return
+        erasures = self._erasures  # before reading: an erasure after it is noticed
+        prefs = [f.sentence() for f in self.graph.current()]
+        head = opening(prefs, self.recent_turns(self.config.recent_turns),
+                       self.config.budget, self.count)
+        self._priming = self._background().submit(self._prime, head, erasures)
+
+    def _prime(self, head: list[Any], erasures: int) -> None:
+        if not self._lock.acquire(blocking=False):
+            return  # a turn is being generated; it leaves its own prefix cached
+        try:
+            if erasures == self._erasures:
+                self.generator.prime(head)
+            if erasures != self._erasures:  # erased meanwhile: drop what was read
+                self.generator.forget_cache()
+        except Exception as exc:  # a cache miss, not an error of the turn
+            _log.warning("could not prepare the next prompt (%s)", type(exc).__name__)
+        finally:
+            self._lock.release()
 
     # -- looking back ----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from covey.models import ChatMessage
 
-__all__ = ["Explanation", "PromptBudget", "PromptParts", "assemble"]
+__all__ = ["Explanation", "PromptBudget", "PromptParts", "assemble", "opening"]
 
 SYSTEM_TEXT = "You are a friendly assistant running on the user's own device."
 
@@ -96,45 +96,70 @@ def _clip(text: str, budget: int, count: Counter) -> str:
     return " ".join(words)
 
 
-def assemble(parts: PromptParts, budget: PromptBudget, count: Counter
-             ) -> tuple[list[ChatMessage], Explanation]:
-    """The chat messages for the model and the explanation of what went in."""
-    prefs, pref_tokens, pref_dropped = _take(parts.preferences, budget.preferences, count)
-    memory_texts = [text for _, text, _ in parts.memories]
-    kept_memories, mem_tokens, mem_dropped = _take(memory_texts, budget.memories, count)
-    context, ctx_tokens, ctx_dropped = _take(parts.context, budget.context, count)
+@dataclass(frozen=True)
+class _Opening:
+    """The part of a prompt known before the message arrives."""
 
-    # What changes least comes first, so the generator's prefix cache covers it: system
-    # text and preferences, then earlier turns; what this message recalled goes last.
+    messages: list[ChatMessage]
+    preferences: list[str]
+    pref_tokens: int
+    pref_dropped: int
+    turn_tokens: int
+    turns: int
+
+
+def _opening(preferences: Sequence[str], turns: Sequence[tuple[str, str]],
+             budget: PromptBudget, count: Counter) -> _Opening:
+    prefs, pref_tokens, pref_dropped = _take(preferences, budget.preferences, count)
     system = SYSTEM_TEXT
     if prefs:
         system += " About the user: " + "; ".join(prefs) + "."
+    kept: list[ChatMessage] = []
+    turn_tokens = 0
+    for role, text in turns:
+        cost = count(text) + 1
+        if turn_tokens + cost > budget.turns:
+            break
+        kept.insert(0, ChatMessage(role, text))
+        turn_tokens += cost
+    return _Opening([ChatMessage("system", system), *kept], prefs, pref_tokens, pref_dropped,
+                    turn_tokens, len(kept))
+
+
+def opening(preferences: Sequence[str], turns: Sequence[tuple[str, str]],
+            budget: PromptBudget, count: Counter) -> list[ChatMessage]:
+    """The messages every prompt of the next turn starts with (system text with the
+    preferences, then recent turns): what :func:`assemble` puts first, so a generator
+    can read them into its prefix cache before the user's message arrives."""
+    return _opening(preferences, turns, budget, count).messages
+
+
+def assemble(parts: PromptParts, budget: PromptBudget, count: Counter
+             ) -> tuple[list[ChatMessage], Explanation]:
+    """The chat messages for the model and the explanation of what went in."""
+    # What changes least comes first, so the generator's prefix cache covers it: system
+    # text and preferences, then earlier turns; what this message recalled goes last.
+    head = _opening(parts.preferences, parts.turns, budget, count)
+    memory_texts = [text for _, text, _ in parts.memories]
+    kept_memories, mem_tokens, mem_dropped = _take(memory_texts, budget.memories, count)
+    context, ctx_tokens, ctx_dropped = _take(parts.context, budget.context, count)
     recalled = []
     if kept_memories:
         recalled.append("The user told you: " + " ".join(kept_memories))
     if context:
         recalled.append("Now: " + "; ".join(context) + ".")
-
-    turns: list[ChatMessage] = []
-    turn_tokens = 0
-    for role, text in parts.turns:
-        cost = count(text) + 1
-        if turn_tokens + cost > budget.turns:
-            break
-        turns.insert(0, ChatMessage(role, text))
-        turn_tokens += cost
     message = _clip(parts.message, budget.message, count)
     used_memories = [{"id": mid, "score": round(score, 4)}
                      for mid, text, score in parts.memories if text in kept_memories]
     explanation = Explanation(
-        memories=used_memories, preferences=prefs, context=context, turns=len(turns),
-        tokens={"system": count(SYSTEM_TEXT), "preferences": pref_tokens,
-                "memories": mem_tokens, "context": ctx_tokens, "turns": turn_tokens,
+        memories=used_memories, preferences=head.preferences, context=context,
+        turns=head.turns,
+        tokens={"system": count(SYSTEM_TEXT), "preferences": head.pref_tokens,
+                "memories": mem_tokens, "context": ctx_tokens, "turns": head.turn_tokens,
                 "message": count(message)},
-        dropped={"preferences": pref_dropped, "memories": mem_dropped,
-                 "context": ctx_dropped, "turns": len(parts.turns) - len(turns),
+        dropped={"preferences": head.pref_dropped, "memories": mem_dropped,
+                 "context": ctx_dropped, "turns": len(parts.turns) - head.turns,
                  "message_tokens": count(parts.message) - count(message)},
     )
     notes = [ChatMessage("system", " ".join(recalled))] if recalled else []
-    return [ChatMessage("system", system), *turns, *notes, ChatMessage("user", message)], \
-        explanation
+    return [*head.messages, *notes, ChatMessage("user", message)], explanation

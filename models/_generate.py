@@ -216,6 +216,17 @@ class _LocalGenerator:
             logits, cache = self._step(np.asarray([ids], dtype=np.int64), None)
         return logits, cache, reuse
 
+    def prime(self, messages: Sequence[ChatMessage]) -> int:
+        """Read the opening of a coming chat prompt into the prefix cache, so that the
+        prompt, when it comes, reads only what follows it. Returns the tokens read."""
+        ids = self.tokenizer.render(messages, reply=False)
+        if len(ids) >= self.context // 2:  # the prompt would be cut from the left
+            return 0
+        adapter = self._adapter()
+        _, cache, reuse = self._prefill(ids)
+        self._prefix = _Prefix(ids, cache, adapter)
+        return len(ids) - reuse
+
     def stream_chat(self, messages: Sequence[ChatMessage], params: SamplingParams,
                     cancel: threading.Event | None = None) -> Iterator[str]:
         """Stream the assistant's reply to a chat."""

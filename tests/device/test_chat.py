@@ -11,6 +11,7 @@ from covey.device import Pod
 from covey.device._chat import Assistant, open_assistant
 from covey.device._facts import extract_facts
 from covey.device._feedback import give_feedback, set_consent
+from covey.device._orchestrator import opening
 from covey.errors import InvalidInputError
 from covey.models import SamplingParams
 from tests.conftest import Covey
@@ -60,6 +61,36 @@ def test_forgotten_memory_is_never_recalled_again(assistant: Assistant) -> None:
     _, why = _say(assistant, session, "what is my favorite color?")
     assert not any("teal" in p for p in why["preferences"])
     assert not any(m["id"] == memory.id for m in why["memories"])
+
+
+def test_the_next_prompts_opening_is_read_before_the_message_comes(
+        assistant: Assistant) -> None:
+    session = assistant.new_session()
+    _say(assistant, session, "I like jazz.")
+    _say(assistant, session, "hi there")
+    assistant.settle()
+    generator = assistant.generator
+    head = opening([f.sentence() for f in assistant.graph.current()],
+                   assistant.recent_turns(assistant.config.recent_turns),
+                   assistant.config.budget, assistant.count)
+    assert "likes jazz" in head[0].content and head[-1].role == "assistant"
+    primed = generator.tokenizer.render(head, reply=False)
+    assert generator._prefix.ids == primed
+    _say(assistant, session, "what music do I like?")
+    # Only what this message recalled and the message itself were read after it came.
+    assert generator.usage["cached_tokens"] == len(primed)
+
+
+def test_erasure_drops_a_primed_opening(assistant: Assistant) -> None:
+    session = assistant.new_session()
+    _say(assistant, session, "My favorite color is teal.")
+    memory = assistant.pod.memories.recall("favorite color", 1)[0].memory
+    # The forget may land while the next opening (which holds the message) is being
+    # read: it waits for that, then drops it.
+    assert assistant.pod.memories.forget(memory.id)
+    assert assistant.generator._prefix is None
+    assistant.settle()
+    assert assistant.generator._prefix is None
 
 
 def test_newer_preference_replaces_the_older(assistant: Assistant) -> None:

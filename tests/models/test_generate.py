@@ -120,3 +120,17 @@ def test_prefix_cache_reads_only_the_new_tokens_and_changes_nothing(
     assert usage["cached_tokens"] < usage["prompt_tokens"]
     assert reply == "".join(TorchGenerator(model, tokenizer).stream_chat(follow, greedy))
 
+
+def test_primed_opening_is_not_read_again_and_changes_nothing(
+        model: TinyLM, tokenizer: ChatTokenizer) -> None:
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    head = [ChatMessage("system", "Be kind."), *_chat("hi", "hello")]
+    prompt = [*head, ChatMessage("system", "I have a cat."), ChatMessage("user", "my pet?")]
+    primed = TorchGenerator(model, tokenizer)
+    opening = tokenizer.render(head, reply=False)
+    assert primed.prime(head) == len(opening)
+    assert primed.prime(head) == 1  # already read: only the last token is read again
+    reply = "".join(primed.stream_chat(prompt, greedy))
+    assert primed.usage["cached_tokens"] == len(opening)
+    assert reply == "".join(TorchGenerator(model, tokenizer).stream_chat(prompt, greedy))
+
