@@ -626,7 +626,7 @@ class TurnResult:
 
     text: str
     finish_reason: str
-    usage: dict[str, int]
+    usage: dict[str, Any]
     covey: dict[str, Any]
 
 
@@ -648,14 +648,18 @@ def _session(assistant: Assistant, requested: str | None) -> str:
     return requested
 
 
-def _usage(assistant: Assistant, text: str, tokens: dict[str, int]) -> dict[str, int]:
+def _usage(assistant: Assistant, text: str, tokens: dict[str, int]) -> dict[str, Any]:
     usage = getattr(assistant.generator, "usage", None)
-    if isinstance(usage, dict) and "completion_tokens" in usage:
-        prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-    else:  # a backend that does not count (an OpenAI-compatible server): our tokenizer's
+    if not (isinstance(usage, dict) and "completion_tokens" in usage):
+        # A backend that does not count (an OpenAI-compatible server): our tokenizer's.
         prompt, completion = sum(tokens.values()), assistant.count(text)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+    prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    # As OpenAI reports it: prompt tokens the generator's prefix cache already held.
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": int(usage.get("cached_tokens", 0))}}
 
 
 def run_turn(served: ServedPod, metrics: ApiMetrics, request: ChatRequest,

@@ -266,6 +266,7 @@ class Assistant:
         pieces: list[str] = []
         guard = _OutputGuard(self, turn, to_program) if self.safety is not None else None
         erasures = self._erasures
+        self.settle()  # the last reply's priming, if still reading, is waited for
         with self._lock:
             for piece in self.generator.stream_chat(messages, params, cancel):
                 if not pieces:

@@ -132,6 +132,12 @@ def test_chat_completion_remembers_and_explains(api: Api) -> None:
     assert covey["session"] == "alice-1"
     assert covey["explanation"]["learned"] == ["My sister is Ana."]
     assert _stored_message(api.home, covey["message_id"]) == choice.message.content
+    again = api.client().chat.completions.create(
+        model="covey", user="alice-1", max_tokens=8, temperature=0,
+        messages=[{"role": "user", "content": "Who is my sister?"}])
+    # The system text and the first exchange were read before this message came.
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert again.usage.prompt_tokens_details.cached_tokens > reply.usage.prompt_tokens
 
 
 def test_streamed_chat_completion_honours_stop(api: Api) -> None:
