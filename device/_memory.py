@@ -391,10 +391,11 @@ class Memories:
         Without an embedder (and no ``vector``) this is keyword search alone.
         """
         if vector is None:
-            if self._embedder is None or not len(self._ensure_index()):
-                # No embedder, or no memory at all: embedding the query would find nothing.
+            # No memory embedded at all: embedding the query would find nothing.
+            empty = self._embedder is None or not len(self._ensure_index())
+            vector = None if empty else self._embed(query)
+            if vector is None:
                 return self.search(query, limit=k)
-            vector = self._embed(query)
         pool = max(4 * k, 20)
         semantic = [mid for mid, score in self._ensure_index().search(vector, pool)
                     if score >= MIN_SIMILARITY]
