@@ -76,7 +76,8 @@ def test_the_next_prompts_opening_is_read_before_the_message_comes(
     assert "likes jazz" in head[0].content and head[-1].role == "assistant"
     primed = generator.tokenizer.render(head, reply=False)
     assert generator._prefix.ids == primed
-    _say(assistant, session, "what music do I like?")
+    _, why = _say(assistant, session, "tell me something fun")
+    assert not why["learned"]  # so the preferences, and the opening, are as primed
     # Only what this message recalled and the message itself were read after it came.
     assert generator.usage["cached_tokens"] == len(primed)
 
