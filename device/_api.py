@@ -650,16 +650,18 @@ def _session(assistant: Assistant, requested: str | None) -> str:
 
 def _usage(assistant: Assistant, text: str, tokens: dict[str, int]) -> dict[str, Any]:
     usage = getattr(assistant.generator, "usage", None)
-    if not (isinstance(usage, dict) and "completion_tokens" in usage):
-        # A backend that does not count (an OpenAI-compatible server): our tokenizer's.
+    details = None
+    if isinstance(usage, dict) and "completion_tokens" in usage:
+        prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+        # As OpenAI reports it: prompt tokens the generator's prefix cache already held.
+        details = {"cached_tokens": int(usage.get("cached_tokens", 0))}
+    else:  # a backend that does not count (an OpenAI-compatible server): our tokenizer's
         prompt, completion = sum(tokens.values()), assistant.count(text)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
-    prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-    # As OpenAI reports it: prompt tokens the generator's prefix cache already held.
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": int(usage.get("cached_tokens", 0))}}
+    body: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                            "total_tokens": prompt + completion}
+    if details is not None:
+        body["prompt_tokens_details"] = details
+    return body
 
 
 def run_turn(served: ServedPod, metrics: ApiMetrics, request: ChatRequest,

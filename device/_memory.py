@@ -390,14 +390,15 @@ class Memories:
 
         Without an embedder (and no ``vector``) this is keyword search alone.
         """
+        if vector is None and self._embedder is None:
+            return self.search(query, limit=k)
+        index = self._ensure_index()
+        if vector is None and len(index):  # with no memory embedded, it would find nothing
+            vector = self._embed(query)
         if vector is None:
-            # No memory embedded at all: embedding the query would find nothing.
-            empty = self._embedder is None or not len(self._ensure_index())
-            vector = None if empty else self._embed(query)
-            if vector is None:
-                return self.search(query, limit=k)
+            return self.search(query, limit=k)
         pool = max(4 * k, 20)
-        semantic = [mid for mid, score in self._ensure_index().search(vector, pool)
+        semantic = [mid for mid, score in index.search(vector, pool)
                     if score >= MIN_SIMILARITY]
         keyword = [h.memory.id for h in self.search(query, limit=pool)]
         ids = sorted(set(semantic) | set(keyword))

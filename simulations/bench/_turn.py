@@ -44,6 +44,17 @@ def _fill(pod: Any, count: int, rng: np.random.Generator) -> None:
             pod.memories.insert(c, text, "note", {"source": "bench"})
 
 
+def _timed_reply(generator: Any, messages: list[Any], params: Any) -> tuple[float, float]:
+    """Seconds to the first piece and to the whole reply of ``generator``."""
+    t0 = time.perf_counter()
+    pieces = generator.stream_chat(messages, params)
+    next(iter(pieces), None)
+    first = time.perf_counter() - t0
+    for _ in pieces:
+        pass
+    return first, time.perf_counter() - t0
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     """Time turns with memory against bare generation."""
     from covey.device import Pod
@@ -74,13 +85,9 @@ def run(quick: bool = False) -> dict[str, Any]:
             floor_gen = create_generator("onnx")  # its own: bare's cache state stays as it was
             for i in range(turns):
                 prompt = _PROMPTS[i % len(_PROMPTS)]
-                t0 = time.perf_counter()
-                pieces = bare.stream_chat([ChatMessage("user", prompt)], params)
-                next(iter(pieces), None)
-                bare_first.append(time.perf_counter() - t0)
-                for _ in pieces:
-                    pass
-                bare_full.append(time.perf_counter() - t0)
+                first, full = _timed_reply(bare, [ChatMessage("user", prompt)], params)
+                bare_first.append(first)
+                bare_full.append(full)
                 t0 = time.perf_counter()
                 turn = assistant.respond(session, prompt, sampling=params)
                 asked = time.perf_counter() - t0
@@ -100,12 +107,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                             if (found := pod.memories.get(m["id"])) is not None]
                 messages, _ = assemble(PromptParts(message=prompt, memories=recalled),
                                        assistant.config.budget, assistant.count)
-                t0 = time.perf_counter()
-                floor = floor_gen.stream_chat(messages[1:], params)  # without the system text
-                next(iter(floor), None)
-                floor_first.append(time.perf_counter() - t0)
-                for _ in floor:
-                    pass
+                # Without the system text: it is in the turn's prefix cache.
+                floor_first.append(_timed_reply(floor_gen, messages[1:], params)[0])
                 usage = getattr(assistant.generator, "usage", {})
                 prompt_tokens.append(int(usage.get("prompt_tokens", 0)))
                 cached_tokens.append(int(usage.get("cached_tokens", 0)))
