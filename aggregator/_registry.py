@@ -2,11 +2,14 @@
 
 Layout under the aggregator's home::
 
-    registry/signing.key     Ed25519 private key (0600)
-    registry/signing.pub     its public key (raw 32 bytes, base64) - pods pin it
+    registry/signing.key     Ed25519 private key
+    registry/signing.pub     its public key (raw 32 bytes, base64) - pods pin it (0644)
     registry/versions/ID.npz the adapter bytes
     registry/versions/ID.json  the version record (below) and its signature
     registry/current         the id of the active version
+
+Every file but the public key is 0600: a version's adapter is a DP release, but the
+operator decides whom to show it to.
 
 Versions are :class:`covey.protocols.ModelVersion` records, signed as that protocol says.
 """
@@ -67,10 +70,10 @@ class Registry:
             metrics=metrics, epsilon=epsilon,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"))
         signature = self._key.sign(version.canonical())
-        write_atomic(self.versions_dir / f"{version.id}.npz", adapter_bytes, mode=0o644)
+        write_atomic(self.versions_dir / f"{version.id}.npz", adapter_bytes)
         record = {**asdict(version), "signature": base64.b64encode(signature).decode()}
         write_atomic(self.versions_dir / f"{version.id}.json",
-                     (json.dumps(record, indent=2) + "\n").encode(), mode=0o644)
+                     (json.dumps(record, indent=2) + "\n").encode())
         return version, signature
 
     def get(self, version_id: str) -> tuple[ModelVersion, bytes, bytes]:
@@ -105,5 +108,5 @@ class Registry:
     def activate(self, version_id: str) -> ModelVersion:
         """Make ``version_id`` the active version (the rollback by hand)."""
         version, _, _ = self.get(version_id)
-        write_atomic(self.folder / "current", version_id.encode() + b"\n", mode=0o644)
+        write_atomic(self.folder / "current", version_id.encode() + b"\n")
         return version

@@ -12,6 +12,7 @@ simulation engine supplies one that calls the pods' code directly. One code path
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -27,10 +28,19 @@ import numpy as np
 
 from covey._files import write_atomic
 from covey.aggregator._registry import Registry
-from covey.aggregator._strategy import PodUpdate, aggregate, poisson_sample
+from covey.aggregator._strategy import PodUpdate, aggregate
 from covey.errors import CoveyError, InvalidInputError
 from covey.models import check_precision
-from covey.privacy import AdaptiveClipping, DPConfig, GaussianRounds, epsilon_spent
+from covey.privacy import (
+    AdaptiveClipping,
+    DPConfig,
+    NoiseSource,
+    SecureNoise,
+    SeededNoise,
+    SeedRatchet,
+    epsilon_spent,
+    poisson_sample,
+)
 
 __all__ = ["PodReply", "RoundPayload", "RunConfig", "Transport", "run_federated"]
 
@@ -60,8 +70,12 @@ class RunConfig:
     lr: float = 5e-3
     max_examples: int = 256
     eval_examples: int = 200
-    seed: int = 0
+    seed: int = 0  # of the pods' local training (batch order), sent to them
     precision: str = "fp32"  # of the pods' local training: fp32 or bf16
+    #: Set only by simulations a researcher wants to reproduce (``--seed``): sampling and
+    #: noise then derive from it, and the run is reported as not private. None: the
+    #: noise comes from the OS's CSPRNG and the sampling from a random seed ratchet.
+    reproducible_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -154,46 +168,82 @@ def run_epsilon(cfg: RunConfig, rounds: int, accountant: str | None = None) -> f
         return math.inf
     if rounds == 0:
         return 0.0
-    return epsilon_spent([GaussianRounds(dp.noise_multiplier, dp.amplified_rate, rounds)],
-                         dp.delta, accountant or dp.accountant)
+    return epsilon_spent([dp.segment(rounds)], dp.delta, accountant or dp.accountant)
 
 
-def _checkpoint(record_path: Path, cfg: RunConfig, run_id: str) -> dict[str, Any] | None:
-    """The unfinished record to resume from, or None when there is nothing to resume."""
-    if not record_path.exists():
+def checkpoint_path(record_path: Path) -> Path:
+    """Where a run keeps what ``--resume`` needs (mode 0600; removed when it completes).
+
+    Never inside the run record, which is shared with auditors: the checkpoint holds the
+    sampling ratchet's next state (which reveals no past round's sample, but would let
+    its reader predict the rest of the run's).
+    """
+    return record_path.with_suffix(".checkpoint")
+
+
+def _checkpoint(record_path: Path, cfg: RunConfig, run_id: str
+                ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The unfinished record and its checkpoint, or None when there is nothing to resume."""
+    saved = checkpoint_path(record_path)
+    if not record_path.exists() or not saved.exists():
         return None
     try:
         record: dict[str, Any] = json.loads(record_path.read_text())
+        state: dict[str, Any] = json.loads(saved.read_text())
     except ValueError:
-        raise RunError(f"{record_path} is corrupt; cannot resume") from None
-    if record.get("status") == "completed" or "checkpoint" not in record:
+        raise RunError(f"{record_path} or its checkpoint is corrupt; cannot resume") from None
+    if record.get("status") == "completed":
         return None
     if record.get("config") != json.loads(json.dumps(cfg.to_dict())) or \
-            record.get("run_id") != run_id:
+            record.get("run_id") != run_id or state.get("run_id") != run_id:
         raise InvalidInputError(f"{record_path} is a different run (configuration differs); "
                        "resume it with the settings it started with")
-    return record
+    return record, state
+
+
+def _randomness(cfg: RunConfig) -> dict[str, Any]:
+    """What the run record says about where its sampling and noise came from."""
+    if cfg.reproducible_seed is None:
+        return {"reproducible": False, "private": True, "noise": SecureNoise().describe(),
+                "sampling": "keyed hashes of a forward-secure seed ratchet started from "
+                            "os.urandom; only the next state is kept (for --resume, in a "
+                            "0600 file removed when the run completes)"}
+    return {"reproducible": True, "private": False, "seed": cfg.reproducible_seed,
+            "noise": f"NumPy PCG64 derived from seed {cfg.reproducible_seed} and the round",
+            "sampling": f"keyed hashes of a seed ratchet started from seed "
+                        f"{cfg.reproducible_seed}",
+            "warning": "the noise can be regenerated from the seed and subtracted: this run "
+                       "is reproducible and gives no privacy guarantee"}
+
+
+def round_noise(cfg: RunConfig, round_seed: bytes) -> NoiseSource:
+    """The aggregator's noise for one round: fresh CSPRNG draws, or the seed's."""
+    if cfg.reproducible_seed is None:
+        return SecureNoise()
+    return SeededNoise(int.from_bytes(hashlib.sha256(b"noise" + round_seed).digest()[:16],
+                                      "big"))
 
 
 def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_id: str,
                   evaluator: Evaluator, record_path: Path,
                   on_round: Callable[[dict[str, Any]], None] | None = None,
-                  rng: np.random.Generator | None = None, resume: bool = False
-                  ) -> dict[str, Any]:
+                  resume: bool = False) -> dict[str, Any]:
     """Run ``cfg.rounds`` rounds and return the run record (also written to ``record_path``).
 
-    The record is rewritten after every round with a checkpoint (the random generator's
-    state, the clip norm, the best and current versions). With ``resume``, an
-    unfinished record at ``record_path`` with the same configuration is continued from
-    its last completed round, and the result equals an uninterrupted run's.
+    The record is rewritten after every round; a checkpoint beside it (the sampling
+    ratchet's next state, the clip norm, the best and current versions; see
+    :func:`checkpoint_path`) lets ``resume`` continue an unfinished run with the same
+    configuration from its last completed round. A resumed reproducible run equals an
+    uninterrupted one; a private run's noise is fresh either way.
 
     Raises:
         RunError: too few pods connected in time, no current version to start from, or a
             checkpoint that does not belong to this configuration.
+        InvalidInputError: delta is not below 1/N for the N pods connected.
     """
-    rng = rng or np.random.default_rng()
-    previous = _checkpoint(record_path, cfg, run_id) if resume else None
-    current = previous["checkpoint"]["version"] if previous else registry.current_id
+    resumed = _checkpoint(record_path, cfg, run_id) if resume else None
+    previous, state = resumed if resumed else (None, None)
+    current = state["version"] if state else registry.current_id
     if current is None:
         raise RunError("the registry has no model version to start from")
     version, adapter_bytes, signature = registry.get(current)
@@ -203,11 +253,17 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
     dp = cfg.dp
     clip = dp.clip_norm
     first_round = 1
-    if previous:
-        state = previous["checkpoint"]
-        rng.bit_generator.state = state["rng"]
+    ratchet = (SeedRatchet() if cfg.reproducible_seed is None
+               else SeedRatchet.from_seed(cfg.reproducible_seed))
+    if state:
+        ratchet = SeedRatchet(bytes.fromhex(state["ratchet"]))
         clip, best_id, best_ppl = float(state["clip"]), state["best_id"], float(state["best_ppl"])
         population, first_round = int(state["population"]), int(state["round"]) + 1
+    if dp.private and dp.delta >= 1.0 / population:
+        raise InvalidInputError(
+            f"delta {dp.delta:g} is not below 1/N = {1 / population:.3g} for the "
+            f"{population} pods connected: at such a delta a mechanism that publishes one "
+            "user's data outright would pass; choose a smaller --delta")
     expected = dp.sample_rate * population
     adaptive: AdaptiveClipping | None = dp.adaptive
     update_z = (adaptive.update_noise_multiplier(dp.noise_multiplier, expected)
@@ -217,20 +273,22 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
     size = Adapter.from_bytes(adapter_bytes).num_parameters
     record: dict[str, Any] = previous or {
         "run_id": run_id, "started_at": _now(), "config": cfg.to_dict(),
-        "mechanism": dp.statement(), "population": population, "rounds": [],
-        "start_version": current,
+        "mechanism": dp.statement(), "randomness": _randomness(cfg),
+        "population": population, "rounds": [], "start_version": current,
     }
 
     def save(status: str) -> None:
         record["status"] = status
         record["finished_at"] = _now() if status != "running" else None
-        write_atomic(record_path, (json.dumps(record, indent=2) + "\n").encode(), mode=0o644)
+        write_atomic(record_path, (json.dumps(record, indent=2) + "\n").encode())
 
     save("running")
     for rnd in range(first_round, cfg.rounds + 1):
         t0 = time.monotonic()
         connected = sorted(transport.node_ids())
-        sampled = poisson_sample(connected, dp.sample_rate, rng)
+        round_seed = ratchet.advance()
+        noise = round_noise(cfg, round_seed)
+        sampled = poisson_sample(connected, dp.sample_rate, round_seed)
         round_dp = DPConfig(dp.mode, dp.noise_multiplier, clip, dp.sample_rate, dp.delta,
                             dp.accountant, None)
         payload = RoundPayload(run_id, rnd, cfg.rounds, round_dp, json.loads(
@@ -240,7 +298,7 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
         refused = Counter(r.refusal for r in replies if r.refusal)
         updates = [PodUpdate(r.node_id, r.values, r.examples, r.version, r.clipped)
                    for r in replies if not r.refusal and r.values is not None]
-        result = aggregate(updates, size, version.id, round_dp, max(expected, 1e-9), rng,
+        result = aggregate(updates, size, version.id, round_dp, max(expected, 1e-9), noise,
                            noise_multiplier=update_z)
         stats: dict[str, Any] = {
             "round": rnd, "connected": len(connected), "sampled": len(sampled),
@@ -271,14 +329,16 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
             stats["skipped"] = (f"{result.accepted} accepted updates, fewer than the "
                                 f"{cfg.min_pods} required")
         if adaptive and dp.private:
-            clip = adaptive.next_clip(clip, result.unclipped, max(expected, 1e-9), rng)
+            clip = adaptive.next_clip(clip, result.unclipped, result.accepted,
+                                      max(expected, 1e-9), noise)
         eps = run_epsilon(cfg, rnd)
         stats["epsilon"] = eps if math.isfinite(eps) else None
         stats["seconds"] = round(time.monotonic() - t0, 3)
         record["rounds"].append(stats)
-        record["checkpoint"] = {"round": rnd, "rng": rng.bit_generator.state, "clip": clip,
-                                "best_id": best_id, "best_ppl": best_ppl,
-                                "version": version.id, "population": population}
+        write_atomic(checkpoint_path(record_path), json.dumps({
+            "run_id": run_id, "round": rnd, "ratchet": ratchet.state.hex(), "clip": clip,
+            "best_id": best_id, "best_ppl": best_ppl, "version": version.id,
+            "population": population}).encode())
         save("running")
         if on_round:
             on_round(stats)
@@ -291,4 +351,5 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
                                    "epsilon": run_epsilon(cfg, cfg.rounds, other)}
     record["final_version"] = version.id
     save("completed")
+    checkpoint_path(record_path).unlink(missing_ok=True)
     return record

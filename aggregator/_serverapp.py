@@ -150,7 +150,7 @@ def usage_statistics(transport: FlowerTransport, cfg: RunConfig, run_id: str,
         "asked": len(nodes), "answered": len(answers), "refused": dict(refused),
         "pod_epsilons": sorted(eps for _, eps in answers), "mean_hours": mean,
     }
-    write_atomic(record_path, (json.dumps(record, indent=2) + "\n").encode(), mode=0o644)
+    write_atomic(record_path, (json.dumps(record, indent=2) + "\n").encode())
     if record["status"] != "completed":
         raise RuntimeError(f"only {len(answers)} of the {cfg.min_pods} pods needed answered")
     return record

@@ -18,9 +18,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from covey.privacy import DPConfig, add_gaussian_noise, clip_update
+from covey.privacy import (
+    DPConfig,
+    NoiseSource,
+    add_gaussian_noise,
+    clip_update,
+    local_norm_bound,
+)
 
-__all__ = ["PodUpdate", "RoundAggregate", "aggregate", "check_update", "poisson_sample"]
+__all__ = ["PodUpdate", "RoundAggregate", "aggregate", "check_update"]
+
+#: Norm past which any update is rejected when nothing tighter applies (no DP).
+MAX_NORM = 1e6
 
 #: Reasons an update is rejected, as counted in metrics and run records.
 REJECTIONS = ("non_finite", "wrong_shape", "wrong_version", "malformed", "too_large")
@@ -32,9 +41,9 @@ class PodUpdate:
 
     node_id: int
     values: np.ndarray
-    examples: int
+    examples: int  # 0 in private rounds: pods do not tell how many examples they hold
     version: str
-    clipped: bool = False  # the pod reports whether its own clipping scaled it down
+    clipped: bool = False  # central mode: the pod's own clipping scaled it down
 
 
 @dataclass
@@ -48,16 +57,25 @@ class RoundAggregate:
     noise_std: float = 0.0  # standard deviation of the noise on the average
 
 
-def poisson_sample(node_ids: Sequence[int], rate: float, rng: np.random.Generator) -> list[int]:
-    """Each node independently with probability ``rate`` (all of them at rate 1)."""
-    if rate >= 1.0:
-        return list(node_ids)
-    return [n for n in node_ids if rng.random() < rate]
+def max_norm(dp: DPConfig, size: int) -> float:
+    """The largest norm an accepted update may have.
+
+    ``local`` mode: what an honest clipped-and-noised update reaches except with
+    probability 1e-12 (:func:`~covey.privacy.local_norm_bound`), so one rogue pod moves
+    the average no further than an honest one could. ``central`` mode re-clips to C
+    anyway; without DP only non-finite or absurd updates are refused.
+    """
+    if dp.private and dp.mode == "local":
+        return local_norm_bound(dp.clip_norm, dp.noise_multiplier * dp.clip_norm, size)
+    return MAX_NORM
 
 
-def check_update(update: PodUpdate, size: int, version: str, max_norm: float = 1e6
-                 ) -> str | None:
-    """Why ``update`` must be rejected, or None when it is acceptable."""
+def check_update(update: PodUpdate, size: int, version: str, max_norm: float = MAX_NORM,
+                 private: bool = False) -> str | None:
+    """Why ``update`` must be rejected, or None when it is acceptable.
+
+    Example counts weight non-private FedAvg only; private rounds carry none.
+    """
     if update.version != version:
         return "wrong_version"
     values = update.values
@@ -65,7 +83,7 @@ def check_update(update: PodUpdate, size: int, version: str, max_norm: float = 1
         return "wrong_shape"
     if not np.all(np.isfinite(values)):
         return "non_finite"
-    if update.examples < 1:
+    if update.examples < (0 if private else 1):
         return "malformed"
     if float(np.linalg.norm(values)) > max_norm:
         return "too_large"
@@ -73,21 +91,23 @@ def check_update(update: PodUpdate, size: int, version: str, max_norm: float = 1
 
 
 def aggregate(updates: Sequence[PodUpdate], size: int, version: str, dp: DPConfig,
-              expected_pods: float, rng: np.random.Generator | None = None,
+              expected_pods: float, noise: NoiseSource | None = None,
               noise_multiplier: float | None = None) -> RoundAggregate:
     """Check every update, then average the acceptable ones as the run's DP mode requires.
 
     ``central`` mode: re-clip each update to C on the aggregator (pods are not trusted
     to have clipped), sum, add N(0, (z C)^2) and divide by ``expected_pods``.
     ``local`` mode: the pods noised their updates; re-clipping would bias a noised
-    update, so the sum is divided by ``expected_pods`` without more noise.
+    update, so the sum is divided by ``expected_pods`` without more noise, and an update
+    whose norm no honest pod reaches is rejected (``too_large``).
     ``noise_multiplier`` overrides ``dp.noise_multiplier`` for the update's noise (the
     share left by adaptive clipping).
     """
     rejected: Counter[str] = Counter()
     good: list[PodUpdate] = []
+    bound = max_norm(dp, size)
     for u in updates:
-        reason = check_update(u, size, version)
+        reason = check_update(u, size, version, bound, dp.private)
         if reason:
             rejected[reason] += 1
         else:
@@ -114,7 +134,7 @@ def aggregate(updates: Sequence[PodUpdate], size: int, version: str, dp: DPConfi
             total += u.values
     noise_std = 0.0
     if dp.mode == "central":
-        noised = add_gaussian_noise(total.astype(np.float32), z * dp.clip_norm, rng)
+        noised = add_gaussian_noise(total.astype(np.float32), z * dp.clip_norm, noise)
         noise_std = z * dp.clip_norm / expected_pods
     else:
         noised = total.astype(np.float32)

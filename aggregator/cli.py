@@ -163,18 +163,19 @@ def train(
 ) -> None:
     """Run federated training rounds on the admitted pods and write a run record."""
     from covey.models import check_precision
-    from covey.privacy import DPConfig, noise_for_epsilon
+    from covey.privacy import DPConfig
 
     if (target_epsilon is None) == (noise_multiplier is None):
         raise InvalidInputError("give exactly one of --target-epsilon and --noise-multiplier")
     try:
-        if target_epsilon is not None:
-            rate = sample_rate if mode == "central" else 1.0
-            noise_multiplier = noise_for_epsilon(target_epsilon, delta, rate, rounds,
-                                                 accountant)
         dp = DPConfig(mode=mode, noise_multiplier=float(noise_multiplier or 0.0),  # type: ignore[arg-type]
                       clip_norm=clip_norm, sample_rate=sample_rate, delta=delta,
                       accountant=accountant)
+        if rounds < 1:
+            raise ValueError("--rounds must be at least 1")
+        if target_epsilon is not None:
+            dp = dp.solved(target_epsilon, rounds)
+            noise_multiplier = dp.noise_multiplier
         if rounds < 1 or min_pods < 1:
             raise ValueError("--rounds and --min-pods must be at least 1")
         check_precision(precision)

@@ -51,7 +51,7 @@ def _federate(console: Console, home: Path, passphrase: str, tmp: Path) -> Path:
     from covey.device._join import join, leave, node_key
     from covey.device._participation import spent
     from covey.models import load_corpus
-    from covey.privacy import noise_for_epsilon
+    from covey.privacy import DPConfig
     from covey.simulations._population import seed_pods
 
     agg = AggregatorHome(tmp / "aggregator")
@@ -70,7 +70,7 @@ def _federate(console: Console, home: Path, passphrase: str, tmp: Path) -> Path:
                                          agg.registry().public_key_path), pods))
         console.print(f"  {len(pods)} pods admitted and joined (one SuperNode each)")
         rounds, target = 2, 8.0
-        z = noise_for_epsilon(target, 1e-5, 1.0, rounds)
+        z = DPConfig(delta=1e-5).solved(target, rounds).noise_multiplier
         config = {"run-name": f"demo-{secrets.token_hex(3)}", "rounds": rounds,
                   "mode": "central", "noise-multiplier": z, "target-epsilon": target,
                   "min-pods": len(pods), "eval-examples": 60}

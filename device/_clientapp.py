@@ -78,23 +78,23 @@ def train(msg: Message, context: Context) -> Message:
         passphrase = os.environ.get("COVEY_PASSPHRASE", "")
         with Pod.open(Path(str(node["pod-home"])), passphrase) as pod:
             model, tok = _model()
-            update, epsilon = take_part(pod, request, model, tok, key)
+            update, _ = take_part(pod, request, model, tok, key)
     except RoundRefused as exc:
         return _refuse(msg, exc.code, str(exc))
     except (CoveyError, OSError, KeyError) as exc:
         return _refuse(msg, "pod_error", f"refused: {exc}")
-    return reply_message(msg, update, epsilon, str(request.version.get("id")))
+    return reply_message(msg, update, request.dp, str(request.version.get("id")))
 
 
-def reply_message(msg: Message, update: Any, epsilon: float, version_id: str) -> Message:
-    """A pod's answer to a train message: its clipped (and noised) update and metrics.
+def reply_message(msg: Message, update: Any, dp: DPConfig, version_id: str) -> Message:
+    """A pod's answer to a train message: its clipped (and noised) update and only what
+    :meth:`ClientUpdate.reported` allows beside it (no epsilon, losses or, in private
+    rounds, example counts).
 
     The simulated pods of ``covey simulate --engine flower`` answer with this too."""
     return Message(RecordDict({
         "update": ArrayRecord([update.delta]),
-        "metrics": MetricRecord({"examples": update.examples, "clipped": int(update.clipped),
-                                 "epsilon": epsilon, "loss_before": update.loss_before,
-                                 "loss_after": update.loss_after}),
+        "metrics": MetricRecord(dict(update.reported(dp))),
         "info": ConfigRecord({"version": version_id}),
     }), reply_to=msg)
 

@@ -439,7 +439,7 @@ def usage_histogram(pod: Pod, noise_multiplier: float, run_id: str,
     import numpy as np
 
     from covey.device._participation import RoundRefused, budget_policy, spent
-    from covey.privacy import GaussianRounds
+    from covey.privacy import GaussianRounds, SecureNoise
 
     if not noise_multiplier > 0:
         raise RoundRefused("not_private", "refused: a usage release needs noise")
@@ -458,7 +458,7 @@ def usage_histogram(pod: Pod, noise_multiplier: float, run_id: str,
         raise RoundRefused("budget_exhausted", f"refused: this release would bring the user's "
                            f"epsilon to {total:.3g}, over their maximum of "
                            f"{policy.max_epsilon:g}")
-    noise = np.random.default_rng().normal(0.0, noise_multiplier * USAGE_SENSITIVITY, 24)
+    noise = SecureNoise().normal(noise_multiplier * USAGE_SENSITIVITY, 24)
     hours = [float(v) for v in fractions + noise]
     with pod.store.transaction() as c:
         c.execute(

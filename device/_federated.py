@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from covey.privacy import DPConfig, add_gaussian_noise, clip_update
+from covey.privacy import DPConfig, NoiseSource, add_gaussian_noise, clip_update
 
 if TYPE_CHECKING:
     from covey.models import Adapter, ChatTokenizer, Example, TinyLM
     from covey.models._finetune import FinetuneConfig
 
-__all__ = ["ClientUpdate", "train_update", "train_updates"]
+__all__ = ["ClientUpdate", "noise_only_update", "train_update", "train_updates"]
 
 
 @dataclass(frozen=True)
@@ -41,28 +41,54 @@ class ClientUpdate:
         """Bytes of the update's values as sent."""
         return int(self.delta.nbytes)
 
+    def reported(self, dp: DPConfig) -> dict[str, int]:
+        """What the pod tells the aggregator beside the update, and no more.
+
+        Without DP: the number of examples (FedAvg's weight). In a private round the
+        weights are uniform, so the count (raw, un-noised user data) stays on the pod; the
+        losses and the user's epsilon never leave it. ``clipped``, one bit per pod, goes
+        only to a central-mode aggregator, which sees the clipped update anyway and counts
+        the bits under DP for adaptive clipping.
+        """
+        if not dp.private:
+            return {"examples": self.examples, "clipped": 0}
+        return {"examples": 0, "clipped": int(self.clipped and dp.mode == "central")}
+
 
 def train_update(model: TinyLM, tok: ChatTokenizer, examples: Sequence[Example],
                  global_adapter: Adapter, train: FinetuneConfig, dp: DPConfig,
-                 rng: np.random.Generator | None = None) -> ClientUpdate:
+                 noise: NoiseSource | None = None) -> ClientUpdate:
     """Train ``global_adapter`` on ``examples`` and return the clipped (and noised) delta.
 
     The clip norm is ``dp.clip_norm`` (``inf`` turns clipping off). In ``local`` mode
-    Gaussian noise of standard deviation ``z * C`` is added here, on the device; in
-    ``central`` mode the aggregator adds it.
+    Gaussian noise of standard deviation ``z * C`` is added here, on the device, from
+    ``noise`` (default: the OS's CSPRNG); in ``central`` mode the aggregator adds it.
 
     Raises:
         ValueError: no examples, or training produced a non-finite update.
     """
-    return train_updates(model, tok, [(examples, train, rng)], global_adapter, dp)[0]
+    return train_updates(model, tok, [(examples, train, noise)], global_adapter, dp)[0]
+
+
+def noise_only_update(global_adapter: Adapter, dp: DPConfig,
+                      noise: NoiseSource | None = None) -> ClientUpdate:
+    """What a pod with no examples sends in ``local`` mode: a noised zero update.
+
+    A refusal would tell the aggregator that the user has no data; noise alone tells it
+    nothing, and the release is charged like any other.
+    """
+    size = global_adapter.num_parameters
+    delta = add_gaussian_noise(np.zeros(size, np.float32),
+                               dp.noise_multiplier * dp.clip_norm, noise)
+    return ClientUpdate(delta, 0.0, False, 0, 0, float("nan"), float("nan"))
 
 
 def train_updates(model: TinyLM, tok: ChatTokenizer,
                   pods: Sequence[tuple[Sequence[Example], FinetuneConfig,
-                                       np.random.Generator | None]],
+                                       NoiseSource | None]],
                   global_adapter: Adapter, dp: DPConfig) -> list[ClientUpdate]:
     """:func:`train_update` for several pods at once, each with its own examples,
-    settings and noise generator: the simulation's batched clients. Each update is the
+    settings and noise source: the simulation's batched clients. Each update is the
     one the pod would compute alone (within float rounding).
     """
     from covey.models._finetune import FinetuneJob, finetune_adapters
@@ -73,10 +99,10 @@ def train_updates(model: TinyLM, tok: ChatTokenizer,
                                              for examples, train, _ in pods])
     start = global_adapter.flat()
     updates = []
-    for result, (_, _, rng) in zip(results, pods, strict=True):
+    for result, (_, _, noise) in zip(results, pods, strict=True):
         clipped, norm = clip_update(result.adapter.flat() - start, dp.clip_norm)
         if dp.mode == "local":
-            clipped = add_gaussian_noise(clipped, dp.noise_multiplier * dp.clip_norm, rng)
+            clipped = add_gaussian_noise(clipped, dp.noise_multiplier * dp.clip_norm, noise)
         updates.append(ClientUpdate(clipped, norm, norm > dp.clip_norm, result.examples,
                                     result.tokens, result.loss_before, result.loss_after))
     return updates

@@ -29,15 +29,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from covey.device._feedback import TRAINING_CONSENT, consented
 from covey.device._pod import Pod
 from covey.device._stop import is_stopped
 from covey.device._store import set_meta
 from covey.errors import CoveyError
 from covey.models import check_precision
-from covey.privacy import DPConfig, GaussianRounds, get_accountant
+from covey.privacy import DPConfig, GaussianRounds, NoiseSource, get_accountant
 from covey.protocols import ModelVersion, SignatureError, verify_version
 
 if TYPE_CHECKING:
@@ -224,7 +222,7 @@ def import_examples(pod: Pod, examples: Sequence[Example], source: str = "import
 
 
 def take_part(pod: Pod, request: RoundRequest, model: TinyLM, tok: ChatTokenizer,
-              aggregator_key: bytes, rng: np.random.Generator | None = None
+              aggregator_key: bytes, noise: NoiseSource | None = None
               ) -> tuple[ClientUpdate, float]:
     """Check, train, and record one round; returns the update and the epsilon spent.
 
@@ -249,7 +247,7 @@ def take_part(pod: Pod, request: RoundRequest, model: TinyLM, tok: ChatTokenizer
     train = FinetuneConfig(epochs=request.local_epochs, lr=request.lr,
                            max_examples=request.max_examples, seed=request.seed,
                            precision=request.precision)
-    update = train_update(model, tok, examples, adapter, train, request.dp, rng)
+    update = train_update(model, tok, examples, adapter, train, request.dp, noise)
     dp = request.dp
     from covey.device import _audit
 

@@ -3,6 +3,9 @@
 Public surface:
     DPConfig, Mode, AdaptiveClipping    the DP settings of a run, and what they guarantee
     clip_update, add_gaussian_noise     the mechanisms a round applies
+    local_norm_bound                    the largest norm an honest local-mode update reaches
+    NoiseSource, SecureNoise, SeededNoise  where DP noise comes from (CSPRNG by default)
+    SeedRatchet, poisson_sample         forward-secure round seeds and the sample they draw
     GaussianRounds                      one segment of a privacy history (z, q, rounds)
     ACCOUNTANTS, get_accountant         accountants by name: ``rdp``, ``prv``
     epsilon_spent, noise_for_epsilon    epsilon of a history; the noise for a target
@@ -19,7 +22,21 @@ from covey.privacy._accounting import (
     get_accountant,
     noise_for_epsilon,
 )
-from covey.privacy._dp import AdaptiveClipping, DPConfig, Mode, add_gaussian_noise, clip_update
+from covey.privacy._dp import (
+    AdaptiveClipping,
+    DPConfig,
+    Mode,
+    add_gaussian_noise,
+    clip_update,
+    local_norm_bound,
+)
+from covey.privacy._noise import (
+    NoiseSource,
+    SecureNoise,
+    SeededNoise,
+    SeedRatchet,
+    poisson_sample,
+)
 from covey.privacy._pod_report import pod_report
 from covey.privacy._redact import RedactingFilter, UserText, redact
 from covey.privacy._report import write_report
@@ -31,14 +48,20 @@ __all__ = [
     "DPConfig",
     "GaussianRounds",
     "Mode",
+    "NoiseSource",
     "RedactingFilter",
+    "SecureNoise",
+    "SeedRatchet",
+    "SeededNoise",
     "UserText",
     "add_gaussian_noise",
     "clip_update",
     "epsilon_spent",
     "get_accountant",
+    "local_norm_bound",
     "noise_for_epsilon",
     "pod_report",
+    "poisson_sample",
     "redact",
     "run_report",
     "write_report",

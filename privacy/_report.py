@@ -172,8 +172,8 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     check_schema(report)
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path = out.with_suffix(".json")
-    write_atomic(out, render_html(report).encode(), mode=0o644)
-    write_atomic(json_path, (json.dumps(report, indent=2) + "\n").encode(), mode=0o644)
+    write_atomic(out, render_html(report).encode())
+    write_atomic(json_path, (json.dumps(report, indent=2) + "\n").encode())
     return out, json_path
 
 

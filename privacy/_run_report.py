@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from covey.errors import InvalidInputError
-from covey.privacy._accounting import GaussianRounds, epsilon_spent
+from covey.privacy._accounting import epsilon_spent
 from covey.privacy._dp import DPConfig
 from covey.privacy._report import Figure, flag, new_report, section, table
 
@@ -83,8 +83,7 @@ def _epsilons(record: dict[str, Any], report: dict[str, Any]) -> None:
         report["summary"].update(epsilon=None, delta=dp.delta)
         return
     xs = list(range(1, len(rounds) + 1))
-    curves = {name: [epsilon_spent([GaussianRounds(dp.noise_multiplier, dp.amplified_rate,
-                                                   r)], dp.delta, name) for r in xs]
+    curves = {name: [epsilon_spent([dp.segment(r)], dp.delta, name) for r in xs]
               for name in (primary, other)}
     figure = Figure(f"Epsilon after each round (delta {dp.delta:.3g})", "round", "epsilon")
     figure.line(f"{primary.upper()} (the run's accountant)", xs, curves[primary])
@@ -99,9 +98,7 @@ def _epsilons(record: dict[str, Any], report: dict[str, Any]) -> None:
             sum(r.get("rejected", {}).values()), r.get("epsilon"), curves[primary][i],
             curves[other][i]] for i, r in enumerate(rounds)])
     final, check = (curves[primary][-1], curves[other][-1]) if xs else (0.0, 0.0)
-    planned = epsilon_spent([GaussianRounds(dp.noise_multiplier, dp.amplified_rate,
-                                            int(record["config"]["rounds"]))], dp.delta,
-                            primary)
+    planned = epsilon_spent([dp.segment(int(record["config"]["rounds"]))], dp.delta, primary)
     relative = abs(final - check) / max(final, check) if max(final, check) > 0 else 0.0
     acc = section(report, "accountants", "Independent recomputation")
     if relative <= AGREEMENT:
@@ -122,8 +119,9 @@ def _epsilons(record: dict[str, Any], report: dict[str, Any]) -> None:
     table(acc, ["accountant", "role", "epsilon after the rounds run"],
           [[primary, "the run's", final], [other, "independent check", check]])
     acc["notes"].append(f"Both compose {len(rounds)} rounds of the sampled Gaussian "
-                        f"mechanism (z = {dp.noise_multiplier:.4g}, sampling rate "
-                        f"{dp.amplified_rate:g}) at delta {dp.delta:.3g}; they {verdict}.")
+                        f"mechanism (noise {dp.accounted_noise_multiplier:.4g} times the "
+                        f"sensitivity, sampling rate {dp.amplified_rate:g}) at delta "
+                        f"{dp.delta:.3g}; they {verdict}.")
     recorded = record.get("epsilon")
     if recorded is not None and not math.isclose(recorded, planned, rel_tol=1e-6):
         acc["notes"].append(f"The record states epsilon {recorded:.4g}; recomputed from its "
@@ -133,6 +131,28 @@ def _epsilons(record: dict[str, Any], report: dict[str, Any]) -> None:
                                             f"rounds is over the run's target {target:g}")
     report["summary"].update(epsilon=final, epsilon_check=check, delta=dp.delta,
                              accountant=primary, target_epsilon=target)
+
+
+def _randomness(record: dict[str, Any], report: dict[str, Any]) -> None:
+    """Where the run's noise came from, and whether a reader of its files can remove it."""
+    if not _dp(record).private:
+        return
+    sec = section(report, "randomness", "Where the noise came from")
+    randomness = record.get("randomness")
+    checkpoint = record.get("checkpoint") or {}
+    if "rng" in checkpoint:
+        flag(report, "noise_recoverable", "the record holds the state of the generator that "
+             "drew the noise; stepping it back regenerates every round's noise, so the "
+             "published versions reveal the exact sum of clipped updates")
+    if not isinstance(randomness, dict):
+        flag(report, "noise_source_unstated", "the record does not say where its noise came "
+             "from (written by a covey that drew noise from a stored generator)")
+        return
+    table(sec, ["property", "value"], [[k, str(v)] for k, v in randomness.items()])
+    if not randomness.get("private", False):
+        flag(report, "noise_reproducible", f"the noise derives from seed "
+             f"{randomness.get('seed')}: whoever knows it can remove the noise, so this "
+             "reproducible run gives no privacy guarantee")
 
 
 def _utility(record: dict[str, Any], report: dict[str, Any]) -> None:
@@ -158,6 +178,7 @@ def run_report(path: Path, empirical: bool = False, progress: Progress | None = 
     report["summary"] = {"run_id": record["run_id"], "record": str(record_path)}
     _mechanism(record, report)
     _epsilons(record, report)
+    _randomness(record, report)
     _utility(record, report)
     if empirical:
         from covey.privacy._empirical import EmpiricalConfig, add_empirical

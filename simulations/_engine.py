@@ -42,7 +42,7 @@ def answer(home: Path, passphrase: str, model: Any, tok: Any, aggregator_key: by
     except RoundRefused as exc:
         return PodReply(node_id, refusal=exc.code, message=str(exc))
     return PodReply(node_id, values=update.delta, version=str(payload.version["id"]),
-                    examples=update.examples, clipped=update.clipped)
+                    **update.reported(payload.dp))  # type: ignore[arg-type]
 
 
 class PodClient:

@@ -67,9 +67,10 @@ def client_app(cfg: Any) -> ClientApp:
                                  f"({type(exc).__name__})"), reply_to=msg)
         state = _client_state(cfg)
         node = int(context.node_config[_PARTITION]) + 1
-        update, = train_pods(state["users"], state["model"], state["tok"], [node], request)
+        update, = train_pods(state["users"], state["model"], state["tok"], [node], request,
+                             cfg.seed)
         # A simulated pod keeps no ledger: its spend is the run's, accounted by the server.
-        return reply_message(msg, update, float("nan"), str(request.version.get("id")))
+        return reply_message(msg, update, request.dp, str(request.version.get("id")))
 
     return app
 

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from covey._files import write_atomic
 from covey.aggregator._rounds import PodReply, RoundPayload, RunConfig, run_federated
 from covey.errors import InvalidInputError
 from covey.models import resolve_precision
-from covey.privacy import DPConfig, noise_for_epsilon
+from covey.privacy import DPConfig, NoiseSource, SecureNoise, SeededNoise
 
 if TYPE_CHECKING:
     from covey.device._federated import ClientUpdate
@@ -56,7 +57,10 @@ class SimulationConfig:
     lr: float = 5e-3
     max_examples: int = 64
     eval_examples: int = 300
-    seed: int = 0
+    #: None: the DP noise comes from the OS's CSPRNG and the run is private (the pods and
+    #: evaluation messages are still chosen with seed 0). A number: everything derives
+    #: from it, noise included, so the run is reproducible and reported as not private.
+    seed: int | None = None
     engine: str = "fast"
     workers: int = 0  # processes training pods (0: one per CPU core)
     encrypted_pods: bool = False  # each pod keeps its data in a real encrypted store
@@ -82,9 +86,16 @@ class SimulationConfig:
             resolve_precision(self.precision)
         except ValueError as exc:
             raise InvalidInputError(str(exc)) from None
+        if self.seed is not None and self.seed < 0:
+            raise InvalidInputError("seed must be >= 0")
         if self.encrypted_pods and math.isinf(self.target_epsilon):
             raise InvalidInputError("--encrypted-pods needs a private run: real pods refuse "
                                     "rounds without DP")
+
+    @property
+    def choice_seed(self) -> int:
+        """What picks the pods, the evaluation messages and the training order."""
+        return 0 if self.seed is None else self.seed
 
 
 #: Peak resident memory measured here: the main process (model, population, evaluator)
@@ -132,7 +143,7 @@ def population(cfg: SimulationConfig) -> list[Any]:
         if cfg.pods > len(users):
             raise InvalidInputError(f"only {len(users)} federated users have at least "
                                     f"{cfg.min_messages} messages; asked for {cfg.pods} pods")
-        rng = np.random.default_rng(cfg.seed)
+        rng = np.random.default_rng(cfg.choice_seed)
         users = [users[i] for i in sorted(rng.choice(len(users), cfg.pods, replace=False))]
     return users
 
@@ -160,12 +171,18 @@ POD_GROUP = 16
 BATCHES_PER_WORKER = 3
 
 
-def _pod_job(users: Sequence[Any], node: int, request: RoundPayload | RoundRequest
-             ) -> tuple[Any, Any, np.random.Generator]:
-    """Pod ``node``'s examples, training settings and noise generator for a round.
+def pod_noise(noise_seed: int | None, round: int, node: int) -> NoiseSource:
+    """A simulated pod's local-mode noise: the OS's CSPRNG, or, in a run with an explicit
+    seed, a generator of (seed, round, pod) alone, so the result does not depend on which
+    process or engine trains the pod."""
+    return SecureNoise() if noise_seed is None else SeededNoise([noise_seed, round, node])
 
-    The pod's training seed and local noise derive from the round's seed and the pod's
-    index alone, so the result does not depend on which process or engine trains it.
+
+def _pod_job(users: Sequence[Any], node: int, request: RoundPayload | RoundRequest,
+             noise_seed: int | None) -> tuple[Any, Any, NoiseSource]:
+    """Pod ``node``'s examples, training settings and noise source for a round.
+
+    The pod's training seed derives from the round's seed and the pod's index alone.
     """
     from covey.models._finetune import FinetuneConfig
 
@@ -173,13 +190,15 @@ def _pod_job(users: Sequence[Any], node: int, request: RoundPayload | RoundReque
                            max_examples=request.max_examples,
                            seed=request.seed * 100_003 + node, measure_loss=False,
                            precision=request.precision)
-    return users[node - 1].train, train, np.random.default_rng([request.seed, node])
+    return users[node - 1].train, train, pod_noise(noise_seed, request.round, node)
 
 
 def train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
-               request: RoundPayload | RoundRequest) -> list[ClientUpdate]:
+               request: RoundPayload | RoundRequest, noise_seed: int | None = None
+               ) -> list[ClientUpdate]:
     """Pods ``nodes`` (1-based into ``users``) run the client training function; the
-    fast engine trains them ``POD_GROUP`` at a time, batched, with the same results."""
+    fast engine trains them ``POD_GROUP`` at a time, batched, with the same results.
+    ``noise_seed``: see :func:`pod_noise`."""
     from covey.device._federated import train_updates
     from covey.models import Adapter
 
@@ -189,18 +208,18 @@ def train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
     updates: list[ClientUpdate | None] = [None] * len(nodes)
     for at in range(0, len(order), POD_GROUP):
         group = order[at:at + POD_GROUP]
-        trained = train_updates(model, tok, [_pod_job(users, nodes[i], request) for i in group],
-                                adapter, request.dp)
+        trained = train_updates(model, tok, [_pod_job(users, nodes[i], request, noise_seed)
+                                             for i in group], adapter, request.dp)
         for i, update in zip(group, trained, strict=True):
             updates[i] = update
     return [u for u in updates if u is not None]
 
 
 def _train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
-                payload: RoundPayload) -> list[PodReply]:
-    updates = train_pods(users, model, tok, nodes, payload)
+                payload: RoundPayload, noise_seed: int | None) -> list[PodReply]:
+    updates = train_pods(users, model, tok, nodes, payload, noise_seed)
     return [PodReply(node, values=update.delta, version=str(payload.version["id"]),
-                     examples=update.examples, clipped=update.clipped)
+                     **update.reported(payload.dp))  # type: ignore[arg-type]
             for node, update in zip(nodes, updates, strict=True)]
 
 
@@ -254,8 +273,10 @@ def _worker_allocator() -> str:
     return "tcmalloc" if maps.exists() and "tcmalloc" in maps.read_text() else "glibc"
 
 
-def _worker_train(nodes: Sequence[int], payload: RoundPayload) -> list[PodReply]:
-    return _train_pods(_WORKER["users"], _WORKER["model"], _WORKER["tok"], nodes, payload)
+def _worker_train(nodes: Sequence[int], payload: RoundPayload, noise_seed: int | None
+                  ) -> list[PodReply]:
+    return _train_pods(_WORKER["users"], _WORKER["model"], _WORKER["tok"], nodes, payload,
+                       noise_seed)
 
 
 class _MemoryPods:
@@ -265,6 +286,7 @@ class _MemoryPods:
     def __init__(self, users: Sequence[Any], model: Any, tok: Any, cfg: SimulationConfig,
                  workers: int, given: bool = False) -> None:
         self.users, self.model, self.tok = list(users), model, tok
+        self.noise_seed = cfg.seed
         self.pool = None
         if workers > 1:
             import multiprocessing
@@ -290,8 +312,9 @@ class _MemoryPods:
     def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
               ) -> list[PodReply]:
         if self.pool is None or len(nodes) < 2:
-            return _train_pods(self.users, self.model, self.tok, nodes, payload)
-        futures = [self.pool.submit(_worker_train, group, payload)
+            return _train_pods(self.users, self.model, self.tok, nodes, payload,
+                               self.noise_seed)
+        futures = [self.pool.submit(_worker_train, group, payload, self.noise_seed)
                    for group in self._groups(nodes, payload.max_examples)]
         replies = [r for f in futures for r in f.result(timeout=timeout)]
         return sorted(replies, key=lambda r: r.node_id)
@@ -326,7 +349,6 @@ def _store_pods(users: Sequence[Any], model: Any, tok: Any, out: Path, key: byte
     ``out/pods/passphrase`` (mode 0600)."""
     import secrets
 
-    from covey._files import write_atomic
     from covey.simulations._engine import StorePods
     from covey.simulations._population import seed_pods
 
@@ -353,13 +375,12 @@ def _dp(cfg: SimulationConfig, pods: int) -> DPConfig:
     if math.isinf(cfg.target_epsilon) or cfg.noise_multiplier == 0:
         return DPConfig(mode="central", noise_multiplier=0.0, clip_norm=math.inf,
                         sample_rate=q, delta=delta, accountant=cfg.accountant)
-    rate = q if cfg.mode == "central" else 1.0
+    dp = DPConfig(mode=cfg.mode, clip_norm=cfg.clip_norm, sample_rate=q,  # type: ignore[arg-type]
+                  delta=delta, accountant=cfg.accountant)
     try:
-        z = noise_for_epsilon(cfg.target_epsilon, delta, rate, cfg.rounds, cfg.accountant)
+        return dp.solved(cfg.target_epsilon, cfg.rounds)
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from None
-    return DPConfig(mode=cfg.mode, noise_multiplier=z, clip_norm=cfg.clip_norm,  # type: ignore[arg-type]
-                    sample_rate=q, delta=delta, accountant=cfg.accountant)
 
 
 def eval_sample(users: Sequence[Any], cfg: SimulationConfig, rng: np.random.Generator
@@ -383,14 +404,14 @@ def personalized(cfg: SimulationConfig, users: Sequence[Any], adapter_bytes: byt
     from covey.models._evaluate import Tally
 
     by_user: dict[int, list[Any]] = {}
-    for index, example in eval_sample(users, cfg, np.random.default_rng(cfg.seed)):
+    for index, example in eval_sample(users, cfg, np.random.default_rng(cfg.choice_seed)):
         by_user.setdefault(index, []).append(example)
     model: Any = None
     tok: Any = None
     if adapter_bytes is None or pool is None:  # the model is needed here, not only in workers
         model, tok, _ = load_model()
     if adapter_bytes is None:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.choice_seed)
         adapter_bytes = Adapter.zeros_like(TinyLM(model.cfg)).to_bytes()
     # Users of alike size train together, the most work first (as pods do in rounds).
     ordered = sorted(by_user.items(), key=lambda item: (-len(users[item[0]].train), item[0]))
@@ -418,7 +439,7 @@ def _personal_scores(users: Sequence[Any], model: Any, tok: Any,
     start = Adapter.from_bytes(adapter_bytes)
     trained = finetune_adapters(model, tok, [FinetuneJob(users[index].train, start, FinetuneConfig(
         epochs=max(cfg.local_epochs, 1), lr=cfg.lr, max_examples=cfg.max_examples,
-        seed=cfg.seed, measure_loss=False, precision=resolve_precision(cfg.precision),
+        seed=cfg.choice_seed, measure_loss=False, precision=resolve_precision(cfg.precision),
         threads=threads)) for index, _ in group])
     total = Tally()
     for (_, examples), result in zip(group, trained, strict=True):
@@ -494,8 +515,8 @@ def _simulate(cfg: SimulationConfig, out: Path, users: Sequence[Any], dp: DPConf
     out.mkdir(parents=True, exist_ok=True)
     summary = population_summary(users, tok)
     (out / "population.json").write_text(json.dumps(summary, indent=2) + "\n")
-    rng = np.random.default_rng(cfg.seed)
-    chosen = [example for _, example in eval_sample(users, cfg, rng)]
+    chosen = [example for _, example in
+              eval_sample(users, cfg, np.random.default_rng(cfg.choice_seed))]
     pool = pods.pool if pods is not None else None
     evaluator = AdapterEvaluator(chosen, threads=os.cpu_count() or 1, model=model, tok=tok,
                                  spread=pods.tally if pods is not None and pool is not None
@@ -506,8 +527,8 @@ def _simulate(cfg: SimulationConfig, out: Path, users: Sequence[Any], dp: DPConf
         run_id = unfinished
         first = next(v for v in registry.versions() if v.round == 0 and v.run_id == run_id)
     else:
-        run_id = f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.seed}"
-        initial = evaluator.initial_adapter(cfg.seed)
+        run_id = f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.choice_seed}"
+        initial = evaluator.initial_adapter(cfg.choice_seed)
         first, _ = registry.add(initial, parent=None, round=0, run_id=run_id,
                                 metrics=evaluator(initial), epsilon=0.0)
         registry.activate(first.id)
@@ -515,13 +536,14 @@ def _simulate(cfg: SimulationConfig, out: Path, users: Sequence[Any], dp: DPConf
                     if math.isfinite(cfg.target_epsilon) else None, min_pods=1,
                     round_timeout=3600.0, wait_timeout=1.0, local_epochs=cfg.local_epochs,
                     lr=cfg.lr, max_examples=cfg.max_examples, eval_examples=len(chosen),
-                    seed=cfg.seed, precision=resolve_precision(cfg.precision))
+                    seed=cfg.choice_seed, precision=resolve_precision(cfg.precision),
+                    reproducible_seed=cfg.seed)
     (out / "runs").mkdir(exist_ok=True)
     started = time.perf_counter()
 
     def rounds(transport: Any) -> dict[str, Any]:
         return run_federated(transport, registry, run, run_id, evaluator,
-                             out / "runs" / f"{run_id}.json", on_round=on_round, rng=rng,
+                             out / "runs" / f"{run_id}.json", on_round=on_round,
                              resume=resume)
 
     if cfg.engine == "flower":
@@ -548,6 +570,6 @@ def _simulate(cfg: SimulationConfig, out: Path, users: Sequence[Any], dp: DPConf
                               "updates_per_second": round(updates / seconds, 3),
                               "workers": workers,
                               "worker_allocator": pods.allocator() if pods else None})
-    (out / "runs" / f"{run_id}.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_atomic(out / "runs" / f"{run_id}.json", (json.dumps(record, indent=2) + "\n").encode())
     record["record_path"] = str(out / "runs" / f"{run_id}.json")
     return record

@@ -34,7 +34,10 @@ EngineOpt = Annotated[str, typer.Option(help="fast (in-process) or flower (Flowe
 LrOpt = Annotated[float, typer.Option(help="Local learning rate.")]
 EpochsOpt = Annotated[int, typer.Option(help="Local epochs.")]
 EvalOpt = Annotated[int, typer.Option(help="Federated test messages evaluated each round.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed of sampling, training and noise.")]
+SeedOpt = Annotated[int | None, typer.Option(
+    help="Make the run reproducible: pods, sampling, training and the DP noise all derive "
+         "from this seed. Anyone who knows it can remove the noise, so the run record says "
+         "the run is not private. Without it the noise comes from the OS's CSPRNG.")]
 WorkersOpt = Annotated[int, typer.Option(help="Processes that train pods (0: one per core).")]
 PrecisionOpt = Annotated[str, typer.Option(
     help="Pods' training arithmetic: fp32, bf16, or auto (bf16 where the CPU has it natively).")]
@@ -75,7 +78,7 @@ def simulate(
     lr: LrOpt = 5e-3,
     local_epochs: EpochsOpt = 1,
     eval_examples: EvalOpt = 300,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = None,
     workers: WorkersOpt = 0,
     precision: PrecisionOpt = "auto",
     encrypted_pods: Annotated[bool, typer.Option(
@@ -130,7 +133,7 @@ def sweep(
     lr: LrOpt = 5e-3,
     local_epochs: EpochsOpt = 1,
     eval_examples: EvalOpt = 300,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = None,
     workers: WorkersOpt = 0,
     precision: PrecisionOpt = "auto",
     as_json: JsonOpt = False,

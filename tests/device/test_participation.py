@@ -96,8 +96,7 @@ def test_train_update_is_clipped_and_learns(lm: tuple[Any, Any], users: list[Any
     np.testing.assert_allclose(clipped.delta, update.delta * (0.5 / update.norm), rtol=1e-4,
                                atol=1e-7)  # deterministic for a seed
     local = DPConfig(mode="local", noise_multiplier=2.0, clip_norm=0.5)
-    noised = train_update(model, tok, examples, adapter, cfg, local,
-                          rng=np.random.default_rng(0))
+    noised = train_update(model, tok, examples, adapter, cfg, local)
     noise = noised.delta - clipped.delta
     assert float(noise.std()) == pytest.approx(1.0, rel=0.03)  # z * C on the device
     assert update.nbytes == adapter.nbytes <= 512 * 1024
@@ -188,8 +187,7 @@ def test_a_run_survives_a_malformed_update_a_dropout_and_a_pod_at_budget(
     cfg = RunConfig(rounds=2, dp=everyone, min_pods=2, round_timeout=6.0, wait_timeout=5.0)
     started = time.monotonic()
     record = run_federated(InProcessTransport(clients), registry, cfg, "run-faults",
-                           _evaluator([101.0, 99.0]), tmp_path / "run.json",
-                           rng=np.random.default_rng(0))
+                           _evaluator([101.0, 99.0]), tmp_path / "run.json")
     assert time.monotonic() - started < 2 * 6.0 + 20  # each round ended at its timeout
     assert record["status"] == "completed"
     assert len(record["rounds"]) == 2
@@ -238,8 +236,7 @@ def test_adaptive_clipping_moves_c_at_no_extra_epsilon(
                         adaptive=AdaptiveClipping(target_quantile=0.5, count_noise=5.0))
     record = run_federated(InProcessTransport(clients), registry,
                            RunConfig(rounds=3, dp=adaptive, min_pods=2), "run-ad",
-                           _evaluator([]), tmp_path / "run.json",
-                           rng=np.random.default_rng(0))
+                           _evaluator([]), tmp_path / "run.json")
     clips = [r["clip_norm"] for r in record["rounds"]]
     assert clips[0] == 1e-3 and len(set(clips)) == 3  # C moves every round
     plain = run_federated(InProcessTransport(clients), registry,

@@ -111,7 +111,7 @@ def simulated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("run")
     simulate(SimulationConfig(pods=6, rounds=2, clients_per_round=3, target_epsilon=4.0,
-                              eval_examples=20, seed=3), out)
+                              eval_examples=20), out)  # no --seed: private noise
     return out
 
 
@@ -143,6 +143,22 @@ def test_epsilon_over_target_is_flagged_and_strict_fails(simulated_run: Path, tm
     assert json.loads(tampered.read_text()) == record  # the input is left as it was
     saved = json.loads((tmp_path / "over.html").with_suffix(".json").read_text())
     assert [f["code"] for f in saved["red_flags"]] == ["epsilon_over_target"]
+
+
+def test_noise_a_reader_can_remove_is_flagged(simulated_run: Path, tmp_path: Path) -> None:
+    record = json.loads(next((simulated_run / "runs").glob("*.json")).read_text())
+    assert record["randomness"]["private"] is True
+    seeded = {**record, "randomness": {**record["randomness"], "private": False,
+                                       "reproducible": True, "seed": 3}}
+    (tmp_path / "seeded.json").write_text(json.dumps(seeded))
+    codes = [f["code"] for f in run_report(tmp_path / "seeded.json")["red_flags"]]
+    assert codes == ["noise_reproducible"]
+    # a record as covey wrote them before: the noise generator's state checkpointed
+    old = {k: v for k, v in record.items() if k != "randomness"}
+    old["checkpoint"] = {"round": 2, "rng": {"bit_generator": "PCG64", "state": {}}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    codes = [f["code"] for f in run_report(tmp_path / "old.json")["red_flags"]]
+    assert codes == ["noise_recoverable", "noise_source_unstated"]
 
 
 def test_audit_cli_refuses_unclear_requests(covey: Covey, tmp_path: Path) -> None:
