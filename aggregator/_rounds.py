@@ -110,6 +110,7 @@ class RoundPayload:
     max_examples: int
     seed: int
     precision: str = "fp32"
+    adaptive_clipping: bool = False  # C moves between rounds (pods then pin all but C)
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,7 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
                             dp.accountant, None)
         payload = RoundPayload(run_id, rnd, cfg.rounds, round_dp, json.loads(
             version.canonical()), signature, adapter_bytes, cfg.local_epochs, cfg.lr,
-            cfg.max_examples, cfg.seed + rnd, cfg.precision)
+            cfg.max_examples, cfg.seed + rnd, cfg.precision, dp.adaptive is not None)
         replies = transport.train(sampled, payload, cfg.round_timeout) if sampled else []
         refused = Counter(r.refusal for r in replies if r.refusal)
         updates = [PodUpdate(r.node_id, r.values, r.examples, r.version, r.clipped)

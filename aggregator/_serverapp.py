@@ -53,6 +53,7 @@ def payload_record(p: RoundPayload) -> RecordDict:
         "accountant": p.dp.accountant, "version": json.dumps(p.version),
         "signature": p.signature, "adapter": p.adapter, "local-epochs": p.local_epochs,
         "lr": p.lr, "max-examples": p.max_examples, "seed": p.seed, "precision": p.precision,
+        "adaptive-clipping": p.adaptive_clipping,
     })})
 
 
@@ -103,7 +104,7 @@ class FlowerTransport:
 
 
 def _usage_reply(msg: Message) -> tuple[str, list[float] | None, float]:
-    """(refusal code or "", the noisy histogram, the pod's epsilon after the release)."""
+    """(refusal code or "", the noisy histogram, the epsilon of that release alone)."""
     if msg.has_error():
         return _refusal(msg)[0], None, 0.0
     try:
@@ -148,7 +149,7 @@ def usage_statistics(transport: FlowerTransport, cfg: RunConfig, run_id: str,
                       "noise_std": z * float(np.sqrt(2.0)),
                       "accounting": "each pod charges one Gaussian release to its ledger"},
         "asked": len(nodes), "answered": len(answers), "refused": dict(refused),
-        "pod_epsilons": sorted(eps for _, eps in answers), "mean_hours": mean,
+        "release_epsilons": sorted(eps for _, eps in answers), "mean_hours": mean,
     }
     write_atomic(record_path, (json.dumps(record, indent=2) + "\n").encode())
     if record["status"] != "completed":

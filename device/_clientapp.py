@@ -43,7 +43,8 @@ def request_from(cfg: Mapping[str, Any], peer: str) -> RoundRequest:
         version=json.loads(str(cfg["version"])), signature=signature, adapter=adapter,
         local_epochs=int(cfg["local-epochs"]), lr=float(cfg["lr"]),
         max_examples=int(cfg["max-examples"]), seed=int(cfg["seed"]),
-        precision=str(cfg.get("precision", "fp32")), peer=peer)
+        precision=str(cfg.get("precision", "fp32")), peer=peer,
+        adaptive_clipping=bool(cfg.get("adaptive-clipping", False)))
 
 
 def _model() -> tuple[Any, Any]:
@@ -129,7 +130,7 @@ def query(msg: Message, context: Context) -> Message:
         return _refuse(msg, "pod_error", f"refused: {exc}")
     return Message(RecordDict({
         "hours": ArrayRecord([np.asarray(release.hours, dtype=np.float64)]),
-        "metrics": MetricRecord({"epsilon": release.epsilon, "delta": release.delta,
+        "metrics": MetricRecord({"epsilon": release.release_epsilon, "delta": release.delta,
                                  "noise_multiplier": release.noise_multiplier,
                                  "sensitivity": release.sensitivity}),
     }), reply_to=msg)

@@ -413,10 +413,11 @@ class UsageRelease:
     """A differentially private hour-of-day usage histogram, as it leaves the pod."""
 
     hours: list[float]  # 24 noisy fractions (they may be negative: that is the noise)
-    epsilon: float  # the user's total epsilon after this release (the ledger's)
+    epsilon: float  # the user's total epsilon after this release (stays on the pod)
     delta: float
     noise_multiplier: float
     sensitivity: float = USAGE_SENSITIVITY
+    release_epsilon: float = 0.0  # this release alone: what the aggregator may be told
 
 
 def usage_histogram(pod: Pod, noise_multiplier: float, run_id: str,
@@ -438,8 +439,16 @@ def usage_histogram(pod: Pod, noise_multiplier: float, run_id: str,
     """
     import numpy as np
 
-    from covey.device._participation import RoundRefused, budget_policy, spent
-    from covey.privacy import GaussianRounds, SecureNoise
+    from covey.device._budget import pod_ledger
+    from covey.device._participation import RoundRefused, refusal
+    from covey.privacy import (
+        BudgetExceeded,
+        LedgerTampered,
+        Release,
+        RunChanged,
+        SecureNoise,
+        epsilon_spent,
+    )
 
     if not noise_multiplier > 0:
         raise RoundRefused("not_private", "refused: a usage release needs noise")
@@ -451,23 +460,26 @@ def usage_histogram(pod: Pod, noise_multiplier: float, run_id: str,
     for (value,) in rows:
         counts[int(json.loads(value)["hour"]) % 24] += 1
     fractions = counts / counts.sum() if counts.sum() else counts
-    release = GaussianRounds(noise_multiplier, 1.0, 1)
-    policy = budget_policy(pod)
-    total = spent(pod, release)
-    if total > policy.max_epsilon:
-        raise RoundRefused("budget_exhausted", f"refused: this release would bring the user's "
-                           f"epsilon to {total:.3g}, over their maximum of "
-                           f"{policy.max_epsilon:g}")
+    ledger = pod_ledger(pod)
+    # The clip norm is the sensitivity itself (sqrt 2), so the release's sensitivity
+    # in units of it is 1 and the accountant composes z.
+    release = Release(kind="usage_histogram", run_id=run_id, round=1, mode="local",
+                      noise_multiplier=noise_multiplier, clip_norm=USAGE_SENSITIVITY,
+                      sensitivity=1.0, sample_rate=1.0, planned_rounds=1, rounds=1,
+                      run_delta=ledger.policy.delta, peer=peer, nbytes=24 * 8)
     noise = SecureNoise().normal(noise_multiplier * USAGE_SENSITIVITY, 24)
     hours = [float(v) for v in fractions + noise]
-    with pod.store.transaction() as c:
-        c.execute(
-            "INSERT INTO ledger (run_id, round, mode, mechanism, accountant, epsilon, delta,"
-            " noise_multiplier, clip_norm, sample_rate, rounds, created_at)"
-            " VALUES (?, 1, 'local', 'gaussian', ?, ?, ?, ?, ?, 1.0, 1, ?)",
-            (run_id, policy.accountant, total, policy.delta, noise_multiplier,
-             USAGE_SENSITIVITY, _iso(_now())))
-        _audit.append(c, "context_stats", peer=peer, nbytes=24 * 8, epsilon=total,
+
+    def audit(c: Any, entry: Any) -> None:
+        _audit.append(c, "context_stats", peer=peer, nbytes=24 * 8, epsilon=entry.epsilon,
                       detail={"run_id": run_id, "kind": "usage_hours",
                               "noise_multiplier": noise_multiplier})
-    return UsageRelease(hours, total, policy.delta, noise_multiplier)
+
+    try:
+        entry = ledger.spend(release, audit)
+    except (BudgetExceeded, RunChanged, LedgerTampered) as exc:
+        raise refusal(exc) from None
+    alone = epsilon_spent([release.segment()], ledger.policy.delta,  # type: ignore[list-item]
+                          ledger.policy.accountant)
+    return UsageRelease(hours, entry.epsilon, ledger.policy.delta, noise_multiplier,
+                        release_epsilon=alone)

@@ -5,6 +5,11 @@ key, no second KDF). The DEK is stored only wrapped: AES-256-GCM under a key-enc
 key derived from the passphrase with Argon2id. The KDF parameters and salt are stored
 beside the wrapped key, so a pod created with stronger parameters keeps them.
 Changing the passphrase rewraps the DEK; the store itself is not touched.
+
+The device's Ed25519 private key is wrapped in the same file under the same
+key-encryption key (its own nonce and associated data), not kept in the store: whoever
+holds only the data key can read and rewrite the store but cannot sign as the device,
+so the ledger's signed chain head (kept outside the store) shows such a rewrite.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from covey.errors import StoreCorruptError, WrongPassphraseError
 
 __all__ = [
     "DATA_KEY_BYTES", "KdfParams", "WrappedKey", "fsync_dir", "new_data_key", "shred", "unwrap",
-    "wrap", "write_atomic",
+    "unwrap_keys", "wrap", "write_atomic",
 ]
 
 DATA_KEY_BYTES = 32
@@ -36,6 +41,10 @@ _NONCE_BYTES = 12
 _FORMAT = "covey-keyring-1"
 # Binds the ciphertext to its purpose, so a wrapped key cannot be replayed as another.
 _AAD = b"covey pod data key v1"
+_DEVICE_AAD = b"covey pod device key v1"
+# A key file that holds the device key wraps the data key with this instead: removing the
+# device key from the file (to make the pod take one from the store) breaks the unwrap.
+_AAD_WITH_DEVICE = b"covey pod data key v1; the device key beside it"
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,8 @@ class WrappedKey:
     nonce: bytes
     ciphertext: bytes
     created_at: str
+    device_nonce: bytes = b""  # empty in key files written before the device key moved here
+    device_ciphertext: bytes = b""
 
     def to_json(self) -> str:
         """Serialize for the key file."""
@@ -98,6 +109,9 @@ class WrappedKey:
             "ciphertext": base64.b64encode(self.ciphertext).decode(),
             "created_at": self.created_at,
         }
+        if self.device_ciphertext:
+            doc["device_key"] = {"nonce": base64.b64encode(self.device_nonce).decode(),
+                                 "ciphertext": base64.b64encode(self.device_ciphertext).decode()}
         return json.dumps(doc, indent=2) + "\n"
 
     @classmethod
@@ -114,25 +128,51 @@ class WrappedKey:
             kdf = doc["kdf"]
             if kdf.get("name") != "argon2id":
                 raise ValueError("unknown kdf")
+            device = doc.get("device_key") or {"nonce": "", "ciphertext": ""}
             return cls(
                 kdf=KdfParams(kdf["time_cost"], kdf["memory_kib"], kdf["parallelism"]),
                 salt=base64.b64decode(doc["salt"], validate=True),
                 nonce=base64.b64decode(doc["nonce"], validate=True),
                 ciphertext=base64.b64decode(doc["ciphertext"], validate=True),
                 created_at=str(doc["created_at"]),
+                device_nonce=base64.b64decode(device["nonce"], validate=True),
+                device_ciphertext=base64.b64decode(device["ciphertext"], validate=True),
             )
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise StoreCorruptError(path, f"unreadable key file: {type(exc).__name__}") from None
 
 
-def wrap(data_key: bytes, passphrase: str, params: KdfParams) -> WrappedKey:
-    """Encrypt ``data_key`` under a fresh Argon2id derivation of ``passphrase``."""
+def wrap(data_key: bytes, passphrase: str, params: KdfParams, device_key: bytes = b""
+         ) -> WrappedKey:
+    """Encrypt ``data_key`` (and the device's private key, if given) under a fresh
+    Argon2id derivation of ``passphrase``."""
     salt = secrets.token_bytes(_SALT_BYTES)
     nonce = secrets.token_bytes(_NONCE_BYTES)
-    kek = _derive(passphrase, salt, params)
-    ciphertext = AESGCM(kek).encrypt(nonce, data_key, _AAD)
+    kek = AESGCM(_derive(passphrase, salt, params))
+    ciphertext = kek.encrypt(nonce, data_key, _AAD_WITH_DEVICE if device_key else _AAD)
+    device_nonce = secrets.token_bytes(_NONCE_BYTES) if device_key else b""
+    device_ciphertext = kek.encrypt(device_nonce, device_key, _DEVICE_AAD) if device_key else b""
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    return WrappedKey(params, salt, nonce, ciphertext, now)
+    return WrappedKey(params, salt, nonce, ciphertext, now, device_nonce, device_ciphertext)
+
+
+def unwrap_keys(wrapped: WrappedKey, passphrase: str) -> tuple[bytes, bytes]:
+    """Recover the data key and the device's private key (empty in an older key file).
+
+    Raises:
+        WrongPassphraseError: the derived key does not authenticate either ciphertext.
+    """
+    kek = AESGCM(_derive(passphrase, wrapped.salt, wrapped.kdf))
+    try:
+        data_key = kek.decrypt(wrapped.nonce, wrapped.ciphertext,
+                               _AAD_WITH_DEVICE if wrapped.device_ciphertext else _AAD)
+        device_key = (kek.decrypt(wrapped.device_nonce, wrapped.device_ciphertext, _DEVICE_AAD)
+                      if wrapped.device_ciphertext else b"")
+    except InvalidTag:
+        raise WrongPassphraseError() from None
+    if len(data_key) != DATA_KEY_BYTES:
+        raise WrongPassphraseError()
+    return data_key, device_key
 
 
 def unwrap(wrapped: WrappedKey, passphrase: str) -> bytes:
@@ -141,14 +181,7 @@ def unwrap(wrapped: WrappedKey, passphrase: str) -> bytes:
     Raises:
         WrongPassphraseError: the derived key does not authenticate the ciphertext.
     """
-    kek = _derive(passphrase, wrapped.salt, wrapped.kdf)
-    try:
-        data_key = AESGCM(kek).decrypt(wrapped.nonce, wrapped.ciphertext, _AAD)
-    except InvalidTag:
-        raise WrongPassphraseError() from None
-    if len(data_key) != DATA_KEY_BYTES:
-        raise WrongPassphraseError()
-    return data_key
+    return unwrap_keys(wrapped, passphrase)[0]
 
 
 def shred(path: Path) -> None:

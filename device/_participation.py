@@ -3,39 +3,62 @@
 The Flower ClientApp (``covey.device.clientapp``) is a thin adapter around
 :func:`take_part`, which owns every decision a pod makes about a round:
 
-1. the user has granted the ``federated_training`` consent and has consented examples;
+1. the user has granted the ``federated_training`` consent;
 2. the model version the aggregator sent is signed by the pinned aggregator key and its
    bytes match the signed hash;
-3. the round fits the user's budget: the pod composes its ledger with what this round
-   charges, using its own accountant at the user's delta, and refuses past the maximum;
+3. the round is private, keeps the privacy parameters its run started with on any of
+   the user's pods (mode, z, q, T, delta, and C unless the run adapts it), and fits the
+   user's budget: the user's ledger (:class:`covey.privacy.Ledger`, every pod of the
+   user) composed with what this round charges stays within the user's maximum;
 4. it trains (the pure :func:`covey.device._federated.train_update`), and records the
-   ledger row and the audit entry (what, to whom, bytes, epsilon) in one transaction
+   ledger entry and the audit entry (what, to whom, bytes, epsilon) in one transaction
    *before* the update is handed over for sending.
 
 What a round charges. In ``central`` mode the aggregator Poisson-samples pods at rate q
 for a run of T planned rounds; a user's privacy loss is that of all T rounds whether or
-not the pod is sampled in each, so the first participation in a run charges the whole
-(z, q, T) and later ones charge nothing more (a round past T is refused). In ``local``
-mode the pod cannot verify any sampling: each participation charges one unamplified
-Gaussian release with the pod's own noise.
+not the pod is sampled in each, so the user's first participation in a run (on any of
+their pods) charges the whole (z, q, T) and later ones charge nothing more (a round past
+T is refused). In ``local`` mode the pod cannot verify any sampling: each participation
+charges one unamplified Gaussian release at the replace-one sensitivity 2C, and a pod
+with no examples sends a noised zero update rather than a refusal that would tell the
+aggregator it has none.
+
+Refusals travel to the aggregator: they say which check failed, never the user's epsilon
+or maximum.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from covey.device._budget import (
+    DEFAULT_DELTA,
+    DEFAULT_MAX_EPSILON,
+    DELTA_KEY,
+    MAX_EPS_KEY,
+    budget_policy,
+    pod_ledger,
+    set_budget_policy,
+)
 from covey.device._feedback import TRAINING_CONSENT, consented
 from covey.device._pod import Pod
 from covey.device._stop import is_stopped
-from covey.device._store import set_meta
 from covey.errors import CoveyError
 from covey.models import check_precision
-from covey.privacy import DPConfig, GaussianRounds, NoiseSource, get_accountant
+from covey.privacy import (
+    BudgetExceeded,
+    BudgetPolicy,
+    DPConfig,
+    Ledger,
+    LedgerTampered,
+    NoiseSource,
+    Release,
+    RunChanged,
+)
 from covey.protocols import ModelVersion, SignatureError, verify_version
 
 if TYPE_CHECKING:
@@ -43,21 +66,20 @@ if TYPE_CHECKING:
     from covey.models import ChatTokenizer, Example, TinyLM
 
 __all__ = [
+    "DEFAULT_DELTA",
+    "DEFAULT_MAX_EPSILON",
     "BudgetPolicy",
     "RoundRefused",
     "RoundRequest",
     "budget_policy",
     "import_examples",
-    "ledger_history",
     "set_budget_policy",
     "spent",
     "take_part",
 ]
 
-DEFAULT_MAX_EPSILON = 10.0
-DEFAULT_DELTA = 1e-5
-_MAX_EPS_KEY = "privacy.max_epsilon"
-_DELTA_KEY = "privacy.delta"
+# Older names, kept for the modules that still import them from here.
+_MAX_EPS_KEY, _DELTA_KEY = MAX_EPS_KEY, DELTA_KEY
 
 
 class RoundRefused(CoveyError):
@@ -68,21 +90,6 @@ class RoundRefused(CoveyError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-@dataclass(frozen=True)
-class BudgetPolicy:
-    """The user's privacy budget: the most epsilon (at ``delta``) any rounds may take."""
-
-    max_epsilon: float = DEFAULT_MAX_EPSILON
-    delta: float = DEFAULT_DELTA
-    accountant: str = "rdp"
-
-    def __post_init__(self) -> None:
-        if not self.max_epsilon >= 0 or not math.isfinite(self.max_epsilon):
-            raise ValueError("the maximum epsilon must be a finite number >= 0")
-        if not 0 < self.delta < 1:
-            raise ValueError("delta must be in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,7 @@ class RoundRequest:
     seed: int = 0
     precision: str = "fp32"
     peer: str = ""
+    adaptive_clipping: bool = False  # the run moves C (so C is not pinned)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,60 +122,31 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-def budget_policy(pod: Pod) -> BudgetPolicy:
-    """The user's budget policy (defaults until the user sets one)."""
-    rows = dict(pod.store.query("SELECT key, value FROM meta WHERE key IN (?, ?)",
-                                (_MAX_EPS_KEY, _DELTA_KEY)))
-    return BudgetPolicy(float(rows.get(_MAX_EPS_KEY, DEFAULT_MAX_EPSILON)),
-                        float(rows.get(_DELTA_KEY, DEFAULT_DELTA)))
+def spent(pod: Pod) -> float:
+    """The user's epsilon spent, at the user's delta (inf after a release without noise)."""
+    return pod_ledger(pod).spent()
 
 
-def set_budget_policy(pod: Pod, max_epsilon: float, delta: float | None = None) -> BudgetPolicy:
-    """Set the user's maximum epsilon (audited); it applies to every later round."""
-    policy = BudgetPolicy(max_epsilon, budget_policy(pod).delta if delta is None else delta)
-    from covey.device import _audit
-
-    with pod.store.transaction() as c:
-        for key, value in ((_MAX_EPS_KEY, policy.max_epsilon), (_DELTA_KEY, policy.delta)):
-            set_meta(c, key, repr(value))
-        _audit.append(c, "budget_policy", detail={"max_epsilon": policy.max_epsilon,
-                                                  "delta": policy.delta})
-    return policy
-
-
-def ledger_history(pod: Pod) -> list[GaussianRounds]:
-    """Every Gaussian release the ledger charges, as accountant segments."""
-    rows = pod.store.query(
-        "SELECT noise_multiplier, sample_rate, rounds FROM ledger WHERE rounds > 0"
-        " AND noise_multiplier > 0 ORDER BY id")
-    return [GaussianRounds(float(z), float(q or 1.0), int(n)) for z, q, n in rows]
-
-
-def _non_private_rows(pod: Pod) -> int:
-    rows = pod.store.query("SELECT COUNT(*) FROM ledger WHERE rounds > 0 AND"
-                           " (noise_multiplier IS NULL OR noise_multiplier <= 0)")
-    return int(rows[0][0])
-
-
-def spent(pod: Pod, extra: GaussianRounds | None = None) -> float:
-    """Epsilon the ledger has spent (plus ``extra``), at the user's delta; inf when a
-    non-private release was ever made."""
-    policy = budget_policy(pod)
-    if _non_private_rows(pod):
-        return math.inf
-    history = ledger_history(pod) + ([extra] if extra and extra.rounds else [])
-    return get_accountant(policy.accountant).epsilon(history, policy.delta)
-
-
-def charge(pod: Pod, request: RoundRequest) -> GaussianRounds:
-    """What this private round adds to the ledger (rounds 0 when already charged)."""
+def round_release(request: RoundRequest, ledger: Ledger) -> Release:
+    """What this round adds to the user's ledger (rounds 0 when the run was charged)."""
     dp = request.dp
-    if dp.mode == "local":
-        return GaussianRounds(dp.noise_multiplier, 1.0, 1)
-    charged = pod.store.query("SELECT COALESCE(SUM(rounds), 0) FROM ledger WHERE run_id = ?",
-                              (request.run_id,))[0][0]
-    return GaussianRounds(dp.noise_multiplier, dp.amplified_rate,
-                          max(0, request.planned_rounds - int(charged)))
+    rounds = 1 if dp.mode == "local" else max(
+        0, request.planned_rounds - ledger.charged_rounds(request.run_id))
+    return Release(kind="federated_update", run_id=request.run_id, round=request.round,
+                   mode=dp.mode, noise_multiplier=dp.noise_multiplier, clip_norm=dp.clip_norm,
+                   sensitivity=dp.sensitivity, sample_rate=dp.amplified_rate,
+                   planned_rounds=request.planned_rounds, rounds=rounds, run_delta=dp.delta,
+                   adaptive=request.adaptive_clipping,
+                   model_version=str(request.version.get("id")), peer=request.peer)
+
+
+def refusal(exc: BudgetExceeded | RunChanged | LedgerTampered) -> RoundRefused:
+    """A ledger's refusal as the round's, with a code the aggregator counts."""
+    if isinstance(exc, BudgetExceeded):
+        return RoundRefused("budget_exhausted", str(exc))
+    if isinstance(exc, RunChanged):
+        return RoundRefused("run_changed", str(exc))
+    return RoundRefused("ledger_invalid", "refused: the pod's privacy ledger does not verify")
 
 
 def _check_version(request: RoundRequest, aggregator_key: bytes) -> None:
@@ -178,8 +157,10 @@ def _check_version(request: RoundRequest, aggregator_key: bytes) -> None:
         raise RoundRefused("bad_signature", f"refused: {exc}") from None
 
 
-def check_round(pod: Pod, request: RoundRequest, aggregator_key: bytes) -> GaussianRounds:
-    """Every check before training; returns the charge. Raises RoundRefused."""
+def check_round(pod: Pod, request: RoundRequest, aggregator_key: bytes
+                ) -> tuple[Ledger, Release]:
+    """Every check before training; returns the ledger and the charge. Raises
+    RoundRefused."""
     if is_stopped(pod.home):
         raise RoundRefused("stopped", "refused: the pod was stopped with `covey stop`")
     if not consented(pod, TRAINING_CONSENT):
@@ -189,15 +170,13 @@ def check_round(pod: Pod, request: RoundRequest, aggregator_key: bytes) -> Gauss
     if not request.dp.private:
         raise RoundRefused("not_private", "refused: the round has no noise or no clipping, "
                                           "so it gives the user no privacy guarantee")
-    policy = budget_policy(pod)
-    extra = charge(pod, request)
-    total = spent(pod, extra)
-    if total > policy.max_epsilon:
-        raise RoundRefused(
-            "budget_exhausted",
-            f"refused: this round would bring the user's epsilon to {total:.3g} "
-            f"(delta {policy.delta:g}), over their maximum of {policy.max_epsilon:g}")
-    return extra
+    ledger = pod_ledger(pod)
+    release = round_release(request, ledger)
+    try:
+        ledger.check(release)
+    except (BudgetExceeded, RunChanged, LedgerTampered) as exc:
+        raise refusal(exc) from None
+    return ledger, release
 
 
 def training_examples(pod: Pod) -> list[Example]:
@@ -224,19 +203,21 @@ def import_examples(pod: Pod, examples: Sequence[Example], source: str = "import
 def take_part(pod: Pod, request: RoundRequest, model: TinyLM, tok: ChatTokenizer,
               aggregator_key: bytes, noise: NoiseSource | None = None
               ) -> tuple[ClientUpdate, float]:
-    """Check, train, and record one round; returns the update and the epsilon spent.
+    """Check, train, and record one round; returns the update and the user's epsilon.
 
     Raises:
-        RoundRefused: no consent, no examples, a bad signature, a non-private round, or
-            a round that would exceed the user's budget. Nothing is recorded then.
+        RoundRefused: no consent, no examples (central mode), a bad signature, a
+            non-private round, a run that changed its parameters, or a round that would
+            exceed the user's budget. Nothing is recorded then.
     """
-    from covey.device._federated import train_update
+    from covey.device import _audit
+    from covey.device._federated import noise_only_update, train_update
     from covey.models import Adapter
     from covey.models._finetune import FinetuneConfig
 
-    extra = check_round(pod, request, aggregator_key)
+    ledger, release = check_round(pod, request, aggregator_key)
     examples = training_examples(pod)
-    if not examples:
+    if not examples and request.dp.mode != "local":
         raise RoundRefused("no_examples", "refused: no consented training examples yet "
                                           "(rate or correct some replies first)")
     try:
@@ -244,32 +225,29 @@ def take_part(pod: Pod, request: RoundRequest, model: TinyLM, tok: ChatTokenizer
     except ValueError as exc:
         raise RoundRefused("bad_model", f"refused: the model version is unusable: {exc}"
                            ) from None
-    train = FinetuneConfig(epochs=request.local_epochs, lr=request.lr,
-                           max_examples=request.max_examples, seed=request.seed,
-                           precision=request.precision)
-    update = train_update(model, tok, examples, adapter, train, request.dp, noise)
-    dp = request.dp
-    from covey.device import _audit
+    if examples:
+        train = FinetuneConfig(epochs=request.local_epochs, lr=request.lr,
+                               max_examples=request.max_examples, seed=request.seed,
+                               precision=request.precision)
+        update = train_update(model, tok, examples, adapter, train, request.dp, noise)
+    else:
+        update = noise_only_update(adapter, request.dp, noise)
+    release = replace(release, nbytes=update.nbytes)
 
-    with pod.store.transaction() as c:
-        # Checked again inside the write lock: two rounds at once cannot both pass.
-        policy, total = budget_policy(pod), spent(pod, extra)
-        if total > policy.max_epsilon:
-            raise RoundRefused("budget_exhausted", "refused: the budget was spent meanwhile")
-        c.execute(
-            "INSERT INTO ledger (run_id, round, mode, mechanism, accountant, epsilon, delta,"
-            " noise_multiplier, clip_norm, sample_rate, rounds, model_version, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (request.run_id, request.round, dp.mode, "gaussian", policy.accountant,
-             total, policy.delta, dp.noise_multiplier, dp.clip_norm,
-             extra.sample_rate, extra.rounds, str(request.version.get("id")), _now()))
+    def audit(c: Any, entry: Any) -> None:
         _audit.append(c, "federated_update", peer=request.peer, nbytes=update.nbytes,
-                      epsilon=total, detail={
-                          "run_id": request.run_id, "round": request.round, "mode": dp.mode,
-                          "model_version": request.version.get("id"),
+                      epsilon=entry.epsilon, detail={
+                          "run_id": request.run_id, "round": request.round,
+                          "mode": request.dp.mode, "model_version": request.version.get("id"),
                           "examples": update.examples, "clipped": update.clipped,
-                          "rounds_charged": extra.rounds})
-    return update, total
+                          "rounds_charged": release.rounds})
+
+    try:
+        # Checked again inside the write lock: two rounds at once cannot both pass.
+        entry = ledger.spend(release, audit)
+    except (BudgetExceeded, RunChanged, LedgerTampered) as exc:
+        raise refusal(exc) from None
+    return update, entry.epsilon
 
 
 def refusal_detail(exc: RoundRefused) -> str:

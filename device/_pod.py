@@ -117,12 +117,12 @@ def _check_passphrase(passphrase: str, config: PodConfig) -> None:
 class Pod:
     """An unlocked pod. Open one with :meth:`create` or :meth:`open`; close it after use."""
 
-    def __init__(self, home: Path, store: Store, config: PodConfig) -> None:
+    def __init__(self, home: Path, store: Store, config: PodConfig, device_key: bytes) -> None:
         self.home = home
         self.store = store
         self.config = config
         self.memories = Memories(store, on_erase=store.checkpoint)
-        self.identity = self._load_identity()
+        self.identity = self._load_identity(device_key)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -146,11 +146,11 @@ class Pod:
         _check_passphrase(passphrase, config)
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         data_key = _keys.new_data_key()
-        wrapped = _keys.wrap(data_key, passphrase, config.kdf)
+        identity = DeviceIdentity.generate()
+        private = identity.private_key.private_bytes_raw()
+        wrapped = _keys.wrap(data_key, passphrase, config.kdf, private)
         store = Store(home / DB_FILE, data_key, config.busy_timeout_ms)
         try:
-            identity = DeviceIdentity.generate()
-            private = identity.private_key.private_bytes_raw()
             now = _now()
             with store.transaction() as c:
                 c.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
@@ -160,8 +160,8 @@ class Pod:
                 ])
                 c.execute(
                     "INSERT INTO identity (id, device_id, private_key, public_key, created_at)"
-                    " VALUES (1, ?, ?, ?, ?)",
-                    (identity.device_id, private, identity.public_key, now),
+                    " VALUES (1, ?, X'', ?, ?)",  # the private key lives in the key file
+                    (identity.device_id, identity.public_key, now),
                 )
                 _audit.append(c, "pod.created", detail={"schema": SCHEMA_VERSION})
             # The key file is written last: until it exists there is no pod to open.
@@ -171,7 +171,9 @@ class Pod:
             for suffix in ("", "-wal", "-shm"):
                 (home / (DB_FILE + suffix)).unlink(missing_ok=True)
             raise
-        return cls(home, store, config)
+        pod = cls(home, store, config, private)
+        pod._start_ledger()
+        return pod
 
     @classmethod
     def open(cls, home: Path, passphrase: str, config: PodConfig | None = None) -> Pod:
@@ -181,21 +183,51 @@ class Pod:
             PodNotFoundError, PodForgottenError, WrongPassphraseError, StoreCorruptError.
         """
         home = home.expanduser().absolute()
-        data_key = cls._unwrap(home, passphrase)
+        wrapped, data_key, device_key = cls._unwrap(home, passphrase)
         config = config or load_pod_config(home)
         if not (home / DB_FILE).exists():
             raise StoreCorruptError(home / DB_FILE, "the database file is missing")
-        pod = cls(home, Store(home / DB_FILE, data_key, config.busy_timeout_ms), config)
+        store = Store(home / DB_FILE, data_key, config.busy_timeout_ms)
+        moved = not device_key
+        if moved:
+            device_key = cls._move_device_key(home, store, wrapped, data_key, passphrase)
+        pod = cls(home, store, config, device_key)
+        if moved:
+            pod._start_ledger()
         _log.info("pod %s unlocked", pod.pod_id)
         return pod
 
+    def _start_ledger(self) -> None:
+        """Sign the head of this device's (empty) ledger chain, adopting older rows."""
+        from covey.device._budget import pod_ledger
+
+        pod_ledger(self).start()
+
     @staticmethod
-    def _unwrap(home: Path, passphrase: str) -> bytes:
+    def _unwrap(home: Path, passphrase: str) -> tuple[_keys.WrappedKey, bytes, bytes]:
         _check_not_forgotten(home)
         key_file = home / KEY_FILE
         if not key_file.exists():
             raise PodNotFoundError(home)
-        return _keys.unwrap(_keys.WrappedKey.from_file(key_file), passphrase)
+        wrapped = _keys.WrappedKey.from_file(key_file)
+        return (wrapped, *_keys.unwrap_keys(wrapped, passphrase))
+
+    @staticmethod
+    def _move_device_key(home: Path, store: Store, wrapped: _keys.WrappedKey,
+                         data_key: bytes, passphrase: str) -> bytes:
+        """A pod made before the device key moved to the key file: wrap it there, then
+        erase the store's copy (secure_delete zeroes its page)."""
+        rows = store.query("SELECT private_key FROM identity")
+        if not rows or not rows[0][0]:
+            store.close()
+            raise StoreCorruptError(home / KEY_FILE, "the device key is missing")
+        device_key = bytes(rows[0][0])
+        _keys.write_atomic(home / KEY_FILE, _keys.wrap(data_key, passphrase, wrapped.kdf,
+                                                       device_key).to_json().encode())
+        with store.transaction() as c:
+            c.execute("UPDATE identity SET private_key = X''")
+            _audit.append(c, "key.device_key_moved")
+        return device_key
 
     @classmethod
     def change_passphrase(cls, home: Path, old: str, new: str,
@@ -208,9 +240,9 @@ class Pod:
         home = home.expanduser().absolute()
         config = config or load_pod_config(home)
         _check_passphrase(new, config)
-        data_key = cls._unwrap(home, old)
-        wrapped = _keys.wrap(data_key, new, config.kdf)
-        with cls(home, Store(home / DB_FILE, data_key, config.busy_timeout_ms), config) as pod:
+        with cls.open(home, old, config) as pod:  # moves an older pod's device key first
+            _, data_key, device_key = cls._unwrap(home, old)
+            wrapped = _keys.wrap(data_key, new, config.kdf, device_key)
             # Audit first: if the key file swap then fails, the old passphrase still works
             # and the log says a change was attempted.
             with pod.store.transaction() as c:
@@ -257,12 +289,16 @@ class Pod:
 
     # -- identity and metadata ---------------------------------------------------------
 
-    def _load_identity(self) -> DeviceIdentity:
-        rows = self.store.query("SELECT device_id, private_key, public_key FROM identity")
+    def _load_identity(self, device_key: bytes) -> DeviceIdentity:
+        rows = self.store.query("SELECT device_id, public_key FROM identity")
         if not rows:
             raise StoreCorruptError(self.store.path, "the device identity is missing")
-        private = Ed25519PrivateKey.from_private_bytes(rows[0]["private_key"])
-        return DeviceIdentity(rows[0]["device_id"], rows[0]["public_key"], private)
+        private = Ed25519PrivateKey.from_private_bytes(device_key)
+        public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        if public != bytes(rows[0]["public_key"]):
+            raise StoreCorruptError(self.store.path, "the device identity does not match "
+                                                     "the key file")
+        return DeviceIdentity(rows[0]["device_id"], public, private)
 
     def meta(self, key: str) -> str:
         """A value from the pod's metadata."""
@@ -383,8 +419,11 @@ class Pod:
 
     def _restore_rows(self, tables: dict[str, Any], restored: dict[str, int],
                       document: dict[str, Any]) -> None:
+        tables = dict(tables)
+        if "ledger" in tables:  # an export from before the signed ledger (schema < 7)
+            tables["ledger_v6"] = tables.pop("ledger")
         with self.store.transaction() as c:
-            for table in USER_TABLES:
+            for table in (*USER_TABLES, "ledger_v6"):
                 rows = tables.get(table, [])
                 columns = [r[1] for r in c.execute(f"PRAGMA table_info({table})")]
                 for row in rows:
@@ -397,12 +436,31 @@ class Pod:
                         f" VALUES ({', '.join('?' * len(names))})", values,
                     )
                 restored[table] = len(rows)
+            _trust_exporting_device(c, document, tables)
             source = document.get("pod", {}).get("pod_id", "")
             _audit.append(c, "import", peer="user", detail={"from_pod": source,
                                                             "rows": restored})
 
 
-_BLOB_COLUMNS = {("memories", "embedding"), ("model_versions", "signature")}
+_BLOB_COLUMNS = {("memories", "embedding"), ("model_versions", "signature"),
+                 ("privacy_ledger", "signature")}
+
+
+def _trust_exporting_device(c: Any, document: dict[str, Any],
+                            tables: dict[str, Any]) -> None:
+    """The restored ledger's entries of the exporting device verify against its public
+    key, from the export (they are counted whether or not they verify: more spend is
+    never less private)."""
+    pod = document.get("pod", {})
+    if not isinstance(pod, dict) or not tables.get("privacy_ledger"):
+        return
+    try:
+        key = base64.b64decode(str(pod["public_key"]), validate=True)
+        device = str(pod["device_id"])
+    except (KeyError, ValueError):
+        return
+    c.execute("INSERT OR IGNORE INTO ledger_keys (device_id, public_key) VALUES (?, ?)",
+              (device, key))
 
 
 def _jsonable(value: Any) -> Any:

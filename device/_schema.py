@@ -255,7 +255,36 @@ CREATE TRIGGER memories_stamp_au AFTER UPDATE OF embedding, embedding_model ON m
 END;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
+# v7: the privacy ledger as signed, hash-chained entries per device (this device's and,
+# through sync or a restored export, the user's other devices'), append-only, with the
+# public keys other devices' entries verify against. The v6 table keeps its rows under a
+# new name until the pod converts them into signed entries of its own chain (it needs the
+# device key, which SQL does not have); then it stays empty.
+_V7 = """
+CREATE TABLE privacy_ledger (
+    device_id  TEXT NOT NULL,
+    seq        INTEGER NOT NULL CHECK (seq >= 1),
+    created_at TEXT NOT NULL,
+    body       TEXT NOT NULL,
+    prev_hash  TEXT NOT NULL,
+    hash       TEXT NOT NULL,
+    signature  BLOB NOT NULL,
+    PRIMARY KEY (device_id, seq)
+) STRICT;
+CREATE TRIGGER privacy_ledger_no_update BEFORE UPDATE ON privacy_ledger BEGIN
+    SELECT RAISE (ABORT, 'the privacy ledger is append-only');
+END;
+CREATE TRIGGER privacy_ledger_no_delete BEFORE DELETE ON privacy_ledger BEGIN
+    SELECT RAISE (ABORT, 'the privacy ledger is append-only');
+END;
+CREATE TABLE ledger_keys (
+    device_id  TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL
+) STRICT;
+ALTER TABLE ledger RENAME TO ledger_v6;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Tables holding the user's data, in an order that satisfies foreign keys on insert.
@@ -269,7 +298,7 @@ USER_TABLES: tuple[str, ...] = (
     "graph_nodes",
     "graph_edges",
     "consents",
-    "ledger",
+    "privacy_ledger",
     "model_versions",
     "sync_entries",
     "context_sources",

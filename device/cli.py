@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -119,15 +120,16 @@ def _read_export(path: Path) -> dict[str, Any]:
 @pod_app.command("status")
 def pod_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Identity, encryption, counts, and checks of every page and of the audit chain."""
+    from covey.device._budget import pod_ledger
     from covey.device._context import sources
     from covey.device._join import node_key, supernode
-    from covey.device._participation import budget_policy, spent
     from covey.device._stop import is_stopped
     from covey.device._sync import PodState
 
     with open_pod(home) as pod:
         status = pod.status()
-        policy, used = budget_policy(pod), spent(pod)
+        ledger = pod_ledger(pod)
+        policy, used, ledger_check = ledger.policy, ledger.spent(), ledger.verify()
         state = PodState(pod)
         key = state.user_key()
         sync = {"user_id": key.user_id if key else None, "devices": len(state.devices())}
@@ -138,7 +140,9 @@ def pod_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     federation: dict[str, Any] = {"node_key": str(node_key(Path(status.home))),
                                   "supernode": node,
                   "epsilon_spent": used if used != float("inf") else None,
-                  "max_epsilon": policy.max_epsilon, "delta": policy.delta}
+                  "max_epsilon": policy.max_epsilon, "delta": policy.delta,
+                  "ledger": {"ok": ledger_check.ok, "entries": ledger_check.entries,
+                             "reason": ledger_check.reason}}
     if as_json:
         _emit_json({**status.to_dict(), "federation": federation, "sync": sync,
                     "context_sources": context, "stopped": stopped})
@@ -166,6 +170,8 @@ def pod_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
                       if node else "not joined")
         table.add_row("privacy budget", f"epsilon {used:.3g} of {policy.max_epsilon:g} spent "
                       f"(delta {policy.delta:g})")
+        table.add_row("ledger", f"[green]intact[/] ({ledger_check.entries} entries, signed)"
+                      if ledger_check.ok else f"[red]BROKEN: {ledger_check.reason}[/]")
         table.add_row("sync", f"user {sync['user_id']}, {sync['devices']} devices"
                       if sync["user_id"] else "not paired (`covey sync pair`)")
         table.add_row("context", ", ".join(context) or "no source on (`covey context enable`)")
@@ -178,6 +184,9 @@ def pod_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if not chain["ok"]:
         typer.echo(f"error: audit log broken at entry {chain['bad_seq']}: {chain['reason']}",
                    err=True)
+        raise typer.Exit(8)
+    if not ledger_check.ok:
+        typer.echo(f"error: privacy ledger broken: {ledger_check.reason}", err=True)
         raise typer.Exit(8)
 
 
@@ -330,7 +339,7 @@ def pod_budget(
     as_json: JsonOpt = False,
 ) -> None:
     """The user's privacy budget: epsilon spent, the maximum, and every ledger entry."""
-    from covey.device._participation import budget_policy, set_budget_policy, spent
+    from covey.device._budget import pod_ledger, set_budget_policy
 
     with open_pod(home) as pod:
         if max_epsilon is not None:
@@ -338,10 +347,13 @@ def pod_budget(
                 set_budget_policy(pod, max_epsilon)
             except ValueError as exc:
                 raise InvalidInputError(str(exc)) from None
-        policy, used = budget_policy(pod), spent(pod)
-        rows = [dict(r) for r in pod.store.query(
-            "SELECT run_id, round, mode, accountant, epsilon, delta, noise_multiplier,"
-            " clip_norm, sample_rate, rounds, model_version, created_at FROM ledger ORDER BY id")]
+        ledger = pod_ledger(pod)
+        policy, used = ledger.policy, ledger.spent()
+        this = pod.identity.device_id
+        rows = [{"device_id": e.device_id, "this_device": e.device_id == this, "seq": e.seq,
+                 "created_at": e.created_at, "epsilon": e.epsilon, **{
+                     k: v for k, v in asdict(e.release).items() if k not in ("peer",)}}
+                for e in ledger.history()]
     result = {"epsilon_spent": used if used != float("inf") else None,
               "max_epsilon": policy.max_epsilon, "delta": policy.delta,
               "accountant": policy.accountant, "ledger": rows}
@@ -350,11 +362,13 @@ def pod_budget(
         return
     out.print(f"epsilon spent {used:.4g} of {policy.max_epsilon:g} (delta {policy.delta:g}, "
               f"{policy.accountant} accountant over the whole ledger)")
-    table = Table("run", "round", "mode", "z", "C", "q", "rounds charged", "epsilon after")
+    table = Table("run", "round", "kind", "mode", "z", "C", "q", "rounds charged",
+                  "epsilon after", "device")
     for r in rows:
-        table.add_row(r["run_id"], str(r["round"]), r["mode"], f"{r['noise_multiplier']:.3g}",
-                      f"{r['clip_norm']:.3g}", f"{r['sample_rate']:.3g}", str(r["rounds"]),
-                      f"{r['epsilon']:.4g}")
+        table.add_row(r["run_id"], str(r["round"]), r["kind"], r["mode"],
+                      f"{r['noise_multiplier']:.3g}", f"{r['clip_norm']:.3g}",
+                      f"{r['sample_rate']:.3g}", str(r["rounds"]), f"{r['epsilon']:.4g}",
+                      "this" if r["this_device"] else r["device_id"])
     out.print(table)
 
 

@@ -9,6 +9,9 @@ Public surface:
     GaussianRounds                      one segment of a privacy history (z, q, rounds)
     ACCOUNTANTS, get_accountant         accountants by name: ``rdp``, ``prv``
     epsilon_spent, noise_for_epsilon    epsilon of a history; the noise for a target
+    Ledger, LedgerStorage, Release      the user's budget: compose, check, write, verify
+    LedgerEntry, BudgetPolicy           a signed ledger row; the user's maximum and delta
+    BudgetExceeded, RunChanged, LedgerTampered   why a release was refused
     redact                              replace personal data patterns in a string
     UserText                            marks a value as user text so logging never renders it
     RedactingFilter                     a logging filter that applies both, installed by default
@@ -30,6 +33,16 @@ from covey.privacy._dp import (
     clip_update,
     local_norm_bound,
 )
+from covey.privacy._ledger import (
+    BudgetExceeded,
+    BudgetPolicy,
+    Ledger,
+    LedgerEntry,
+    LedgerStorage,
+    LedgerTampered,
+    Release,
+    RunChanged,
+)
 from covey.privacy._noise import (
     NoiseSource,
     SecureNoise,
@@ -45,11 +58,19 @@ from covey.privacy._run_report import run_report
 __all__ = [
     "ACCOUNTANTS",
     "AdaptiveClipping",
+    "BudgetExceeded",
+    "BudgetPolicy",
     "DPConfig",
     "GaussianRounds",
+    "Ledger",
+    "LedgerEntry",
+    "LedgerStorage",
+    "LedgerTampered",
     "Mode",
     "NoiseSource",
     "RedactingFilter",
+    "Release",
+    "RunChanged",
     "SecureNoise",
     "SeedRatchet",
     "SeededNoise",

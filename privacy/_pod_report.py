@@ -116,48 +116,44 @@ def _plaintext(pod: Any, report: dict[str, Any], extra: list[Path]) -> None:
 
 
 def _ledger(pod: Any, report: dict[str, Any]) -> None:
-    from covey.device._participation import budget_policy
-    from covey.privacy import GaussianRounds, get_accountant
+    from covey.device._budget import pod_ledger
 
-    policy = budget_policy(pod)
-    rows = pod.store.query(
-        "SELECT created_at, run_id, round, mode, mechanism, accountant, epsilon, delta,"
-        " noise_multiplier, clip_norm, sample_rate, rounds FROM ledger ORDER BY id")
-    accountant = get_accountant(policy.accountant)
-    history: list[GaussianRounds] = []
-    cumulative: list[float | None] = []
-    non_private = 0
-    table_rows = []
-    for r in rows:
-        z, q, n = r["noise_multiplier"], r["sample_rate"], int(r["rounds"] or 0)
-        if n and (z is None or z <= 0):
-            non_private += 1
-        elif n:
-            history.append(GaussianRounds(float(z), float(q or 1.0), n))
-        total = math.inf if non_private else (
-            accountant.epsilon(history, policy.delta) if history else 0.0)
-        cumulative.append(total if math.isfinite(total) else None)
-        table_rows.append([r["created_at"], r["run_id"], r["round"], r["mode"], r["mechanism"],
-                           z, q, r["clip_norm"], n, r["epsilon"],
-                           total if math.isfinite(total) else "inf"])
+    ledger = pod_ledger(pod)
+    policy = ledger.policy
+    history, totals = ledger.history(), ledger.totals()
+    check = ledger.verify()
+    cumulative = [t if math.isfinite(t) else None for t in totals]
+    non_private = sum(1 for e in history if e.release.rounds and not e.release.private)
+    table_rows = [[e.created_at, e.release.run_id, e.release.round, e.release.kind,
+                   e.release.mode, e.release.noise_multiplier, e.release.sensitivity,
+                   e.release.sample_rate, e.release.clip_norm, e.release.rounds,
+                   "this pod" if e.device_id == pod.identity.device_id else e.device_id,
+                   total if math.isfinite(total) else "inf"]
+                  for e, total in zip(history, totals, strict=True)]
     spent = cumulative[-1] if cumulative else 0.0
     sec = section(report, "ledger", "Privacy budget: the epsilon ledger")
     sec["notes"].append(
-        f"Each row is one release of user-derived information. The total composes every "
-        f"Gaussian release ({policy.accountant.upper()} accountant) at the user's delta "
-        f"{policy.delta:g}; the user's maximum is epsilon {policy.max_epsilon:g}. Central-DP "
-        "rows charge a whole planned run (z, sampling rate q, rounds) at the first "
-        "participation; local-DP rows charge one release each, without amplification.")
-    table(sec, ["when", "run", "round", "mode", "mechanism", "z", "q", "C",
-                "rounds charged", "epsilon (run, at its delta)", "total epsilon"],
-          table_rows)
-    if rows:
+        f"Each row is one release of user-derived information, by this pod or another of "
+        f"the user's pods. The total composes every Gaussian release "
+        f"({policy.accountant.upper()} accountant, noise z over sensitivity) at the "
+        f"user's delta {policy.delta:g}; the user's maximum is epsilon "
+        f"{policy.max_epsilon:g}. Central-DP rows charge a whole planned run (z, sampling "
+        "rate q, rounds) at the user's first participation, once per user; local-DP rows "
+        "charge one release each, without amplification, at sensitivity 2C.")
+    sec["notes"].append(
+        f"The ledger's signed hash chain: {'intact' if check.ok else 'BROKEN: ' + check.reason}"
+        f" ({check.entries} entries).")
+    table(sec, ["when", "run", "round", "kind", "mode", "z", "sensitivity (x C)", "q", "C",
+                "rounds charged", "device", "total epsilon"], table_rows)
+    if history:
         sec["figures"].append(Figure("Epsilon spent over time", "ledger row",
                                      f"epsilon at delta {policy.delta:g}")
-                              .line("total spent", list(range(1, len(rows) + 1)), cumulative,
-                                    step=True)
+                              .line("total spent", list(range(1, len(history) + 1)),
+                                    cumulative, step=True)
                               .guide(f"user's maximum {policy.max_epsilon:g}",
                                      policy.max_epsilon).to_dict())
+    if not check.ok:
+        flag(report, "broken_chain", f"the privacy ledger does not verify: {check.reason}")
     if non_private:
         flag(report, "non_private_release", f"{non_private} ledger rows released "
                                             "information without noise")
@@ -177,15 +173,17 @@ def _egress(pod: Any, report: dict[str, Any]) -> None:
         where = _destination(e.kind)
         if where is not None:
             groups[(where, e.kind, e.peer)].append(e)
+    # An entry's epsilon is the user's total after it: the last one says it all (adding
+    # totals up would count every earlier release again).
     rows = [[where, kind, peer or "-", len(es), sum(e.bytes for e in es),
-             sum(e.epsilon for e in es), es[0].created_at, es[-1].created_at]
+             max(e.epsilon for e in es), es[0].created_at, es[-1].created_at]
             for (where, kind, peer), es in sorted(groups.items())]
     sec = section(report, "egress", "Egress: everything that left the pod")
     sec["notes"].append("From the audit log: every response to another process, update to "
                         "an aggregator, export and sync is recorded in the same transaction "
                         "as the event (sizes and peers, never content).")
-    table(sec, ["destination", "kind", "peer", "events", "bytes", "epsilon", "first",
-                "last"], rows)
+    table(sec, ["destination", "kind", "peer", "events", "bytes",
+                "user's epsilon after the last", "first", "last"], rows)
     by_dest: dict[str, int] = defaultdict(int)
     for row in rows:
         by_dest[row[0]] += int(row[4])

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from covey.device import Pod
+from covey.device._budget import pod_ledger
 from covey.device._context import (
     USAGE_SENSITIVITY,
     current_context,
@@ -243,14 +244,18 @@ def test_usage_statistics_leave_only_under_dp_and_are_charged(pod: Pod) -> None:
     release = usage_histogram(pod, 2.0, "stats-1")
     assert len(release.hours) == 24 and release.sensitivity == USAGE_SENSITIVITY
     assert release.epsilon == pytest.approx(spent(pod)) and release.epsilon > before
-    row = pod.store.query("SELECT mode, noise_multiplier, clip_norm, rounds FROM ledger")[0]
-    assert tuple(row) == ("local", 2.0, USAGE_SENSITIVITY, 1)
+    entry, = pod_ledger(pod).history()
+    r = entry.release
+    assert (r.kind, r.mode, r.noise_multiplier, r.clip_norm, r.rounds) == (
+        "usage_histogram", "local", 2.0, USAGE_SENSITIVITY, 1)
+    # the aggregator is told the epsilon of this release alone, not the user's total
+    assert 0 < release.release_epsilon <= release.epsilon
     # Noisy: the true histogram has all its mass in one or two hours.
     assert sum(1 for v in release.hours if abs(v) > 0.5) >= 6
     set_budget_policy(pod, release.epsilon)  # nothing left for another release
-    with pytest.raises(RoundRefused, match="maximum"):
+    with pytest.raises(RoundRefused, match="privacy budget"):
         usage_histogram(pod, 2.0, "stats-2")
-    assert len(pod.store.query("SELECT * FROM ledger")) == 1
+    assert len(pod_ledger(pod).history()) == 1
 
 
 @pytest.mark.slow

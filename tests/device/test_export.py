@@ -10,7 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from covey.device import MEMORY_KINDS, Pod
+from covey.device._budget import pod_ledger
 from covey.errors import InvalidInputError
+from covey.privacy import Release
 from tests.conftest import FAST_CONFIG, PASSPHRASE
 
 memory_text = st.text(
@@ -32,10 +34,9 @@ def _fill(pod: Pod, items: list[tuple[str, str]]) -> None:
         c.execute("INSERT INTO messages (conversation_id, role, content, created_at)"
                   " VALUES (1, 'user', 'hello there', 't1')")
         c.execute("INSERT INTO feedback (message_id, rating, created_at) VALUES (1, 1, 't2')")
-        c.execute("INSERT INTO ledger (run_id, round, mode, mechanism, accountant, epsilon,"
-                  " delta, created_at) VALUES ('run', 1, 'central', 'gaussian', 'rdp', 0.25,"
-                  " 1e-6, 't3')")
         c.execute("UPDATE memories SET embedding = ? WHERE id = 1", (b"\x00\x01\xff" * 4,))
+    pod_ledger(pod).spend(Release("federated_update", "run", 1, "central", 1.0, 1.0, 1.0, 0.5,
+                                  3, 3, 1e-6))
 
 
 @settings(max_examples=25, deadline=None,

@@ -15,13 +15,13 @@ import pytest
 from covey.aggregator._registry import Registry
 from covey.aggregator._rounds import PodReply, RoundPayload, RunConfig, run_federated
 from covey.device import Pod
+from covey.device._budget import pod_ledger
 from covey.device._federated import train_update
 from covey.device._feedback import TRAINING_CONSENT, set_consent
 from covey.device._participation import (
     RoundRefused,
     budget_policy,
     import_examples,
-    ledger_history,
     set_budget_policy,
     spent,
     take_part,
@@ -77,6 +77,11 @@ def _payload(registry: Registry, dp: DPConfig, rnd: int = 1, planned: int = 3,
 CENTRAL = DPConfig(mode="central", noise_multiplier=1.0, clip_norm=0.5, sample_rate=0.5)
 
 
+def _segments(pod: Pod) -> list[GaussianRounds]:
+    """What the user's ledger composes."""
+    return [s for e in pod_ledger(pod).history() if (s := e.release.segment())]
+
+
 def test_train_update_is_clipped_and_learns(lm: tuple[Any, Any], users: list[Any]) -> None:
     model, tok = lm
     import torch
@@ -111,7 +116,7 @@ def test_take_part_charges_the_planned_run_once_and_audits(
                                     *lm, registry.public_key)
         expected = epsilon_spent([GaussianRounds(1.0, 0.5, 3)], 1e-5)
         assert eps == pytest.approx(expected)
-        assert ledger_history(pod) == [GaussianRounds(1.0, 0.5, 3)]
+        assert _segments(pod) == [GaussianRounds(1.0, 0.5, 3)]
         assert spent(pod) == pytest.approx(expected)
         rows = pod.store.query("SELECT kind, bytes, epsilon, detail FROM audit_log"
                                " WHERE kind = 'federated_update'")
@@ -122,7 +127,8 @@ def test_take_part_charges_the_planned_run_once_and_audits(
         local = DPConfig(mode="local", noise_multiplier=3.0, clip_norm=0.5)
         take_part(pod, request_for(_payload(registry, local, 1, run_id="run-b")), *lm,
                   registry.public_key)
-        assert ledger_history(pod)[-1] == GaussianRounds(3.0, 1.0, 1)
+        # at the replace-one sensitivity 2C: noise 3C is 1.5 times the sensitivity
+        assert _segments(pod)[-1] == GaussianRounds(1.5, 1.0, 1)
 
 
 def test_refusals_record_nothing(tmp_path: Path, lm: tuple[Any, Any], users: list[Any],
@@ -147,10 +153,12 @@ def test_refusals_record_nothing(tmp_path: Path, lm: tuple[Any, Any], users: lis
         assert info.value.code == "not_private"
         # the budget: a run that would exceed the user's maximum is refused
         set_budget_policy(pod, 1.0)
-        with pytest.raises(RoundRefused, match="over their maximum of 1") as info:
+        with pytest.raises(RoundRefused, match="exceed the user's privacy budget") as info:
             take_part(pod, request_for(_payload(registry, CENTRAL)), *lm, registry.public_key)
         assert info.value.code == "budget_exhausted"
-        assert pod.store.query("SELECT COUNT(*) FROM ledger")[0][0] == 0
+        # the refusal travels to the aggregator: it tells no epsilon, spent or maximum
+        assert not any(ch.isdigit() for ch in str(info.value))
+        assert pod.store.query("SELECT COUNT(*) FROM privacy_ledger")[0][0] == 0
         after = pod.store.query("SELECT COUNT(*) FROM audit_log")[0][0]
         assert after == before + 1  # only the budget change itself
         assert budget_policy(pod).max_epsilon == 1.0
@@ -205,7 +213,7 @@ def test_a_run_survives_a_malformed_update_a_dropout_and_a_pod_at_budget(
     assert record["epsilon"] == pytest.approx(epsilon_spent([GaussianRounds(1.0, 1.0, 2)],
                                                             1e-5))
     with Pod.open(clients[3].home, PASSPHRASE) as pod:
-        assert pod.store.query("SELECT COUNT(*) FROM ledger")[0][0] == 0
+        assert pod.store.query("SELECT COUNT(*) FROM privacy_ledger")[0][0] == 0
 
 
 def test_rollback_when_quality_drops_more_than_ten_percent(
@@ -262,3 +270,40 @@ def test_the_round_message_carries_the_training_precision(registry: Registry) ->
         request_from({**config, "precision": "fp8"}, "peer")
     with pytest.raises(ValueError, match="precision"):
         RunConfig(precision="fp16")
+
+
+def test_a_local_pod_without_examples_sends_noise_not_a_refusal(
+        tmp_path: Path, lm: tuple[Any, Any], registry: Registry) -> None:
+    # A refusal would tell the (untrusted) aggregator that the user has no data: in
+    # local mode the pod sends noise alone, and the release is charged like any other.
+    home = _pod(tmp_path, "empty", [])
+    local = DPConfig(mode="local", noise_multiplier=2.0, clip_norm=0.5)
+    with Pod.open(home, PASSPHRASE) as pod:
+        update, eps = take_part(pod, request_for(_payload(registry, local, 1, 1, "run-l")),
+                                *lm, registry.public_key)
+        assert float(update.delta.std()) == pytest.approx(1.0, rel=0.03)  # z * C
+        assert update.reported(local) == {"examples": 0, "clipped": 0}
+        assert eps == pytest.approx(epsilon_spent([GaussianRounds(1.0, 1.0, 1)], 1e-5))
+        # central mode trusts the aggregator with that: the pod says it has nothing
+        with pytest.raises(RoundRefused) as info:
+            take_part(pod, request_for(_payload(registry, CENTRAL)), *lm, registry.public_key)
+        assert info.value.code == "no_examples"
+
+
+def test_a_run_that_changes_its_noise_is_refused(
+        tmp_path: Path, lm: tuple[Any, Any], users: list[Any], registry: Registry) -> None:
+    from dataclasses import replace
+
+    home = _pod(tmp_path, "pod", users[0].train)
+    with Pod.open(home, PASSPHRASE) as pod:
+        take_part(pod, request_for(_payload(registry, CENTRAL, 1)), *lm, registry.public_key)
+        less_noise = replace(CENTRAL, noise_multiplier=0.3)
+        with pytest.raises(RoundRefused) as info:
+            take_part(pod, request_for(_payload(registry, less_noise, 2)), *lm,
+                      registry.public_key)
+        assert info.value.code == "run_changed" and "noise multiplier" in str(info.value)
+        more_rounds = request_for(_payload(registry, CENTRAL, 2, planned=50))
+        with pytest.raises(RoundRefused) as info:
+            take_part(pod, more_rounds, *lm, registry.public_key)
+        assert info.value.code == "run_changed"
+        assert len(pod_ledger(pod).history()) == 1

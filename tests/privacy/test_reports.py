@@ -52,11 +52,11 @@ def _pod_with_history(pod: Pod) -> None:
     set_consent(pod, TRAINING_CONSENT, True)
     pod.audit("federated_update", peer="aggregator.example:8000", nbytes=196_608, epsilon=2.5)
     pod.audit("api.response", peer="127.0.0.1", nbytes=512)
-    with pod.store.transaction() as c:
-        c.execute("INSERT INTO ledger (run_id, round, mode, mechanism, accountant, epsilon,"
-                  " delta, noise_multiplier, clip_norm, sample_rate, rounds, created_at)"
-                  " VALUES ('run-1', 1, 'central', 'gaussian', 'rdp', 2.5, 1e-5, 1.1, 1.0,"
-                  " 0.1, 20, '2026-11-25T10:00:00')")
+    from covey.device._budget import pod_ledger
+    from covey.privacy import Release
+
+    pod_ledger(pod).spend(Release("federated_update", "run-1", 1, "central", 1.1, 1.0, 1.0,
+                                  0.1, 20, 20, 1e-5))
 
 
 def test_pod_report_renders_in_chromium_and_fits_its_schema(pod: Pod, tmp_path: Path) -> None:

@@ -177,5 +177,5 @@ def test_encrypted_pods_train_from_real_stores(tmp_path: Path) -> None:
     charged = 0
     for home in sorted((tmp_path / "pods").glob("pod*")):
         with Pod.open(home, secret.read_text()) as pod:
-            charged += pod.store.query("SELECT COUNT(*) FROM ledger")[0][0]
+            charged += pod.store.query("SELECT COUNT(*) FROM privacy_ledger")[0][0]
     assert charged == record["rounds"][0]["accepted"]
