@@ -124,6 +124,7 @@ class PodReply:
     clipped: bool = False
     refusal: str = ""  # a RoundRefused code, or "error" for a crash or malformed reply
     message: str = ""
+    user_token: str = ""  # the same for two pods of one user in one round
 
 
 class Transport(Protocol):
@@ -297,7 +298,8 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
             cfg.max_examples, cfg.seed + rnd, cfg.precision, dp.adaptive is not None)
         replies = transport.train(sampled, payload, cfg.round_timeout) if sampled else []
         refused = Counter(r.refusal for r in replies if r.refusal)
-        updates = [PodUpdate(r.node_id, r.values, r.examples, r.version, r.clipped)
+        updates = [PodUpdate(r.node_id, r.values, r.examples, r.version, r.clipped,
+                             r.user_token)
                    for r in replies if not r.refusal and r.values is not None]
         result = aggregate(updates, size, version.id, round_dp, max(expected, 1e-9), noise,
                            noise_multiplier=update_z)

@@ -77,9 +77,10 @@ def _reply(msg: Message, version: str) -> PodReply:
     try:
         values = msg.content.array_records["update"].to_numpy_ndarrays()[0]
         metrics: dict[str, Any] = dict(msg.content.metric_records["metrics"])
-        return PodReply(node, values=np.asarray(values), version=str(
-            msg.content.config_records["info"]["version"]), examples=int(metrics["examples"]),
-            clipped=bool(metrics["clipped"]))
+        info = msg.content.config_records["info"]
+        return PodReply(node, values=np.asarray(values), version=str(info["version"]),
+                        examples=int(metrics["examples"]), clipped=bool(metrics["clipped"]),
+                        user_token=str(info.get("user-token", "")))
     except (KeyError, IndexError, TypeError, ValueError):
         # A reply we cannot read is an update the strategy rejects as malformed.
         return PodReply(node, values=np.empty(0, np.float32), version=version, examples=0)

@@ -32,7 +32,8 @@ __all__ = ["PodUpdate", "RoundAggregate", "aggregate", "check_update"]
 MAX_NORM = 1e6
 
 #: Reasons an update is rejected, as counted in metrics and run records.
-REJECTIONS = ("non_finite", "wrong_shape", "wrong_version", "malformed", "too_large")
+REJECTIONS = ("non_finite", "wrong_shape", "wrong_version", "malformed", "too_large",
+              "duplicate_user")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class PodUpdate:
     examples: int  # 0 in private rounds: pods do not tell how many examples they hold
     version: str
     clipped: bool = False  # central mode: the pod's own clipping scaled it down
+    user_token: str = ""  # one per user and round (empty: the pod did not say)
 
 
 @dataclass
@@ -106,8 +108,13 @@ def aggregate(updates: Sequence[PodUpdate], size: int, version: str, dp: DPConfi
     rejected: Counter[str] = Counter()
     good: list[PodUpdate] = []
     bound = max_norm(dp, size)
+    users: set[str] = set()
     for u in updates:
         reason = check_update(u, size, version, bound, dp.private)
+        if reason is None and u.user_token:
+            # one update per user per round: a user's second pod is turned away
+            reason = "duplicate_user" if u.user_token in users else None
+            users.add(u.user_token)
         if reason:
             rejected[reason] += 1
         else:

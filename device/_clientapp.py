@@ -96,7 +96,7 @@ def reply_message(msg: Message, update: Any, dp: DPConfig, version_id: str) -> M
     return Message(RecordDict({
         "update": ArrayRecord([update.delta]),
         "metrics": MetricRecord(dict(update.reported(dp))),
-        "info": ConfigRecord({"version": version_id}),
+        "info": ConfigRecord({"version": version_id, "user-token": update.user_token}),
     }), reply_to=msg)
 
 

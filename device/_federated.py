@@ -35,6 +35,10 @@ class ClientUpdate:
     tokens: int
     loss_before: float
     loss_after: float
+    #: The same for every pod of one user in one round, different in every round, so the
+    #: aggregator can refuse a second update of a user without linking rounds (set by
+    #: the pod, outside this pure function; empty in simulations: one pod per user).
+    user_token: str = ""
 
     @property
     def nbytes(self) -> int:

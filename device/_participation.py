@@ -149,6 +149,42 @@ def refusal(exc: BudgetExceeded | RunChanged | LedgerTampered) -> RoundRefused:
     return RoundRefused("ledger_invalid", "refused: the pod's privacy ledger does not verify")
 
 
+def round_identity(pod: Pod, run_id: str, round: int) -> tuple[bool, str]:
+    """(whether this pod answers this round for its user, the user's token for it).
+
+    One training identity per user per round: among the user's paired devices that are
+    not revoked, a keyed hash of the run and round picks one, so a user with k pods is
+    included with the aggregator's rate q, not about kq; the token (a keyed hash too)
+    is the same on every pod of the user, so the aggregator refuses a second update
+    from the same user in a round even while the pods disagree about the device list.
+    Both keys derive from the user key, which only the user's pods hold: the aggregator
+    can neither predict the pick nor link a user's tokens across rounds. A pod that
+    was never paired is its own user and answers every round.
+    """
+    import hashlib
+    import hmac
+
+    from covey.device._sync import PodState
+
+    state = PodState(pod)
+    key = state.user_key()
+    if key is None:
+        secret = pod.identity.private_key.private_bytes_raw()
+        devices = [pod.identity.device_id]
+    else:
+        secret = key.private_bytes()
+        devices = sorted(d.device_id for d in state.devices() if d.revoked is None)
+        if pod.identity.device_id not in devices:
+            devices = [pod.identity.device_id]
+
+    def keyed(label: str) -> bytes:
+        message = f"covey-round-{label}\0{run_id}\0{round}".encode()
+        return hmac.new(secret, message, hashlib.sha256).digest()
+
+    pick = devices[int.from_bytes(keyed("pick")[:8], "big") % len(devices)]
+    return pick == pod.identity.device_id, keyed("token")[:16].hex()
+
+
 def _check_version(request: RoundRequest, aggregator_key: bytes) -> None:
     try:
         version = ModelVersion.from_dict(request.version)
@@ -170,6 +206,9 @@ def check_round(pod: Pod, request: RoundRequest, aggregator_key: bytes
     if not request.dp.private:
         raise RoundRefused("not_private", "refused: the round has no noise or no clipping, "
                                           "so it gives the user no privacy guarantee")
+    if not round_identity(pod, request.run_id, request.round)[0]:
+        raise RoundRefused("other_device", "refused: another of the user's devices answers "
+                                           "this round for them")
     ledger = pod_ledger(pod)
     release = round_release(request, ledger)
     try:
@@ -247,7 +286,8 @@ def take_part(pod: Pod, request: RoundRequest, model: TinyLM, tok: ChatTokenizer
         entry = ledger.spend(release, audit)
     except (BudgetExceeded, RunChanged, LedgerTampered) as exc:
         raise refusal(exc) from None
-    return update, entry.epsilon
+    token = round_identity(pod, request.run_id, request.round)[1]
+    return replace(update, user_token=token), entry.epsilon
 
 
 def refusal_detail(exc: RoundRefused) -> str:

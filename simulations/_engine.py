@@ -42,6 +42,7 @@ def answer(home: Path, passphrase: str, model: Any, tok: Any, aggregator_key: by
     except RoundRefused as exc:
         return PodReply(node_id, refusal=exc.code, message=str(exc))
     return PodReply(node_id, values=update.delta, version=str(payload.version["id"]),
+                    user_token=update.user_token,
                     **update.reported(payload.dp))  # type: ignore[arg-type]
 
 

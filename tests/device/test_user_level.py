@@ -1,0 +1,88 @@
+"""User-level, in fact: one training identity per user per round, whatever the number of
+the user's pods. An attacker's view: a user with three pods must not be sampled three
+times as often, nor contribute three updates to a round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from covey.aggregator._strategy import PodUpdate, aggregate
+from covey.device import Pod
+from covey.device._participation import round_identity
+from covey.device._sync import PodState
+from covey.privacy import DPConfig, poisson_sample
+from tests.conftest import FAST_CONFIG, PASSPHRASE
+
+
+def _one_users_pods(tmp_path: Path, n: int) -> list[Pod]:
+    """``n`` pods holding one user key, each knowing every device's certificate (what
+    pairing and sync leave behind)."""
+    pods = [Pod.create(tmp_path / f"pod{i}", PASSPHRASE, name=f"pod{i}", config=FAST_CONFIG)
+            for i in range(n)]
+    first = PodState(pods[0])
+    user = first.ensure_user()
+    for pod in pods[1:]:
+        first.certify(user, pod.identity.public_key, pod.name)
+    certificates = first.replica().items("devices")
+    for pod in pods[1:]:
+        state = PodState(pod)
+        state.adopt_user_key(user.private_bytes())
+        state.edit(lambda r: [r.set("devices", k, v) for k, v in certificates.items()])
+    return pods
+
+
+@pytest.fixture
+def trio(tmp_path: Path):  # type: ignore[no-untyped-def]
+    pods = _one_users_pods(tmp_path, 3)
+    yield pods
+    for pod in pods:
+        pod.close()
+
+
+def test_exactly_one_of_a_users_pods_answers_each_round(trio: list[Pod]) -> None:
+    picks = []
+    for rnd in range(1, 301):
+        answers = [round_identity(p, "run-x", rnd) for p in trio]
+        assert sum(designated for designated, _ in answers) == 1
+        assert len({token for _, token in answers}) == 1  # one user, one token
+        picks.append(next(i for i, (d, _) in enumerate(answers) if d))
+    counts = np.bincount(picks, minlength=3)
+    # each pod about a third of the rounds: 100 +- 8.2 (sd); 5 sd of margin
+    assert all(abs(c - 100) < 41 for c in counts), counts
+
+
+def test_a_users_tokens_do_not_link_rounds(trio: list[Pod]) -> None:
+    tokens = {round_identity(trio[0], run, rnd)[1] for run in ("a", "b") for rnd in range(50)}
+    assert len(tokens) == 100
+
+
+def test_a_user_with_three_pods_is_sampled_at_the_rate_of_one(trio: list[Pod]) -> None:
+    # The aggregator samples nodes at rate q; only the designated pod answers, so the
+    # user is in a round with probability q, which is what the accountant assumes.
+    q, rounds = 0.2, 3000
+    nodes = {i + 1: pod for i, pod in enumerate(trio)}
+    included = 0
+    for rnd in range(1, rounds + 1):
+        sampled = poisson_sample(list(nodes), q, rnd.to_bytes(32, "big"))
+        included += any(round_identity(nodes[n], "run-q", rnd)[0] for n in sampled)
+    sd = (q * (1 - q) / rounds) ** 0.5
+    assert abs(included / rounds - q) < 5 * sd  # 1 - (1 - q)^3 = 0.488 without it
+
+
+def test_an_unpaired_pod_is_its_own_user(tmp_path: Path) -> None:
+    with Pod.create(tmp_path / "alone", PASSPHRASE, config=FAST_CONFIG) as pod:
+        assert all(round_identity(pod, "run", r)[0] for r in range(1, 20))
+
+
+def test_the_aggregator_takes_one_update_per_user_per_round() -> None:
+    dp = DPConfig(mode="central", noise_multiplier=1.0, clip_norm=1.0)
+    ones = np.full(16, 0.1, np.float32)
+    updates = [PodUpdate(1, ones, 0, "v1", user_token="u1"),
+               PodUpdate(2, ones, 0, "v1", user_token="u1"),  # the same user's other pod
+               PodUpdate(3, ones, 0, "v1", user_token="u2"),
+               PodUpdate(4, ones, 0, "v1")]  # no token: counted as its own user
+    result = aggregate(updates, 16, "v1", dp, expected_pods=3.0)
+    assert result.accepted == 3 and result.rejected == {"duplicate_user": 1}
