@@ -8,8 +8,6 @@ inventory from the audit log, the audit-chain check, consents and erasures.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -54,11 +52,12 @@ def _user_text(pod: Any) -> list[tuple[str, str]]:
 
 
 def _written_files(pod: Any, extra: list[Path]) -> list[Path]:
+    from covey._tempdirs import registered_folders
     from covey.models._embedder import cache_dir
 
-    temp = Path(tempfile.gettempdir())
-    temps = [p for p in temp.glob("covey*") if p.exists() and p.stat().st_uid == os.getuid()]
-    return files_under(pod.home, cache_dir(), *temps, *extra)
+    # Only the temporary folders covey registered when it made them: a person's own
+    # folder in TMPDIR is not covey's, whatever its name.
+    return files_under(pod.home, cache_dir(), *registered_folders(), *extra)
 
 
 def _encryption(pod: Any, report: dict[str, Any]) -> None:
@@ -105,7 +104,7 @@ def _plaintext(pod: Any, report: dict[str, Any], extra: list[Path]) -> None:
         f"Looked for {len(needles)} pieces of the user's own recent text (the latest "
         f"{RECENT} messages, memories and training examples of at least 12 characters) "
         f"in {count} files, {scanned:,} bytes: the pod home (database, journal, keys, "
-        "logs), covey's cache folder and covey's temporary files.")
+        "logs), covey's cache folder and the temporary folders covey made.")
     rows = [[h.path, h.offset, h.source] for h in hits]
     table(sec, ["file", "byte offset", "text of"], rows, "hits")
     for h in hits:

@@ -18,7 +18,6 @@ import json
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from covey._tempdirs import temporary_directory
 
 __all__ = ["run"]
 
@@ -203,7 +204,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Measure capture throughput, safety latency and safety quality."""
     count = 2000 if quick else 20000
     turns = 20 if quick else 200
-    with tempfile.TemporaryDirectory(prefix="covey-bench-context-") as tmp:
+    with temporary_directory("covey-bench-context-") as tmp:
         root = Path(tmp)
         broker, port = _broker(root)
         try:
