@@ -137,6 +137,17 @@ class RemoteBindError(CoveyError):
                          "(the API is for this machine; --allow-remote overrides)")
 
 
+class PlainRemoteError(CoveyError):
+    """`covey serve --allow-remote` on a non-loopback address without TLS."""
+
+    exit_code = 2
+
+    def __init__(self, host: str) -> None:
+        super().__init__(f"refusing to serve on {host} over plain HTTP: the token and the "
+                         "pod's data would cross the network in the clear (pass --tls-cert "
+                         "and --tls-key)")
+
+
 class ListenError(CoveyError):
     """The API's address cannot be bound (in use, or not on this machine)."""
 
@@ -216,11 +227,14 @@ def _read_token(path: Path) -> str | None:
     return token
 
 
-def check_bind_host(host: str, allow_remote: bool) -> None:
-    """Refuse a non-loopback ``host`` unless ``allow_remote``, which logs a warning.
+def check_bind_host(host: str, allow_remote: bool, tls: bool = False) -> None:
+    """Refuse a non-loopback ``host`` unless ``allow_remote`` and ``tls``; a remote
+    address logs a warning.
 
     Raises:
         RemoteBindError: ``host`` is not a loopback address and remote use is not allowed.
+        PlainRemoteError: remote use is allowed but would be plain HTTP: the bearer token
+            opens the whole pod, so it never crosses a network unencrypted.
     """
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -230,6 +244,8 @@ def check_bind_host(host: str, allow_remote: bool) -> None:
         return
     if not allow_remote:
         raise RemoteBindError(host)
+    if not tls:
+        raise PlainRemoteError(host)
     _log.warning("serving the pod's API on %s: any machine that can reach it and holds "
                  "the token can read the pod's memories", host)
 
