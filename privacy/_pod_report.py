@@ -22,7 +22,8 @@ RECENT = 500  # the most recent rows of each kind of user text the scan looks fo
 # Where each kind of audited event sends data.
 _DESTINATIONS = {"federated_update": "aggregator", "context_stats": "aggregator",
                  "api.response": "local API client",
-                 "export": "user (export file)", "sync": "paired device"}
+                 "export": "user (export file)", "sync": "paired device",
+                 "generator.request": "model server"}
 
 
 # Audited events of those kinds that send nothing (a refusal, a revocation, a new user key).
@@ -182,9 +183,11 @@ def _egress(pod: Any, report: dict[str, Any]) -> None:
     sec = section(report, "egress", "Egress: everything that left the pod")
     sec["notes"].append("From the audit log: every response to another process, update to "
                         "an aggregator, export and sync is recorded in the same transaction "
-                        "as the event (sizes and peers, never content).")
+                        "as the event, and every prompt sent to a model server (the openai "
+                        "generator) before it is sent (sizes and peers, never content).")
     table(sec, ["destination", "kind", "peer", "events", "bytes", "epsilon", "first",
                 "last"], rows)
+    _prompts_sent(entries, sec)
     by_dest: dict[str, int] = defaultdict(int)
     for row in rows:
         by_dest[row[0]] += int(row[4])
@@ -196,6 +199,25 @@ def _egress(pod: Any, report: dict[str, Any]) -> None:
     erasures = [[e.created_at, e.detail.get("table", "-"), e.detail.get("rows", 0)]
                 for e in entries if e.kind == "erasure"]
     table(people, ["when", "table", "rows erased"], erasures, "erasures")
+
+
+def _prompts_sent(entries: list[Any], sec: dict[str, Any]) -> None:
+    """What the prompts sent to model servers held: kinds of data and counts, by host."""
+    kinds = ("system", "preferences", "memories", "context", "recent_turns", "message")
+    by_host: dict[tuple[str, str], list[int]] = {}
+    for e in entries:
+        if e.kind == "generator.request":
+            row = by_host.setdefault((e.peer, str(e.detail.get("allowed_by", "-"))),
+                                     [0] * (2 + len(kinds)))
+            row[0] += 1
+            row[1] += e.bytes
+            prompt = e.detail.get("prompt", {})
+            for i, kind in enumerate(kinds):
+                row[2 + i] += int(prompt.get(kind, 0))
+    table(sec, ["model server", "allowed by", "prompts", "bytes",
+                *[f"{k.replace('_', ' ')} (items)" for k in kinds]],
+          [[host, allowed, *row] for (host, allowed), row in sorted(by_host.items())],
+          "prompts sent to model servers: what they held (counts, never text)")
 
 
 def pod_report(pod: Any, extra_files: list[Path] | None = None) -> dict[str, Any]:
