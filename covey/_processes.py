@@ -148,26 +148,51 @@ class ProcessRef:
                 and alive(self.pid))
 
 
-def _open(ref: ProcessRef) -> int | None:
-    """A pidfd for ``ref`` once it is checked to name the recorded process, else None.
+class _Pinned:
+    """A process to signal, pinned by a pidfd where the kernel offers one."""
 
-    The pidfd pins the process: signals sent through it cannot reach a later process
-    that reuses the pid, so nothing can slip in between the check and the signal.
-    """
-    try:
-        fd = os.pidfd_open(ref.pid)
-    except (ProcessLookupError, PermissionError):
-        return None
-    if not ref.current():
-        os.close(fd)
-        return None
-    return fd
+    def __init__(self, ref: ProcessRef, fd: int | None) -> None:
+        self.ref, self.fd = ref, fd
 
+    @classmethod
+    def open(cls, ref: ProcessRef) -> _Pinned | None:
+        """``ref`` pinned, once checked to name the recorded process; else None.
 
-def _exited(fd: int) -> bool:
-    poll = select.poll()
-    poll.register(fd, select.POLLIN)  # a pidfd is readable once its process has exited
-    return bool(poll.poll(0))
+        With a pidfd, signals cannot reach a later process that reuses the pid, so
+        nothing slips in between the check and the signal. Where pidfds are missing or
+        forbidden (old kernels, some sandboxes), the check is repeated before each
+        signal instead.
+        """
+        fd: int | None
+        try:
+            fd = os.pidfd_open(ref.pid)
+        except ProcessLookupError:
+            return None
+        except OSError:
+            fd = None
+        if not ref.current():
+            if fd is not None:
+                os.close(fd)
+            return None
+        return cls(ref, fd)
+
+    def signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if self.fd is not None:
+                signal.pidfd_send_signal(self.fd, sig)
+            elif self.ref.current():
+                os.kill(self.ref.pid, sig)
+
+    def exited(self) -> bool:
+        if self.fd is None:
+            return not self.ref.current()
+        poll = select.poll()
+        poll.register(self.fd, select.POLLIN)  # a pidfd is readable once its process exits
+        return bool(poll.poll(0))
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 def stop_refs(refs: list[ProcessRef], timeout: float = 15.0) -> list[ProcessRef]:
@@ -176,22 +201,20 @@ def stop_refs(refs: list[ProcessRef], timeout: float = 15.0) -> list[ProcessRef]
 
     Returns the processes that had to be killed.
     """
-    fds = {ref: fd for ref in refs if (fd := _open(ref)) is not None}
+    pinned = [p for ref in refs if (p := _Pinned.open(ref)) is not None]
     try:
-        for fd in fds.values():
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(fd, signal.SIGTERM)
+        for p in pinned:
+            p.signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while not all(_exited(fd) for fd in fds.values()) and time.monotonic() < deadline:
+        while not all(p.exited() for p in pinned) and time.monotonic() < deadline:
             time.sleep(0.05)
-        killed = [ref for ref, fd in fds.items() if not _exited(fd)]
-        for ref in killed:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(fds[ref], signal.SIGKILL)
-        return killed
+        killed = [p for p in pinned if not p.exited()]
+        for p in killed:
+            p.signal(signal.SIGKILL)
+        return [p.ref for p in killed]
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        for p in pinned:
+            p.close()
 
 
 def stop_tree(ref: ProcessRef, timeout: float = 15.0) -> list[ProcessRef]:

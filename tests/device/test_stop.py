@@ -83,3 +83,29 @@ def test_a_process_ref_tells_its_process_from_a_later_one_on_the_same_pid(
     assert not ProcessRef(ref.pid, ref.start + 1, ref.boot).current()
     assert not ProcessRef(ref.pid, ref.start, "another-boot").current()
     assert ProcessRef.parse(f"{bystander.pid}") is None  # a bare pid proves nothing
+
+
+@pytest.mark.parametrize("pidfds", [True, False])
+def test_stop_refs_signals_the_recorded_process_only(
+        bystander: subprocess.Popen[bytes], pidfds: bool, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    from covey._processes import stop_refs
+
+    if not pidfds:  # an old kernel or a sandbox that forbids pidfd_open
+        def forbidden(pid: int) -> int:
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "pidfd_open", forbidden)
+    ours = subprocess.Popen(["sleep", "120"])
+    try:
+        ref = ProcessRef.of(ours.pid)
+        stale = ProcessRef.of(bystander.pid)
+        assert ref is not None and stale is not None
+        stale = ProcessRef(stale.pid, stale.start - 1, stale.boot)  # started at another time
+        assert stop_refs([ref, stale], timeout=5) == []  # SIGTERM was enough
+        assert ours.wait(timeout=5) == -15
+        assert bystander.poll() is None
+    finally:
+        if ours.poll() is None:
+            ours.kill()
+        ours.wait()
