@@ -109,3 +109,25 @@ def test_stop_refs_signals_the_recorded_process_only(
         if ours.poll() is None:
             ours.kill()
         ours.wait()
+
+
+def test_leave_stops_the_recorded_supernode_and_spares_a_stale_record(
+        tmp_path: Path, bystander: subprocess.Popen[bytes]) -> None:
+    from covey.device._join import SUPERNODE, leave, supernode
+
+    home = tmp_path / "pod"
+    home.mkdir()
+    node = subprocess.Popen(["sleep", "120"])  # stands in for the SuperNode join started
+    try:
+        info = {"pid": node.pid, "process": str(ProcessRef.of(node.pid))}
+        (home / SUPERNODE).write_text(json.dumps(info))
+        assert supernode(home) == info
+        assert leave(home) is True and node.wait(timeout=10) == -15
+        # A record from before, whose pid the bystander now holds: not running, not stopped.
+        (home / SUPERNODE).write_text(json.dumps({"pid": bystander.pid}))
+        assert supernode(home) is None and leave(home) is False
+        assert bystander.poll() is None
+    finally:
+        if node.poll() is None:
+            node.kill()
+        node.wait()
