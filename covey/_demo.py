@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.rule import Rule
 
+from covey._tempdirs import temporary_directory
 from covey.device import Pod
 
 __all__ = ["run"]
@@ -132,7 +132,7 @@ def run(console: Console | None = None) -> None:
 
     console = console or Console()
     passphrase = secrets.token_urlsafe(16)
-    with tempfile.TemporaryDirectory(prefix="covey-demo-") as tmp:
+    with temporary_directory("covey-demo-") as tmp:
         home = Path(tmp) / "pod"
         console.print(Rule("1. create an encrypted pod"))
         started = time.perf_counter()

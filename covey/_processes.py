@@ -1,18 +1,27 @@
-"""Processes covey starts and stops: Flower's SuperLink and SuperNodes, helpers' servers."""
+"""Processes covey starts and stops: Flower's SuperLink and SuperNodes, helpers' servers.
+
+A process covey means to signal later is recorded as a :class:`ProcessRef` (pid, start
+time, boot id), never by its pid alone: once the process ends its pid may be given to an
+unrelated one, and a stale pid file must not get that process killed.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["alive", "descendants", "flower_bin", "flower_env", "free_port", "stop_process",
-           "stop_processes"]
+__all__ = ["ProcessRef", "alive", "descendants", "flower_bin", "flower_env", "free_port",
+           "stop_process", "stop_processes", "stop_refs", "stop_tree"]
+
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 def flower_bin(name: str) -> str:
@@ -85,3 +94,132 @@ def stop_processes(pids: list[int], timeout: float = 15.0) -> list[int]:
 def stop_process(pid: int, timeout: float = 15.0) -> None:
     """SIGTERM ``pid`` and everything it started; SIGKILL what is left after ``timeout``."""
     stop_processes([pid, *descendants(pid)], timeout)
+
+
+def _boot_id() -> str:
+    try:
+        return _BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
+
+
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks after boot (``/proc/<pid>/stat`` field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count after the last ")".
+    fields = stat[stat.rfind(")") + 1:].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    """One process, by pid, start time and boot: the pid alone may since name another."""
+
+    pid: int
+    start: int
+    boot: str
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessRef | None:
+        """The running process ``pid`` (None when it is gone or cannot be identified)."""
+        start, boot = start_ticks(pid), _boot_id()
+        return cls(pid, start, boot) if start is not None and boot else None
+
+    @classmethod
+    def parse(cls, text: str) -> ProcessRef | None:
+        """A reference written by ``str(ref)``; None for anything else (a bare pid too)."""
+        parts = text.split()
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            return None
+        return cls(int(parts[0]), int(parts[1]), parts[2])
+
+    def __str__(self) -> str:
+        return f"{self.pid} {self.start} {self.boot}"
+
+    def current(self) -> bool:
+        """Whether the process this names is still running (not a later one on its pid)."""
+        return (self.boot == _boot_id() and start_ticks(self.pid) == self.start
+                and alive(self.pid))
+
+
+class _Pinned:
+    """A process to signal, pinned by a pidfd where the kernel offers one."""
+
+    def __init__(self, ref: ProcessRef, fd: int | None) -> None:
+        self.ref, self.fd = ref, fd
+
+    @classmethod
+    def open(cls, ref: ProcessRef) -> _Pinned | None:
+        """``ref`` pinned, once checked to name the recorded process; else None.
+
+        With a pidfd, signals cannot reach a later process that reuses the pid, so
+        nothing slips in between the check and the signal. Where pidfds are missing or
+        forbidden (old kernels, some sandboxes), the check is repeated before each
+        signal instead.
+        """
+        fd: int | None
+        try:
+            fd = os.pidfd_open(ref.pid)
+        except ProcessLookupError:
+            return None
+        except OSError:
+            fd = None
+        if not ref.current():
+            if fd is not None:
+                os.close(fd)
+            return None
+        return cls(ref, fd)
+
+    def signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if self.fd is not None:
+                signal.pidfd_send_signal(self.fd, sig)
+            elif self.ref.current():
+                os.kill(self.ref.pid, sig)
+
+    def exited(self) -> bool:
+        if self.fd is None:
+            return not self.ref.current()
+        poll = select.poll()
+        poll.register(self.fd, select.POLLIN)  # a pidfd is readable once its process exits
+        return bool(poll.poll(0))
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def stop_refs(refs: list[ProcessRef], timeout: float = 15.0) -> list[ProcessRef]:
+    """SIGTERM each referenced process still running, SIGKILL those left after
+    ``timeout``; a ref whose pid now names another process is not signalled.
+
+    Returns the processes that had to be killed.
+    """
+    pinned = [p for ref in refs if (p := _Pinned.open(ref)) is not None]
+    try:
+        for p in pinned:
+            p.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while not all(p.exited() for p in pinned) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed = [p for p in pinned if not p.exited()]
+        for p in killed:
+            p.signal(signal.SIGKILL)
+        return [p.ref for p in killed]
+    finally:
+        for p in pinned:
+            p.close()
+
+
+def stop_tree(ref: ProcessRef, timeout: float = 15.0) -> list[ProcessRef]:
+    """:func:`stop_refs` on ``ref`` and everything it started, if ``ref`` still runs."""
+    if not ref.current():
+        return []  # its pid, and so its "children", may now belong to anyone
+    children = [r for pid in descendants(ref.pid) if (r := ProcessRef.of(pid)) is not None]
+    return stop_refs([ref, *children], timeout)

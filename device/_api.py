@@ -29,9 +29,11 @@ data. Refusals (401) are recorded too: they are responses to another process.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "code"}}``: 400 a value the
 pod refuses (or malformed JSON), 401 no or wrong token (or, on unlock, passphrase),
-404 unknown route or memory, 413 a body over :data:`MAX_BODY_BYTES`, 422 a body that
-does not fit the schema, 502 the generator's server is unreachable, 503 the pod is
-locked (``code: pod_locked``) or its store stayed busy (``pod_busy``).
+403 the generator's server is off this machine and the user has not consented to
+sending it prompts (``code: consent_required``), 404 unknown route or memory, 413 a
+body over :data:`MAX_BODY_BYTES`, 422 a body that does not fit the schema, 502 the
+generator's server is unreachable, 503 the pod is locked (``code: pod_locked``) or its
+store stayed busy (``pod_busy``).
 
 Threads: handlers run in a thread pool, but the SQLCipher connection is used by one
 thread at a time (:class:`ServedPod`'s access lock); a chat turn also holds the turn
@@ -77,6 +79,7 @@ from starlette.routing import Match, Router
 
 from covey._files import fsync_dir
 from covey.device._chat import Assistant, open_assistant
+from covey.device._egress import RemoteConsentError
 from covey.device._feedback import give_feedback
 from covey.device._pod import Pod
 from covey.errors import (
@@ -135,6 +138,17 @@ class RemoteBindError(CoveyError):
     def __init__(self, host: str) -> None:
         super().__init__(f"refusing to serve on {host}: not a loopback address "
                          "(the API is for this machine; --allow-remote overrides)")
+
+
+class PlainRemoteError(CoveyError):
+    """`covey serve --allow-remote` on a non-loopback address without TLS."""
+
+    exit_code = 2
+
+    def __init__(self, host: str) -> None:
+        super().__init__(f"refusing to serve on {host} over plain HTTP: the token and the "
+                         "pod's data would cross the network in the clear (pass --tls-cert "
+                         "and --tls-key)")
 
 
 class ListenError(CoveyError):
@@ -216,11 +230,14 @@ def _read_token(path: Path) -> str | None:
     return token
 
 
-def check_bind_host(host: str, allow_remote: bool) -> None:
-    """Refuse a non-loopback ``host`` unless ``allow_remote``, which logs a warning.
+def check_bind_host(host: str, allow_remote: bool, tls: bool = False) -> None:
+    """Refuse a non-loopback ``host`` unless ``allow_remote`` and ``tls``; a remote
+    address logs a warning.
 
     Raises:
         RemoteBindError: ``host`` is not a loopback address and remote use is not allowed.
+        PlainRemoteError: remote use is allowed but would be plain HTTP: the bearer token
+            opens the whole pod, so it never crosses a network unencrypted.
     """
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -230,6 +247,8 @@ def check_bind_host(host: str, allow_remote: bool) -> None:
         return
     if not allow_remote:
         raise RemoteBindError(host)
+    if not tls:
+        raise PlainRemoteError(host)
     _log.warning("serving the pod's API on %s: any machine that can reach it and holds "
                  "the token can read the pod's memories", host)
 
@@ -792,6 +811,8 @@ def _error_for(exc: BaseException) -> tuple[int, dict[str, Any]]:
         return 400, _error_body(message, "invalid_request_error", "invalid_value")
     if isinstance(exc, BackendUnavailableError):
         return 502, _error_body(message, "api_error", "generator_unavailable")
+    if isinstance(exc, RemoteConsentError):
+        return 403, _error_body(message, "permission_error", "consent_required")
     if isinstance(exc, CoveyError):
         return 500, _error_body(message, "api_error", type(exc).__name__)
     _log.error("internal error in a turn", exc_info=exc)

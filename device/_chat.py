@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from covey.device._context import current_context, record_usage
+from covey.device._egress import RemoteGenerator
 from covey.device._facts import extract_facts
 from covey.device._graph import PreferenceGraph
 from covey.device._orchestrator import (
@@ -33,6 +34,7 @@ from covey.device._safety import HOLDBACK, REFUSAL, WITHHELD, SafetyFilter, Verd
 from covey.device._stop import is_stopped
 from covey.errors import InvalidInputError
 from covey.models import Generator, SamplingParams
+from covey.models._generate import OpenAIGenerator
 
 __all__ = ["Assistant", "ChatConfig", "Turn"]
 
@@ -87,6 +89,10 @@ class Assistant:
         self.safety = safety
         self._retrieved_verdicts: dict[str, bool] = {}  # text -> flagged, per assistant
         self.generator = generator
+        # A generator that sends prompts off the process is gated (consent) and audited,
+        # however the assistant was made.
+        self.remote = (RemoteGenerator(pod, generator) if isinstance(generator, OpenAIGenerator)
+                       else None)
         self.count = count
         self.config = config or ChatConfig()
         self.model_version = model_version
@@ -159,12 +165,16 @@ class Assistant:
 
         Raises:
             InvalidInputError: an empty or oversized message, or an unknown session.
+            RemoteConsentError: the generator's server is off this machine and the user
+                has not consented to sending it prompts (nothing is stored or sent).
         """
         text = text.strip()
         if not text:
             raise InvalidInputError("a message needs some text")
         if len(text) > MAX_MESSAGE_CHARS:
             raise InvalidInputError(f"a message holds at most {MAX_MESSAGE_CHARS} characters")
+        if self.remote is not None:
+            self.remote.allowed_by()
         timings: dict[str, float] = {}
         started = time.perf_counter()
         conversation = self._conversation(session_id)
@@ -267,8 +277,11 @@ class Assistant:
         guard = _OutputGuard(self, turn, to_program) if self.safety is not None else None
         erasures = self._erasures
         self.settle()  # the last reply's priming, if still reading, is waited for
+        stream = (self.remote.stream_chat(messages, params, cancel, turn.explanation)
+                  if self.remote is not None
+                  else self.generator.stream_chat(messages, params, cancel))
         with self._lock:
-            for piece in self.generator.stream_chat(messages, params, cancel):
+            for piece in stream:
                 if not pieces:
                     turn.timings["first_token_s"] = time.perf_counter() - t0
                 pieces.append(piece)
@@ -435,7 +448,11 @@ def open_assistant(pod: Pod, generator: str | None = None, url: str | None = Non
                    model: str = "default", embeddings: bool = True,
                    config: ChatConfig | None = None, progress: Any = None) -> Assistant:
     """An assistant for ``pod``: the generator by name (``COVEY_GENERATOR``, default
-    ``onnx``; ``openai`` takes ``url`` or ``COVEY_OPENAI_URL``) and semantic memory."""
+    ``onnx``; ``openai`` takes ``url`` or ``COVEY_OPENAI_URL``) and semantic memory.
+
+    Raises:
+        RemoteConsentError: ``openai`` with a server off this machine, without consent.
+    """
     import os
 
     from covey.models import ChatTokenizer, create_generator
@@ -446,6 +463,8 @@ def open_assistant(pod: Pod, generator: str | None = None, url: str | None = Non
     if name == "openai":
         options = {"base_url": url or os.environ.get("COVEY_OPENAI_URL", ""), "model": model}
     gen = create_generator(name, **options)
+    if isinstance(gen, OpenAIGenerator):  # refused before anything loads, not at the turn
+        RemoteGenerator(pod, gen).allowed_by()
     artifacts = Artifacts.load(verify=False)
     tokenizer = ChatTokenizer.from_file(artifacts.path("tokenizer.json"))
     if embeddings:

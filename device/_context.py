@@ -434,13 +434,15 @@ def usage_histogram(pod: Pod, noise_multiplier: float, run_id: str,
     Assumption: a user's routine events are theirs alone (one user per pod).
 
     Raises:
-        RoundRefused: the routine source is off, or the release would exceed the user's
-            maximum epsilon (nothing is recorded or released then).
+        RoundRefused: the pod is stopped (`covey stop`), the routine source is off, or
+            the release would exceed the user's maximum epsilon (nothing is recorded or
+            released then).
     """
     import numpy as np
 
     from covey.device._budget import pod_ledger
     from covey.device._participation import RoundRefused, refusal
+    from covey.device._stop import is_stopped
     from covey.privacy import (
         BudgetExceeded,
         LedgerTampered,
@@ -450,6 +452,8 @@ def usage_histogram(pod: Pod, noise_multiplier: float, run_id: str,
         epsilon_spent,
     )
 
+    if is_stopped(pod.home):  # `covey stop` halts every release, as it halts rounds
+        raise RoundRefused("stopped", "refused: the pod was stopped with `covey stop`")
     if not noise_multiplier > 0:
         raise RoundRefused("not_private", "refused: a usage release needs noise")
     if active(pod, "routine") is None:

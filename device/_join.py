@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from covey._files import write_atomic
-from covey._processes import alive, flower_bin, flower_env, free_port, stop_process
+from covey._processes import ProcessRef, flower_bin, flower_env, free_port, stop_tree
 from covey.device._pod import Pod
 from covey.errors import CoveyError, InvalidInputError
 from covey.protocols import make_node_key
@@ -55,7 +55,9 @@ def supernode(home: Path) -> dict[str, Any] | None:
         info: dict[str, Any] = json.loads(path.read_text())
     except ValueError:
         return None
-    return info if alive(int(info.get("pid", 0))) else None
+    # The recorded process, not whatever now holds its pid.
+    ref = ProcessRef.parse(str(info.get("process", "")))
+    return info if ref is not None and ref.current() else None
 
 
 def _check_reachable(superlink: str, root_cert: Path) -> None:
@@ -148,7 +150,8 @@ def join(home: Path, passphrase: str, superlink: str, root_cert: Path,
                                 f"(the operator runs `covey aggregator admit {public}`)")
             raise JoinError(f"the SuperNode exited with code {process.returncode}; "
                             f"see {log_path}")
-        info = {"pid": process.pid, "superlink": superlink, "port": port,
+        info = {"pid": process.pid, "process": str(ProcessRef.of(process.pid)),
+                "superlink": superlink, "port": port,
                 "node_key": str(public), "log": str(log_path)}
         write_atomic(home / SUPERNODE, json.dumps(info).encode())
         pod.audit("federation_join", peer=superlink, detail={"node_key": public.name})
@@ -161,5 +164,7 @@ def leave(home: Path) -> bool:
     (home / SUPERNODE).unlink(missing_ok=True)
     if info is None:
         return False
-    stop_process(int(info["pid"]))
+    ref = ProcessRef.parse(str(info["process"]))
+    if ref is not None:
+        stop_tree(ref)
     return True

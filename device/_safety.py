@@ -13,8 +13,18 @@ What it checks, and what happens:
   released with a hold-back of ``HOLDBACK`` characters, so what is withheld was never
   sent.
 
+Rules and features read a normalized view of the text, so that the usual disguises
+do not hide it (:class:`Normalizer`): NFKC (full-width and mathematical letters,
+ligatures, odd spaces become plain ones), format characters (Unicode category Cf:
+zero-width spaces and joiners, soft hyphens, bidi marks, tags) removed, combining marks
+stacked on Latin letters removed, casefolded, and words spelled out letter by letter
+("h o w  d o  I", "b.o.m.b", "p-i-p-e") joined again, split into words by their wider
+gaps or, when every gap is the same, by the likeliest words of a vocabulary learned
+with the classifier. Cross-script look-alikes (a Cyrillic "а" for a Latin "a") are not
+folded: NFKC leaves them, and no confusables table is installed.
+
 The classifier is softmax regression over hashed word 1-2-grams and character
-3-5-grams, trained (deterministically, in about a second, then cached) on
+3-5-grams, trained (deterministically, to convergence, then cached) on
 ``device/safety_data/*.jsonl`` plus ordinary chat from the public share of
 chitchat-dataset. The red-team set in ``tests/safety`` is never used to train it.
 """
@@ -24,9 +34,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 import unicodedata
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +52,7 @@ HOLDBACK = 48  # characters of a reply held back until checked
 DIM = 1 << 18
 TARGET_FPR = 0.01  # the threshold is set so that 1 % of held-out ordinary chat is flagged
 _FLOOR = 0.35  # the threshold never goes below this (fewer false refusals of requests)
-_RECIPE = 4  # bump when training changes, so cached weights are rebuilt
+_RECIPE = 8  # bump when training changes, so cached weights are rebuilt
 _DATA_DIR = Path(__file__).parent / "safety_data"
 _DATA = _DATA_DIR / "train.jsonl"  # labelled examples of every category
 
@@ -107,13 +119,99 @@ _PII: dict[str, re.Pattern[str]] = {
 }
 
 
-def _normalize(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).lower()
+def fold(text: str) -> str:
+    """NFKC, without format characters (Cf) or marks stacked on Latin letters, casefolded."""
+    text = unicodedata.normalize("NFKC", text)
+    if text.isascii():
+        return text.lower()
+    kept, latin = [], False
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category == "Cf" or (category in ("Mn", "Me") and latin):
+            continue  # invisible, or a mark piled on a Latin letter to hide it
+        if category not in ("Mn", "Me"):
+            latin = ch.isascii() and ch.isalpha()
+        kept.append(ch)
+    return "".join(kept).casefold()
 
 
-def _features(text: str) -> np.ndarray:
-    """Hashed word 1-2-grams and character 3-5-grams (indices into DIM)."""
-    norm = _normalize(text)
+_ALNUM = r"[^\W_]"
+_LETTER = r"[^\W\d_]"  # digits are left alone: "9.7" and "3 x 5" are not spelled words
+_GAP = r"[ \t.\-_*·•|/\\~+]{1,3}"  # what people put between the letters of a word
+# Three or more lone letters in a row, each gap one of the above.
+_SPELLED = re.compile(rf"(?<!{_ALNUM}){_LETTER}(?!{_ALNUM})"
+                      rf"(?:{_GAP}{_LETTER}(?!{_ALNUM})){{2,}}")
+_MAX_WORD = 24
+
+
+class Normalizer:
+    """The view of a text that rules and features read (see the module's docstring)."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        total = sum(counts.values()) or 1
+        self.log_p = {w: math.log(c / total) for w, c in counts.items()}
+        self._unknown = math.log(10 / total)  # minus log(10) per letter (Norvig's model)
+
+    def _segment(self, letters: str) -> list[str]:
+        """The likeliest split of ``letters`` into words (Viterbi over a unigram model)."""
+        best = [0.0] + [-math.inf] * len(letters)
+        start = [0] * (len(letters) + 1)
+        for end in range(1, len(letters) + 1):
+            for begin in range(max(0, end - _MAX_WORD), end):
+                word = letters[begin:end]
+                p = self.log_p.get(word, self._unknown - len(word) * math.log(10))
+                if best[begin] + p > best[end]:
+                    best[end], start[end] = best[begin] + p, begin
+        words, end = [], len(letters)
+        while end > 0:
+            words.append(letters[start[end]:end])
+            end = start[end]
+        return words[::-1]
+
+    def _join(self, match: re.Match[str]) -> str:
+        run = match.group(0)
+        letters = re.findall(_LETTER, run)
+        gaps = re.split(_LETTER, run)[1:-1]
+        if len(set(gaps)) == 1:  # no wider gap marks the words: find them
+            return " ".join(self._segment("".join(letters)))
+        tight = {g for g in gaps if not any(c.isspace() for c in g)}
+        if tight and len(tight) < len(set(gaps)):
+            inner = tight  # "b.o.m.b b_o_m_b": gaps with a space part words
+        else:  # "h o w  d o": the narrowest gap joins letters, wider ones part words
+            inner = {min(gaps, key=lambda g: (len(g), -gaps.count(g)))}
+        words = [letters[0]]
+        for gap, letter in zip(gaps, letters[1:], strict=True):
+            if gap in inner:
+                words[-1] += letter
+            else:
+                words.append(letter)
+        if not any(g not in inner and not g.strip() for g in gaps):
+            # Only punctuation parted them ("y o u a r e . c o n f i r m"): each piece
+            # may still be several words.
+            words = [w for word in words for w in self._segment(word)]
+        return " ".join(words)
+
+    def views(self, text: str) -> tuple[str, ...]:
+        """The folded text and, when it spells words out, the same with them joined."""
+        folded = fold(text)
+        joined = _SPELLED.sub(self._join, folded)
+        return (folded, joined) if joined != folded else (folded,)
+
+    def __call__(self, text: str) -> str:
+        """The view features are computed on."""
+        return self.views(text)[-1]
+
+
+def _vocabulary(texts: list[str]) -> dict[str, int]:
+    """Word counts of ``texts`` (folded): what the segmenter knows."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(re.findall(rf"{_ALNUM}+", fold(text)))
+    return dict(counts.most_common(50_000))
+
+
+def _features(norm: str) -> np.ndarray:
+    """Hashed word 1-2-grams and character 3-5-grams of normalized text (indices < DIM)."""
     words = re.findall(r"\w+|[^\w\s]", norm)
     grams = [f"w:{w}" for w in words] + [f"b:{a} {b}" for a, b in itertools.pairwise(words)]
     padded = f" {norm} "
@@ -143,8 +241,8 @@ def find_personal_data(text: str, private_values: list[str] | None = None) -> li
                 continue
             found.append(kind)
             break
-    lowered = _normalize(text)
-    if any(len(v) >= 4 and _normalize(v) in lowered for v in private_values or ()):
+    lowered = fold(text)
+    if any(len(v) >= 4 and fold(v) in lowered for v in private_values or ()):
         found.append("stored fact")
     return found
 
@@ -186,44 +284,53 @@ def _training_set() -> tuple[list[str], list[int], list[str]]:
     return texts, labels, sample[_PUBLIC_BENIGN:_PUBLIC_BENIGN + _CALIBRATION]
 
 
-def _train(texts: list[str], labels: list[int], steps: int = 300, lr: float = 0.5,
-           l2: float = 1e-4) -> np.ndarray:
-    """Softmax regression by full-batch Adam; weights (DIM + 1, classes)."""
-    from scipy import sparse
+def _train(texts: list[str], labels: list[int], normalize: Normalizer, l2: float = 1e-4,
+           max_iter: int = 500) -> np.ndarray:
+    """Softmax regression, L2-regularized, solved to convergence by L-BFGS (SciPy);
+    weights (DIM + 1, classes).
 
-    rows = [_features(t) for t in texts]
+    The objective is convex with one optimum, so a small change in the data moves the
+    weights a little: changing six of the ~9,500 training texts flipped one of 335
+    red-team verdicts, where the 300 Adam steps at learning rate 0.5 used before
+    flipped eight.
+    """
+    from scipy import optimize, sparse
+
+    rows = [_features(normalize(t)) for t in texts]
     indptr = np.cumsum([0] + [len(r) for r in rows])
-    x = sparse.csr_matrix((np.ones(indptr[-1], dtype=np.float32), np.concatenate(rows),
-                           indptr), shape=(len(texts), DIM))
-    y = np.eye(len(CATEGORIES), dtype=np.float32)[labels]
-    weights = np.ones(len(labels), dtype=np.float32)
-    w = np.zeros((DIM, len(CATEGORIES)), dtype=np.float32)
-    b = np.zeros(len(CATEGORIES), dtype=np.float32)
-    m_w, v_w = np.zeros_like(w), np.zeros_like(w)
-    m_b, v_b = np.zeros_like(b), np.zeros_like(b)
-    for step in range(1, steps + 1):
-        logits = x @ w + b
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(axis=1, keepdims=True)
-        err = (p - y) * weights[:, None] / weights.sum()
-        g_w = np.asarray(x.T @ err) + l2 * w
-        g_b = err.sum(axis=0)
-        for g, m, v, param in ((g_w, m_w, v_w, w), (g_b, m_b, v_b, b)):
-            m *= 0.9
-            m += 0.1 * g
-            v *= 0.999
-            v += 0.001 * g * g
-            param -= lr * (m / (1 - 0.9 ** step)) / (np.sqrt(v / (1 - 0.999 ** step)) + 1e-8)
-    return np.vstack([w, b[None, :]])
+    x = sparse.csr_matrix((np.ones(indptr[-1]), np.concatenate(rows), indptr),
+                          shape=(len(texts), DIM))
+    used = np.unique(x.indices)  # only hashed features some text has get a weight
+    xs = x[:, used]
+    k, n = len(CATEGORIES), len(texts)
+    y = np.eye(k)[labels]
+
+    def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[:-k].reshape(len(used), k), theta[-k:]
+        z = xs @ w + b
+        z -= z.max(axis=1, keepdims=True)
+        total = np.exp(z).sum(axis=1, keepdims=True)
+        p = np.exp(z) / total
+        loss = -float((y * (z - np.log(total))).sum()) / n + 0.5 * l2 * float((w * w).sum())
+        err = (p - y) / n
+        grad_w = np.asarray(xs.T @ err) + l2 * w
+        return loss, np.concatenate([grad_w.ravel(), err.sum(axis=0)])
+
+    found = optimize.minimize(loss_and_grad, np.zeros(len(used) * k + k), jac=True,
+                              method="L-BFGS-B", options={"maxiter": max_iter})
+    weights = np.zeros((DIM + 1, k), dtype=np.float32)
+    weights[used] = found.x[:-k].reshape(len(used), k)
+    weights[-1] = found.x[-k:]
+    return weights
 
 
 class SafetyFilter:
     """Rules and the classifier; cheap to call (well under a millisecond per text)."""
 
-    def __init__(self, weights: np.ndarray, threshold: float) -> None:
+    def __init__(self, weights: np.ndarray, threshold: float, normalizer: Normalizer) -> None:
         self.w, self.b = weights[:-1], weights[-1]
         self.threshold = threshold
+        self.normalize = normalizer
         self.scores("warm up")  # the first call pays NumPy's set-up, not a user's turn
 
     @classmethod
@@ -238,32 +345,42 @@ class SafetyFilter:
         if path.exists():
             try:
                 with np.load(path) as saved:
-                    return cls(saved["weights"], float(saved["threshold"]))
+                    words = str(saved["words"]).split("\n")
+                    vocab = dict(zip(words, saved["counts"].tolist(), strict=True))
+                    return cls(saved["weights"], float(saved["threshold"]), Normalizer(vocab))
             except (OSError, ValueError, KeyError):
                 path.unlink(missing_ok=True)  # a damaged cache is rebuilt
         texts, labels, held_out = _training_set()
-        weights = _train(texts, labels)
-        unsafe = [float(cls(weights, 1.0).scores(t)[1:].max()) for t in held_out]
+        vocab = _vocabulary(texts)
+        normalizer = Normalizer(vocab)
+        weights = _train(texts, labels, normalizer)
+        unsafe = [float(cls(weights, 1.0, normalizer).scores(t)[1:].max()) for t in held_out]
         threshold = max(_FLOOR, float(np.quantile(unsafe, 1 - TARGET_FPR)))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, weights=weights, threshold=np.float64(threshold))
+        np.savez(tmp, weights=weights, threshold=np.float64(threshold),
+                 words=np.str_("\n".join(vocab)), counts=np.array(list(vocab.values())))
         tmp.replace(path)
-        return cls(weights, threshold)
+        return cls(weights, threshold, normalizer)
 
     def scores(self, text: str) -> np.ndarray:
         """P(category) for each of :data:`CATEGORIES`."""
-        logits = self.w[_features(text)].sum(axis=0) + self.b
+        return self._scores(self.normalize(text))
+
+    def _scores(self, norm: str) -> np.ndarray:
+        logits = self.w[_features(norm)].sum(axis=0) + self.b
         p = np.exp(logits - logits.max())
         return np.asarray(p / p.sum())
 
     def classify(self, text: str, categories: tuple[str, ...] = CATEGORIES[1:]) -> Verdict:
-        """Whether ``text`` falls in one of ``categories`` (rules first)."""
+        """Whether ``text`` falls in one of ``categories`` (rules first), read through
+        its normalized views."""
+        views = self.normalize.views(text)
         for category in categories:
             for rule in _RULES.get(category, ()):
-                if rule.search(text):
+                if any(rule.search(view) for view in views):
                     return Verdict(True, category, 1.0, "rule")
-        p = self.scores(text)
+        p = self._scores(views[-1])
         index = max((CATEGORIES.index(c) for c in categories), key=lambda i: p[i])
         if p[index] >= self.threshold:
             return Verdict(True, CATEGORIES[index], float(p[index]), "classifier")

@@ -10,7 +10,9 @@ It needs no passphrase, so it works when the person is in a hurry:
 2. it signals every covey process registered as running on this pod (``run/*.pid``:
    `covey serve`, `covey sync run`, `covey context run`, `covey chat`), SIGTERM first
    and SIGKILL after ``GRACE`` seconds (the store survives either: every write is a
-   transaction);
+   transaction). A pid file records the process's pid, start time and boot id: a stale
+   file whose pid now names an unrelated process is removed, and that process is not
+   signalled;
 3. it stops the pod's SuperNode, if it joined a federation.
 
 `covey stop --release` removes the flag (this one needs the passphrase, and is audited).
@@ -24,7 +26,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from covey._processes import alive, stop_processes
+from covey._processes import ProcessRef, stop_refs
 from covey.errors import CoveyError
 
 __all__ = ["GRACE", "STOP_FILE", "PodStoppedError", "check_not_stopped", "is_stopped",
@@ -63,7 +65,8 @@ def running(home: Path, role: str) -> Iterator[None]:
     folder = home / RUN_DIR
     folder.mkdir(mode=0o700, exist_ok=True)
     path = folder / f"{role}-{os.getpid()}.pid"
-    path.write_text(f"{os.getpid()}\n", encoding="utf-8")
+    me = ProcessRef.of(os.getpid())
+    path.write_text(f"{me or os.getpid()}\n", encoding="utf-8")
     try:
         yield
     finally:
@@ -76,21 +79,22 @@ def stop(home: Path) -> dict[str, object]:
     when = datetime.now(UTC).isoformat(timespec="seconds")
     if not is_stopped(home):
         (home / STOP_FILE).write_text(when + "\n", encoding="utf-8")
-    pids: dict[int, str] = {}
+    found: dict[ProcessRef, str] = {}
     for path in sorted((home / RUN_DIR).glob("*.pid")):
         try:
-            pid = int(path.read_text().strip())
-        except (OSError, ValueError):
+            ref = ProcessRef.parse(path.read_text())
+        except OSError:
             continue
-        if pid != os.getpid() and alive(pid):
-            pids[pid] = path.name.rsplit("-", 1)[0]
+        # A file without a start time, or whose pid now names another process, is stale.
+        if ref is not None and ref.pid != os.getpid() and ref.current():
+            found[ref] = path.name.rsplit("-", 1)[0]
         else:
             path.unlink(missing_ok=True)
-    killed = stop_processes(list(pids), GRACE)
+    killed = stop_refs(list(found), GRACE)
     from covey.device._join import leave
 
     supernode = leave(home)
-    return {"stopped_at": when, "processes": sorted(pids.values()), "killed": len(killed),
+    return {"stopped_at": when, "processes": sorted(found.values()), "killed": len(killed),
             "supernode": supernode}
 
 

@@ -248,16 +248,21 @@ def pod_passwd(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
 @pod_app.command("consent")
 def pod_consent(
-    scope: Annotated[str, typer.Argument(help="What for, e.g. federated_training.")],
+    scope: Annotated[str, typer.Argument(help="What for, e.g. federated_training, or "
+                                               "remote_generator[:HOST] to send prompts to "
+                                               "a model server off this machine.")],
     grant: Annotated[bool, typer.Option("--grant/--revoke", help="Give or withdraw it.")],
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Give or withdraw a consent (recorded in the audit log)."""
+    from covey.device._egress import is_consent_scope
     from covey.device._feedback import set_consent
 
-    if not scope.replace("_", "").isalnum():
-        raise InvalidInputError("a consent scope is letters, digits and underscores")
+    if not is_consent_scope(scope):
+        raise InvalidInputError("a consent scope is letters, digits and underscores "
+                                "(or remote_generator:HOST)")
+    scope = scope.lower() if scope.startswith("remote_generator:") else scope
     with open_pod(home) as pod:
         set_consent(pod, scope, grant)
     if as_json:

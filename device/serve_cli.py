@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -16,7 +17,7 @@ from covey.device._stop import running
 from covey.device.cli import HomeOpt, JsonOpt, home_for, passphrase
 from covey.device.context_cli import CaptureThread
 from covey.device.sync_cli import SyncThread
-from covey.errors import CoveyError, PodNotFoundError
+from covey.errors import CoveyError, InvalidInputError, PodNotFoundError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -53,9 +54,32 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _url(sock: socket.socket) -> str:
+def _url(sock: socket.socket, scheme: str = "http") -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def _check_tls(cert: Path | None, key: Path | None) -> bool:
+    """Whether TLS was asked for, with a certificate and key that load.
+
+    Raises:
+        InvalidInputError: one without the other, or files that do not load.
+    """
+    import ssl
+
+    if cert is None and key is None:
+        return False
+    if cert is None or key is None:
+        raise InvalidInputError("--tls-cert and --tls-key go together")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError:  # before OSError, of which it is a kind
+        raise InvalidInputError(f"cannot use {cert} and {key} for TLS (not a PEM "
+                                "certificate and its private key)") from None
+    except OSError as exc:
+        raise InvalidInputError(f"cannot use {cert} and {key} for TLS "
+                                f"({exc.strerror or type(exc).__name__})") from None
+    return True
 
 
 def serve(
@@ -68,7 +92,12 @@ def serve(
         help="onnx (default), torch, or openai (with --url).")] = None,
     url: Annotated[str | None, typer.Option(help="OpenAI-compatible server URL.")] = None,
     allow_remote: Annotated[bool, typer.Option(
-        "--allow-remote", help="Allow a non-loopback address (logs a warning).")] = False,
+        "--allow-remote", help="Allow a non-loopback address (needs --tls-cert and "
+                               "--tls-key; logs a warning).")] = False,
+    tls_cert: Annotated[Path | None, typer.Option(
+        help="PEM certificate: serve HTTPS (required with --allow-remote).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")
+                       ] = None,
     sync: Annotated[bool, typer.Option(
         "--sync/--no-sync", help="Sync with your paired devices in the background.")] = True,
     sync_address: Annotated[str, typer.Option(
@@ -77,6 +106,9 @@ def serve(
     as_json: JsonOpt = False,
 ) -> None:
     """Serve the pod's OpenAI-compatible API until Ctrl-C.
+
+    Another address than the loopback needs --allow-remote and TLS (--tls-cert,
+    --tls-key): the token opens the whole pod, so it never crosses a network in the clear.
 
     Every request needs `Authorization: Bearer <token>`, the token kept in api.token in
     the pod home (created on first serve, mode 0600); /metrics needs it too. Each
@@ -87,7 +119,8 @@ def serve(
 
     from covey.device._api import TOKEN_FILE, check_bind_host, create_app
 
-    check_bind_host(host, allow_remote)
+    tls = _check_tls(tls_cert, tls_key)
+    check_bind_host(host, allow_remote, tls)
     resolved = home_for(home)
     if not Pod.exists(resolved):
         raise PodNotFoundError(resolved)
@@ -109,7 +142,7 @@ def serve(
                 syncing = None
         capturing = CaptureThread(resolved, secret)  # idle unless a context source is on
         capturing.start()
-        address = _url(sock)
+        address = _url(sock, "https" if tls else "http")
         if as_json:
             info = {"url": f"{address}/v1", "token_file": str(resolved / TOKEN_FILE),
                     "sync_port": syncing.port if syncing else None}
@@ -124,7 +157,9 @@ def serve(
         # access log: a query string (?query=...) may be the user's words. No lifespan:
         # the pod is closed below, even after a second Ctrl-C cut the shutdown short.
         config = uvicorn.Config(app, log_config=None, access_log=False, ws="none",
-                                lifespan="off", timeout_graceful_shutdown=5)
+                                lifespan="off", timeout_graceful_shutdown=5,
+                                ssl_certfile=tls_cert if tls else None,
+                                ssl_keyfile=tls_key if tls else None)
         _log.info("serving the local API on %s", address)
         # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: stopping is success.
         with contextlib.suppress(KeyboardInterrupt):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from covey._tempdirs import temporary_directory
 from covey.models._artifacts import ARTIFACT_FILES, CARD, sha256_file
 from covey.models._data import Corpus, load_corpus
 from covey.models._evaluate import (
@@ -109,7 +109,7 @@ def build(out: Path, model_cfg: ModelConfig | None = None, train_cfg: TrainConfi
     save_weights(model, out / "base.safetensors")
 
     report("export", 0, 1)
-    with tempfile.TemporaryDirectory(prefix="covey-build-") as tmp:
+    with temporary_directory("covey-build-") as tmp:
         fp32 = Path(tmp) / "lm-fp32.onnx"
         export_onnx(model, fp32)
         quantize_int8(fp32, out / "lm-int8.onnx")

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -30,6 +31,7 @@ __all__ = [
     "Generator",
     "OnnxGenerator",
     "OpenAIGenerator",
+    "RemoteRequest",
     "SamplingParams",
     "TorchGenerator",
     "create_generator",
@@ -325,33 +327,81 @@ class TorchGenerator(_LocalGenerator):
         return out[0].numpy(), out[1:]
 
 
+@dataclass(frozen=True)
+class RemoteRequest:
+    """One request the ``openai`` generator is about to send: where, and its exact body."""
+
+    origin: str  # scheme://host[:port], never credentials
+    host: str  # lower-case host name or address, as in the URL
+    route: str  # /v1/chat/completions or /v1/completions
+    body: bytes  # the bytes sent, as sent
+
+
 class OpenAIGenerator:
-    """Any OpenAI-compatible server; memory, privacy and feedback stay in the pod."""
+    """Any OpenAI-compatible server. Memory and feedback stay in the pod, but each prompt,
+    with what it recalled, goes to the server: the pod gates and audits that egress
+    (``covey.device``), which is why a request is built (:meth:`chat_request`) apart
+    from being sent (:meth:`send`)."""
 
     name = "openai"
 
     def __init__(self, base_url: str, model: str = "default", api_key: str | None = None,
                  timeout: float = 60.0) -> None:
-        if not base_url.startswith(("http://", "https://")):
+        parts = urlsplit(base_url)
+        try:
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:  # a port that is not a number in 0..65535
+            port = "?"
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == "?":
             raise InvalidInputError(f"the openai generator needs an http(s) URL, got {base_url!r}")
         self.base_url = base_url.rstrip("/")
+        self.host = parts.hostname  # urlsplit lower-cases it and drops IPv6 brackets
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.origin = f"{parts.scheme}://{host}{port}"
         self.model = model
         self.api_key = api_key
         self.timeout = timeout
         self.finish_reason = ""
 
-    def _post_stream(self, route: str, body: dict[str, Any], cancel: threading.Event | None,
-                     pick: Callable[[dict[str, Any]], str]) -> Iterator[str]:
+    def _request(self, route: str, body: dict[str, Any]) -> RemoteRequest:
+        payload = json.dumps({**body, "stream": True}, ensure_ascii=False).encode()
+        return RemoteRequest(self.origin, self.host, route, payload)
+
+    def chat_request(self, messages: Sequence[ChatMessage], params: SamplingParams
+                     ) -> RemoteRequest:
+        """The ``/v1/chat/completions`` request for ``messages``, not yet sent."""
+        return self._request("/v1/chat/completions", {
+            **self._body(params),
+            "messages": [{"role": m.role, "content": m.content} for m in messages]})
+
+    def text_request(self, prompt: str, params: SamplingParams) -> RemoteRequest:
+        """The ``/v1/completions`` request for ``prompt``, not yet sent."""
+        return self._request("/v1/completions", {**self._body(params), "prompt": prompt})
+
+    def send(self, request: RemoteRequest, cancel: threading.Event | None = None
+             ) -> Iterator[str]:
+        """Send ``request`` (its body byte for byte) and stream the reply's pieces.
+
+        No proxy from the environment is used: the bytes go to the host the request
+        names, the one the pod audits and asked consent for.
+
+        Raises:
+            BackendUnavailableError: the server cannot be reached or answers badly.
+        """
         import httpx
 
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        url = f"{self.base_url}{route}"
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        chat = request.route == "/v1/chat/completions"
         try:
-            with httpx.stream("POST", url, json={**body, "stream": True}, headers=headers,
-                              timeout=self.timeout) as response:
+            with httpx.stream("POST", f"{self.base_url}{request.route}", content=request.body,
+                              headers=headers, timeout=self.timeout,
+                              trust_env=False) as response:
                 if response.status_code != 200:
                     raise BackendUnavailableError(self.base_url, f"HTTP {response.status_code}")
-                yield from self._events(response.iter_lines(), cancel, pick)
+                yield from self._events(response.iter_lines(), cancel,
+                                        _chat_piece if chat else _text_piece)
         except httpx.HTTPError as exc:
             raise BackendUnavailableError(self.base_url, type(exc).__name__) from None
 
@@ -389,17 +439,20 @@ class OpenAIGenerator:
     def stream_chat(self, messages: Sequence[ChatMessage], params: SamplingParams,
                     cancel: threading.Event | None = None) -> Iterator[str]:
         """Stream a reply from ``/v1/chat/completions``."""
-        body = {**self._body(params),
-                "messages": [{"role": m.role, "content": m.content} for m in messages]}
-        return self._post_stream("/v1/chat/completions", body, cancel,
-                                 lambda c: str((c.get("delta") or {}).get("content") or ""))
+        return self.send(self.chat_request(messages, params), cancel)
 
     def stream_text(self, prompt: str, params: SamplingParams,
                     cancel: threading.Event | None = None) -> Iterator[str]:
         """Stream a continuation from ``/v1/completions``."""
-        body = {**self._body(params), "prompt": prompt}
-        return self._post_stream("/v1/completions", body, cancel,
-                                 lambda c: str(c.get("text") or ""))
+        return self.send(self.text_request(prompt, params), cancel)
+
+
+def _chat_piece(choice: dict[str, Any]) -> str:
+    return str((choice.get("delta") or {}).get("content") or "")
+
+
+def _text_piece(choice: dict[str, Any]) -> str:
+    return str(choice.get("text") or "")
 
 
 def _onnx(**options: Any) -> OnnxGenerator:

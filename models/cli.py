@@ -131,7 +131,10 @@ def models_bench(
 def models_generate(
     prompt: Annotated[str, typer.Argument(help="Text to start from.")],
     backend: Annotated[str, typer.Option(help="onnx, torch or openai.")] = "onnx",
-    url: Annotated[str | None, typer.Option(help="Server URL for --backend openai.")] = None,
+    url: Annotated[str | None, typer.Option(
+        help="Server URL for --backend openai. Only PROMPT is sent: no pod is read, so "
+             "there is nothing of a pod's to audit or consent to (covey chat and covey "
+             "serve audit theirs).")] = None,
     model: Annotated[str, typer.Option(help="Model name for --backend openai.")] = "default",
     chat: Annotated[bool, typer.Option("--chat/--raw",
                                        help="Reply as the assistant, or continue raw text.")

@@ -24,7 +24,6 @@ every pod every round, several local epochs), as an auditor's should be.
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from covey._tempdirs import temporary_directory
 from covey.privacy._accounting import GaussianRounds, epsilon_spent, noise_for_epsilon
 from covey.privacy._dp import DPConfig
 from covey.privacy._report import Figure, flag, section, table
@@ -225,7 +225,7 @@ def add_empirical(report: dict[str, Any], dp: DPConfig, cfg: EmpiricalConfig,
     roc = Figure("Membership inference ROC (user level)",
                                             "false positive rate", "true positive rate")
     summary: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="covey-audit-") as tmp:
+    with temporary_directory("covey-audit-") as tmp:
         for i, (label, arm) in enumerate(arms):
             adapter = _train_arm(cfg, members, arm, Path(tmp) / f"arm{i}", report_progress,
                                  f"training replica: {label}")

@@ -8,8 +8,6 @@ inventory from the audit log, the audit-chain check, consents and erasures.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,8 @@ RECENT = 500  # the most recent rows of each kind of user text the scan looks fo
 # Where each kind of audited event sends data.
 _DESTINATIONS = {"federated_update": "aggregator", "context_stats": "aggregator",
                  "api.response": "local API client",
-                 "export": "user (export file)", "sync": "paired device"}
+                 "export": "user (export file)", "sync": "paired device",
+                 "generator.request": "model server"}
 
 
 # Audited events of those kinds that send nothing (a refusal, a revocation, a new user key).
@@ -54,11 +53,12 @@ def _user_text(pod: Any) -> list[tuple[str, str]]:
 
 
 def _written_files(pod: Any, extra: list[Path]) -> list[Path]:
+    from covey._tempdirs import registered_folders
     from covey.models._embedder import cache_dir
 
-    temp = Path(tempfile.gettempdir())
-    temps = [p for p in temp.glob("covey*") if p.exists() and p.stat().st_uid == os.getuid()]
-    return files_under(pod.home, cache_dir(), *temps, *extra)
+    # Only the temporary folders covey registered when it made them: a person's own
+    # folder in TMPDIR is not covey's, whatever its name.
+    return files_under(pod.home, cache_dir(), *registered_folders(), *extra)
 
 
 def _encryption(pod: Any, report: dict[str, Any]) -> None:
@@ -105,7 +105,7 @@ def _plaintext(pod: Any, report: dict[str, Any], extra: list[Path]) -> None:
         f"Looked for {len(needles)} pieces of the user's own recent text (the latest "
         f"{RECENT} messages, memories and training examples of at least 12 characters) "
         f"in {count} files, {scanned:,} bytes: the pod home (database, journal, keys, "
-        "logs), covey's cache folder and covey's temporary files.")
+        "logs), covey's cache folder and the temporary folders covey made.")
     rows = [[h.path, h.offset, h.source] for h in hits]
     table(sec, ["file", "byte offset", "text of"], rows, "hits")
     for h in hits:
@@ -181,9 +181,11 @@ def _egress(pod: Any, report: dict[str, Any]) -> None:
     sec = section(report, "egress", "Egress: everything that left the pod")
     sec["notes"].append("From the audit log: every response to another process, update to "
                         "an aggregator, export and sync is recorded in the same transaction "
-                        "as the event (sizes and peers, never content).")
+                        "as the event, and every prompt sent to a model server (the openai "
+                        "generator) before it is sent (sizes and peers, never content).")
     table(sec, ["destination", "kind", "peer", "events", "bytes",
                 "user's epsilon after the last", "first", "last"], rows)
+    _prompts_sent(entries, sec)
     by_dest: dict[str, int] = defaultdict(int)
     for row in rows:
         by_dest[row[0]] += int(row[4])
@@ -195,6 +197,25 @@ def _egress(pod: Any, report: dict[str, Any]) -> None:
     erasures = [[e.created_at, e.detail.get("table", "-"), e.detail.get("rows", 0)]
                 for e in entries if e.kind == "erasure"]
     table(people, ["when", "table", "rows erased"], erasures, "erasures")
+
+
+def _prompts_sent(entries: list[Any], sec: dict[str, Any]) -> None:
+    """What the prompts sent to model servers held: kinds of data and counts, by host."""
+    kinds = ("system", "preferences", "memories", "context", "recent_turns", "message")
+    by_host: dict[tuple[str, str], list[int]] = {}
+    for e in entries:
+        if e.kind == "generator.request":
+            row = by_host.setdefault((e.peer, str(e.detail.get("allowed_by", "-"))),
+                                     [0] * (2 + len(kinds)))
+            row[0] += 1
+            row[1] += e.bytes
+            prompt = e.detail.get("prompt", {})
+            for i, kind in enumerate(kinds):
+                row[2 + i] += int(prompt.get(kind, 0))
+    table(sec, ["model server", "allowed by", "prompts", "bytes",
+                *[f"{k.replace('_', ' ')} (items)" for k in kinds]],
+          [[host, allowed, *row] for (host, allowed), row in sorted(by_host.items())],
+          "prompts sent to model servers: what they held (counts, never text)")
 
 
 def pod_report(pod: Any, extra_files: list[Path] | None = None) -> dict[str, Any]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import secrets
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from covey._tempdirs import temporary_directory
 
 __all__ = ["run"]
 
@@ -39,7 +40,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     memories = 200 if quick else 2000
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="covey-bench-") as tmp:
+    with temporary_directory("covey-bench-") as tmp:
         with Pod.create(Path(tmp) / "pod", secrets.token_urlsafe(12)) as pod:
             print(f"  [audit] pod with {memories} memories", file=sys.stderr, flush=True)
             _fill(pod, memories)

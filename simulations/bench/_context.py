@@ -18,7 +18,6 @@ import json
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -26,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from covey._tempdirs import temporary_directory
+from covey.simulations.bench._evasions import EVASIONS, disguise
 
 __all__ = ["run"]
 
@@ -170,17 +172,23 @@ def _quality() -> dict[str, Any]:
     from covey.models._data import load_corpus
 
     f = SafetyFilter.load()
-    rates: dict[str, list[bool]] = defaultdict(list)
-    for line in (_REDTEAM / "redteam.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        where = row["where"]
+
+    def blocked(where: str, text: str) -> bool:
         if where in ("memory", "context"):
-            hit = f.check_retrieved(row["text"]).blocked
-        elif where == "output":
-            hit = f.check_output(row["text"], to_program=True).blocked
-        else:
-            hit = f.check_input(row["text"]).blocked
-        rates[row["category"]].append(hit)
+            return f.check_retrieved(text).blocked
+        if where == "output":
+            return f.check_output(text, to_program=True).blocked
+        return f.check_input(text).blocked
+
+    rates: dict[str, list[bool]] = defaultdict(list)
+    rows = [json.loads(line) for line in
+            (_REDTEAM / "redteam.jsonl").read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        rates[row["category"]].append(blocked(row["where"], row["text"]))
+    # Every typed or planted prompt again, disguised each way (evasions.py).
+    plain = [r for r in rows if r["where"] != "output" and r.get("variant") != "disguised"]
+    disguised = {how: round(sum(blocked(r["where"], disguise(r["text"], how)) for r in plain)
+                            / len(plain), 4) for how in EVASIONS}
     hard = [json.loads(line)["text"] for line in
             (_REDTEAM / "ordinary_hard.jsonl").read_text().splitlines()]
     corpus = load_corpus()
@@ -191,6 +199,7 @@ def _quality() -> dict[str, Any]:
     return {"block_rate": round(sum(every) / len(every), 4),
             "block_rate_by_category": {k: round(sum(v) / len(v), 4) for k, v in rates.items()},
             "redteam_prompts": len(every),
+            "block_rate_disguised": disguised, "disguised_prompts": len(plain),
             "false_positive_rate_chat": round(sum(f.check_input(t).blocked for t in chat)
                                               / len(chat), 4),
             "chat_messages": len(chat),
@@ -203,7 +212,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Measure capture throughput, safety latency and safety quality."""
     count = 2000 if quick else 20000
     turns = 20 if quick else 200
-    with tempfile.TemporaryDirectory(prefix="covey-bench-context-") as tmp:
+    with temporary_directory("covey-bench-context-") as tmp:
         root = Path(tmp)
         broker, port = _broker(root)
         try:
@@ -228,6 +237,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         f"{quality['block_rate_by_category']}; false positives "
         f"{quality['false_positive_rate_chat']:.2%} of ordinary chat, "
         f"{quality['false_positive_rate_lookalike']:.1%} of look-alike requests",
+        f"red team disguised ({quality['disguised_prompts']} prompts each way): " + ", ".join(
+            f"{how} {rate:.1%}" for how, rate in quality["block_rate_disguised"].items()),
     ]
     return {"config": {"messages": count, "turns": turns}, "results": results,
             "summary": summary}

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from covey._tempdirs import temporary_directory
 
 __all__ = ["run"]
 
@@ -26,7 +27,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     pods, rounds, clients = (10, 2, 5) if quick else (100, 5, 20)
     workers = os.cpu_count() or 1
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="covey-bench-") as tmp:
+    with temporary_directory("covey-bench-") as tmp:
         for name, engine, encrypted in (("fast", "fast", False), ("flower", "flower", False),
                                         ("fast_encrypted_pods", "fast", True)):
             print(f"  [engines] {name}: {pods} pods, {rounds} rounds of ~{clients}",

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import secrets
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from covey._tempdirs import temporary_directory
 
 __all__ = ["run"]
 
@@ -47,7 +48,7 @@ def _loopback(pods: int, rounds: int, users: list[Any]) -> dict[str, Any]:
     from covey.simulations._population import seed_pods
 
     passphrase = secrets.token_urlsafe(12)
-    with tempfile.TemporaryDirectory(prefix="covey-bench-fed-") as tmp:
+    with temporary_directory("covey-bench-fed-") as tmp:
         agg = AggregatorHome(Path(tmp) / "agg")
         agg.make_certs()
         status = agg.start(port=free_port())

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from covey._tempdirs import temporary_directory
 from covey.device._keys import new_data_key
 from covey.device._memory import (
     DECAY_FLOOR,
@@ -490,7 +491,7 @@ def run(quick: bool = False, cfg: RecallBenchConfig | None = None) -> dict[str, 
     started = time.perf_counter()
     embedder = create_embedder("minilm-onnx")
     load_s = time.perf_counter() - started
-    with tempfile.TemporaryDirectory(prefix="covey-bench-") as tmp:
+    with temporary_directory("covey-bench-") as tmp:
         root = Path(tmp)
         sizes = [_measure_size(n, cfg, root, embedder) for n in cfg.sizes]
         real = measure_real(cfg, root, embedder, load_s)

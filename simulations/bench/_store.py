@@ -30,6 +30,7 @@ from typing import Any
 
 import sqlcipher3.dbapi2 as sqlite
 
+from covey._tempdirs import temporary_directory
 from covey.device import KdfParams, Pod, PodConfig
 from covey.device._keys import new_data_key, unwrap, wrap
 from covey.device._memory import MEMORY_KINDS, fts_query
@@ -285,7 +286,7 @@ def _read_phases(store: Store, work: Workload, cfg: StoreBenchConfig) -> dict[st
 
 def run_engine(key: bytes | None, work: Workload, cfg: StoreBenchConfig) -> dict[str, float]:
     """The whole workload on a fresh database; seconds per phase."""
-    with tempfile.TemporaryDirectory(prefix="covey-bench-") as tmp:
+    with temporary_directory("covey-bench-") as tmp:
         path = Path(tmp) / "pod.db"
         started = time.perf_counter()
         store = Store(path, key)
@@ -429,7 +430,7 @@ def measure_unlock(work: Workload, cfg: StoreBenchConfig) -> dict[str, Any]:
     _progress("unlock: unwrap")
     wrapped = wrap(new_data_key(), passphrase, params)
     unwrap_times = [_timed(lambda: unwrap(wrapped, passphrase)) for _ in range(cfg.unlock_runs)]
-    with tempfile.TemporaryDirectory(prefix="covey-bench-") as tmp:
+    with temporary_directory("covey-bench-") as tmp:
         root = Path(tmp)
         _progress("unlock: Pod.create")
         create_times = _time_create(root, passphrase, cfg.unlock_runs)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from covey._tempdirs import temporary_directory
 
 __all__ = ["run"]
 
@@ -187,7 +188,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     sizes = (2, 3) if quick else (2, 5, 10)
     edits = 4 if quick else 20
-    with tempfile.TemporaryDirectory(prefix="covey-bench-sync-") as tmp:
+    with temporary_directory("covey-bench-sync-") as tmp:
         root = Path(tmp)
         baseline = asyncio.run(_session_and_bytes(root))
         groups = [asyncio.run(_group(n, root, edits)) for n in sizes]

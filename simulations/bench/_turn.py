@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import secrets
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from covey._tempdirs import temporary_directory
 
 __all__ = ["run"]
 
@@ -74,7 +75,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     floor_first: list[float] = []
     prompt_tokens: list[int] = []
     cached_tokens: list[int] = []
-    with tempfile.TemporaryDirectory(prefix="covey-bench-") as tmp:
+    with temporary_directory("covey-bench-") as tmp:
         pod = Pod.create(Path(tmp) / "pod", secrets.token_urlsafe(12))
         try:
             assistant = open_assistant(pod)

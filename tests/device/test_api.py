@@ -30,6 +30,7 @@ from covey.device._api import MAX_BODY_BYTES, TOKEN_FILE, ChatRequest, create_ap
 from covey.device._audit import AuditEntry
 from covey.models import SamplingParams
 from tests.conftest import FAST_CONFIG, PASSPHRASE, cli_env
+from tests.device._lan import lan_address
 
 pytestmark = pytest.mark.integration
 
@@ -409,6 +410,80 @@ def test_serve_refuses_a_non_loopback_address(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("error: refusing to serve on 0.0.0.0")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _serve(tmp_path: Path, home: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", _COVEY, "serve", "--home", str(home),
+                             "--port", "0", "--json", "--no-sync", *args],
+                            env=cli_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _end(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def test_serve_refuses_plain_http_beyond_the_loopback(tmp_path: Path) -> None:
+    address = lan_address()
+    home = tmp_path / "pod"
+    Pod.create(home, PASSPHRASE, name="cli", config=FAST_CONFIG).close()
+    process = _serve(tmp_path, home, "--host", address, "--allow-remote")
+    try:
+        assert process.wait(timeout=30) == 2, "it served the token over plain HTTP"
+        assert process.stderr is not None
+        err = process.stderr.read()
+        assert err.startswith(f"error: refusing to serve on {address} over plain HTTP")
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        _end(process)
+    half = _serve(tmp_path, home, "--host", address, "--allow-remote", "--tls-cert",
+                  str(tmp_path / "none.pem"))
+    try:
+        assert half.wait(timeout=30) == 2
+        assert half.stderr is not None
+        assert half.stderr.read().strip() == "error: --tls-cert and --tls-key go together"
+    finally:
+        _end(half)
+
+
+def test_serve_beyond_the_loopback_speaks_only_tls(tmp_path: Path) -> None:
+    import ssl
+
+    from covey.aggregator._deploy import AggregatorHome
+
+    address = lan_address()
+    certs = AggregatorHome(tmp_path / "ca")
+    ca = certs.make_certs([address])
+    home = tmp_path / "pod"
+    Pod.create(home, PASSPHRASE, name="cli", config=FAST_CONFIG).close()
+    process = _serve(tmp_path, home, "--host", address, "--allow-remote",
+                     "--tls-cert", str(certs.certs / "server.pem"),
+                     "--tls-key", str(certs.certs / "server.key"))
+    try:
+        assert process.stdout is not None
+        info = json.loads(process.stdout.readline())
+        assert info["url"].startswith(f"https://{address}:")
+        token = Path(info["token_file"]).read_text().strip()
+        trust = ssl.create_default_context(cafile=str(ca))
+        answer = httpx.get(info["url"] + "/models", headers={"Authorization":
+                                                            f"Bearer {token}"},
+                           verify=trust, timeout=30)
+        assert answer.status_code == 200 and answer.json()["data"][0]["owned_by"] == "covey"
+        plain = info["url"].replace("https://", "http://")
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP on that port
+            httpx.get(plain + "/models", headers={"Authorization": f"Bearer {token}"},
+                      timeout=30)
+    finally:
+        _end(process)
 
 
 def test_serve_command_answers_and_stops_on_ctrl_c(tmp_path: Path) -> None:

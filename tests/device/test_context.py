@@ -258,6 +258,24 @@ def test_usage_statistics_leave_only_under_dp_and_are_charged(pod: Pod) -> None:
     assert len(pod_ledger(pod).history()) == 1
 
 
+def test_usage_statistics_are_refused_while_the_pod_is_stopped(pod: Pod) -> None:
+    from covey.device._stop import release, stop
+
+    enable(pod, "routine")
+    for _ in range(30):
+        record_usage(pod)
+    stop(pod.home)
+    audited = pod.store.query("SELECT count(*) FROM audit_log")[0][0]
+    # What the ClientApp's `query` handler calls: it answers with the refusal's code.
+    with pytest.raises(RoundRefused) as refused:
+        usage_histogram(pod, 2.0, "stats-1")
+    assert refused.value.code == "stopped"
+    assert pod.store.query("SELECT count(*) FROM privacy_ledger")[0][0] == 0  # nothing charged
+    assert pod.store.query("SELECT count(*) FROM audit_log")[0][0] == audited  # nor sent
+    release(pod.home)
+    assert len(usage_histogram(pod, 2.0, "stats-1").hours) == 24
+
+
 @pytest.mark.slow
 def test_covey_stop_halts_a_running_sync_and_capture(tmp_path: Path, covey: Covey) -> None:
     home = tmp_path / "pod"

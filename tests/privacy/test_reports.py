@@ -89,6 +89,31 @@ def test_a_planted_plaintext_file_is_flagged(pod: Pod, tmp_path: Path) -> None:
     assert "messages#1" in flags[0]["message"] and SECRET_TEXT not in flags[0]["message"]
 
 
+def test_the_scan_reads_covey_own_temporary_folders_not_a_persons_folder(
+        pod: Pod, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    from covey._tempdirs import temporary_directory
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # TMPDIR, for this process
+    monkeypatch.setenv("COVEY_CACHE_DIR", str(tmp_path / "cache"))  # where the register is
+    _pod_with_history(pod)
+    # The person keeps their own notes in TMPDIR, in a folder whose name starts with covey.
+    notes = temp / "covey-notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text(f"remember: {SECRET_TEXT}\n")
+    report = pod_report(pod)
+    assert [f for f in report["red_flags"] if f["code"] == "plaintext"] == []
+    # A temporary folder covey made is scanned, and a leak into it is flagged.
+    with temporary_directory("covey-audit-") as made:
+        (made / "replica.log").write_text(f"example: {SECRET_TEXT}\n")
+        flags = [f for f in pod_report(pod)["red_flags"] if f["code"] == "plaintext"]
+    assert len(flags) == 1 and str(made / "replica.log") in flags[0]["message"]
+    assert not made.exists()
+
+
 def test_a_tampered_audit_row_is_flagged(pod: Pod) -> None:
     _pod_with_history(pod)
     c = pod.store.conn
