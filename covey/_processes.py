@@ -11,8 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["alive", "descendants", "flower_bin", "flower_env", "free_port", "stop_process",
-           "stop_processes"]
+__all__ = ["SECRET_ENV", "alive", "child_env", "descendants", "flower_bin", "flower_env",
+           "free_port", "stop_process", "stop_processes"]
+
+# Read by the CLI for non-interactive use, and never handed on: a process covey starts
+# gets what it needs another way (the round agent's data key comes down a pipe).
+SECRET_ENV = ("COVEY_PASSPHRASE", "COVEY_NEW_PASSPHRASE")
 
 
 def flower_bin(name: str) -> str:
@@ -20,9 +24,15 @@ def flower_bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment without the secrets in ``SECRET_ENV``."""
+    return {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+
+
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for Flower processes: our venv first, no network checks."""
-    env = dict(os.environ)
+    """The environment for Flower processes: our venv first, no network checks, no
+    secrets."""
+    env = child_env()
     env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
                FLWR_HOME=str(flwr_home), FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1",

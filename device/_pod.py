@@ -189,6 +189,33 @@ class Pod:
         _log.info("pod %s unlocked", pod.pod_id)
         return pod
 
+    @classmethod
+    def open_with_key(cls, home: Path, data_key: bytes, config: PodConfig | None = None
+                      ) -> Pod:
+        """Unlock the pod at ``home`` with its data key itself (the round agent holds it
+        while the pod takes part in federated rounds; see ``_round_agent``).
+
+        Raises:
+            PodNotFoundError, PodForgottenError, StoreCorruptError (also for a wrong key).
+        """
+        home = home.expanduser().absolute()
+        _check_not_forgotten(home)
+        if not (home / KEY_FILE).exists():
+            raise PodNotFoundError(home)
+        config = config or load_pod_config(home)
+        if not (home / DB_FILE).exists():
+            raise StoreCorruptError(home / DB_FILE, "the database file is missing")
+        return cls(home, Store(home / DB_FILE, data_key, config.busy_timeout_ms), config)
+
+    @classmethod
+    def data_key(cls, home: Path, passphrase: str) -> bytes:
+        """The pod's data key, unwrapped with ``passphrase``.
+
+        Raises:
+            PodNotFoundError, PodForgottenError, WrongPassphraseError, StoreCorruptError.
+        """
+        return cls._unwrap(home.expanduser().absolute(), passphrase)
+
     @staticmethod
     def _unwrap(home: Path, passphrase: str) -> bytes:
         _check_not_forgotten(home)
