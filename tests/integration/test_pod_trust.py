@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -232,8 +233,9 @@ def test_only_covey_signed_app_runs_on_pods_and_no_secret_is_in_an_environment(
     assert sorted(r["node"] for r in report["replies"]) == sorted(report["asked"])
     assert {r["error"] for r in report["replies"]} == {7}  # ErrorCode.INVALID_FAB
     assert sorted(p.name for p in loot.iterdir()) == ["replies.json"]  # it ran nowhere
-    for home in pods:
-        assert "FAB verification failed" in (home / "logs" / "supernode.log").read_text()
+    for home in pods:  # the SuperNode refused it before any ClientApp started
+        assert re.search(r"FAB (could not be verified|verification failed)",
+                         (home / "logs" / "supernode.log").read_text())
 
     # covey's own app, signed by the aggregator, still trains; meanwhile every process
     # covey started is read for the passphrase and the data keys.
@@ -265,13 +267,15 @@ def test_only_covey_signed_app_runs_on_pods_and_no_secret_is_in_an_environment(
 
 def _network_address() -> str | None:
     """An IPv4 address of this machine that is not the loopback (None: there is none)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.255", 9))  # no packet is sent: this picks a route
-            address = str(s.getsockname()[0])
-        except OSError:
-            return None
-    return None if address.startswith("127.") or address == "0.0.0.0" else address
+    import ipaddress
+
+    import ifaddr
+
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ipaddress.ip_address(ip.ip).is_loopback:
+                return ip.ip
+    return None
 
 
 def test_a_public_host_exposes_the_fleet_api_and_not_the_control_api(
@@ -290,8 +294,15 @@ def test_a_public_host_exposes_the_fleet_api_and_not_the_control_api(
     (outside / "config.toml").write_text(
         f'[superlink]\ndefault = "there"\n\n[superlink.there]\naddress = "{address}:{port}"\n'
         f'root-certificates = "{agg / "certs" / "ca.crt"}"\n')
-    listing = _flwr(outside, "ls", "there", "--format", "json")
-    assert listing.returncode != 0, listing.stdout
+    listing = json.loads(_flwr(outside, "ls", "there", "--format", "json").stdout)
+    assert listing["success"] is False and "404 Not Found" in listing["error-message"]
+    # ...and so is the foreign app sent there.
+    app = tmp_path / "helpful-stats"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(FOREIGN_PYPROJECT)
+    (app / "foreign_app.py").write_text(FOREIGN_APP)
+    run = json.loads(_flwr(outside, "run", str(app), "there", "--format", "json").stdout)
+    assert run["success"] is False and "404 Not Found" in run["error-message"]
     import httpx
 
     ca = str(agg / "certs" / "ca.crt")
