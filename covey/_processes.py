@@ -12,11 +12,26 @@ import time
 from pathlib import Path
 
 __all__ = ["SECRET_ENV", "alive", "child_env", "descendants", "flower_bin", "flower_env",
-           "free_port", "stop_process", "stop_processes"]
+           "free_port", "secret_from_env", "stop_process", "stop_processes", "take_secrets"]
 
 # Read by the CLI for non-interactive use, and never handed on: a process covey starts
 # gets what it needs another way (the round agent's data key comes down a pipe).
 SECRET_ENV = ("COVEY_PASSPHRASE", "COVEY_NEW_PASSPHRASE")
+_taken: dict[str, str] = {}
+
+
+def take_secrets() -> None:
+    """Move ``SECRET_ENV`` out of ``os.environ``, so that no child process inherits them
+    whoever starts it (the `covey` command does this first)."""
+    _taken.clear()
+    for name in SECRET_ENV:
+        if name in os.environ:
+            _taken[name] = os.environ.pop(name)
+
+
+def secret_from_env(name: str) -> str | None:
+    """A secret the environment gave this process (taken or still there)."""
+    return _taken.get(name, os.environ.get(name))
 
 
 def flower_bin(name: str) -> str:
