@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,9 @@ def _read_key(path: Path) -> bytes:
 
 
 def join(home: Path, passphrase: str, superlink: str, root_cert: Path,
-         aggregator_key: Path | None = None, wait: float = 4.0) -> dict[str, Any]:
-    """Start this pod's SuperNode against ``superlink``; returns what was started.
+         aggregator_key: Path | None = None, wait: float = 60.0) -> dict[str, Any]:
+    """Start this pod's round agent and SuperNode against ``superlink``; returns what
+    was started (``wait``: the longest to wait for the aggregator to accept the node).
 
     Raises:
         InvalidInputError: a file is missing or not what it should be.
@@ -147,15 +149,16 @@ def join(home: Path, passphrase: str, superlink: str, root_cert: Path,
                 [sys.executable, "-m", "covey.device._round_agent", str(home)],
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
                 cwd=home, start_new_session=True)
-        # The key goes down the pipe, never into an environment, argument or file. A
-        # refused node exits within about two seconds (and its agent with it); one still
-        # running after ``wait`` seconds has been accepted.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.communicate(json.dumps({
-                "home": str(home), "data_key": base64.b64encode(data_key).decode(),
-                "aggregator_key": base64.b64encode(key).decode(), "peer": superlink,
-                "socket": str(socket_path), "flwr_home": str(home / "flwr"),
-                "supernode": supernode_command}).encode(), timeout=wait)
+        # The key goes down the pipe, never into an environment, argument or file.
+        pipe = process.stdin  # Popen(stdin=PIPE) always makes one
+        if pipe is not None:
+            with contextlib.suppress(BrokenPipeError), pipe:
+                pipe.write(json.dumps({
+                    "home": str(home), "data_key": base64.b64encode(data_key).decode(),
+                    "aggregator_key": base64.b64encode(key).decode(), "peer": superlink,
+                    "socket": str(socket_path), "flwr_home": str(home / "flwr"),
+                    "supernode": supernode_command}).encode())
+        _wait_accepted(process, log_path, started, wait)
         if process.poll() is not None:
             text = log_path.read_bytes()[started:].decode(errors="replace")
             if "2004" in text or "2001" in text or "registered" in text:
@@ -168,6 +171,19 @@ def join(home: Path, passphrase: str, superlink: str, root_cert: Path,
         write_atomic(home / SUPERNODE, json.dumps(info).encode())
         pod.audit("federation_join", peer=superlink, detail={"node_key": public.name})
     return info
+
+
+def _wait_accepted(process: subprocess.Popen[bytes], log_path: Path, start: int,
+                   wait: float) -> None:
+    """Return once the SuperNode is registered (it logs its id), has exited (refused),
+    or ``wait`` seconds have passed (still connecting: taken as accepted)."""
+    deadline = time.monotonic() + wait
+    while process.poll() is None and time.monotonic() < deadline:
+        with open(log_path, "rb") as log:
+            log.seek(start)
+            if b"SuperNode ID:" in log.read():
+                return
+        time.sleep(0.1)
 
 
 def _socket_path(home: Path) -> Path:
