@@ -13,12 +13,14 @@ file. The agent then
    covey's secrets, and lives exactly as long as that SuperNode.
 
 covey's ClientApp, which the SuperNode runs for covey's signed app and nothing else
-(``--trusted-entities``), holds no key: it forwards each message to this socket. The
-agent opens the pod with the key for that one message, answers it with
-:func:`covey.device._clientapp.answer` (consent, the aggregator's signature on the
-model, the budget, training, the ledger and the audit log), closes the pod, and returns
-only the reply: a clipped (and in local mode noised) update, a noised histogram, or a
-refusal. The socket grants nothing else: not the key, not a byte of the store.
+(``--trusted-entities``), holds no key: it forwards each message to this socket. For
+each message the agent starts a worker (this module with ``--worker``, not dumpable
+either) and hands it the key and the message down a pipe; the worker opens the pod,
+answers with :func:`covey.device._clientapp.answer` (consent, the aggregator's signature
+on the model, the budget, training, the ledger and the audit log) and exits, so torch
+and the model take memory during a round only. What comes back is the reply alone: a
+clipped (and in local mode noised) update, a noised histogram, or a refusal. The socket
+grants nothing else: not the key, not a byte of the store.
 
 Wire format: each side sends one frame, a 4-byte big-endian length then a Flower
 ``Message`` protobuf (the request, then the reply).
@@ -39,7 +41,9 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
+
+from covey._processes import child_env, flower_env
 
 __all__ = ["MAX_FRAME", "ask", "recv_frame", "send_frame"]
 
@@ -124,30 +128,23 @@ def _same_user(conn: socket.socket) -> bool:
 
 
 class _Agent:
-    """Answers round messages with the pod it alone can open."""
+    """Answers round messages, each in a fresh worker process it hands the key to."""
 
-    def __init__(self, home: Path, data_key: bytes, aggregator_key: bytes, peer: str) -> None:
-        self.home = home
-        self._data_key = data_key
-        self.aggregator_key = aggregator_key
-        self.peer = peer
-
-    def open_pod(self) -> Any:
-        from covey.device._pod import Pod
-
-        return Pod.open_with_key(self.home, self._data_key)
+    def __init__(self, header: bytes) -> None:
+        self._header = header  # the worker's settings, the data key among them
 
     def answer(self, request: bytes) -> bytes:
-        from flwr.common.serde import message_from_proto, message_to_proto
-        from flwr.proto.message_pb2 import Message as ProtoMessage
-
-        from covey.device._clientapp import answer
-
-        proto = ProtoMessage()
-        proto.ParseFromString(request)
-        reply = answer(message_from_proto(proto), self.open_pod, self.aggregator_key,
-                       self.peer)
-        return bytes(message_to_proto(reply).SerializeToString())
+        # A worker per message: training loads torch and the model, hundreds of MiB
+        # that are given back when the round ends instead of held while the pod idles.
+        worker = subprocess.Popen([sys.executable, "-m", "covey.device._round_agent",
+                                   "--worker"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, env=child_env())
+        frames = [struct.pack(">I", len(b)) + b for b in (self._header, request)]
+        out, _ = worker.communicate(b"".join(frames))
+        if worker.returncode != 0 or len(out) < 4 or struct.unpack(">I", out[:4])[0] != \
+                len(out) - 4:
+            raise RuntimeError(f"the round worker failed (exit code {worker.returncode})")
+        return out[4:]
 
     def serve(self, listener: socket.socket) -> None:
         """Answer one connection at a time, for as long as the process lives."""
@@ -168,16 +165,62 @@ class _Agent:
                           file=sys.stderr, flush=True)
 
 
+def _read_frame(stream: BinaryIO) -> bytes:
+    head = stream.read(4)
+    if len(head) != 4:
+        raise ConnectionError("the round agent sent no frame")
+    (size,) = struct.unpack(">I", head)
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes is over the {MAX_FRAME} limit")
+    data = stream.read(size)
+    if len(data) != size:
+        raise ConnectionError("the round agent's frame is cut short")
+    return data
+
+
+def worker() -> None:
+    """Answer one message: settings and message on stdin, the reply on stdout."""
+    _no_dumps()
+    # Only the reply goes to the real stdout; anything a library prints goes to stderr.
+    reply_fd = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        cfg = json.loads(_read_frame(sys.stdin.buffer))
+        request = _read_frame(sys.stdin.buffer)
+        reply = _answer(request, Path(cfg["home"]), base64.b64decode(cfg["data_key"]),
+                        base64.b64decode(cfg["aggregator_key"]), str(cfg["peer"]))
+    except Exception as exc:
+        # The type only: a message could quote user data.
+        print(f"covey round worker: failed ({type(exc).__name__})", file=sys.stderr,
+              flush=True)
+        sys.exit(1)
+    with os.fdopen(reply_fd, "wb") as out:
+        out.write(struct.pack(">I", len(reply)) + reply)
+
+
+def _answer(request: bytes, home: Path, data_key: bytes, aggregator_key: bytes,
+            peer: str) -> bytes:
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+
+    from covey.device._clientapp import answer
+    from covey.device._pod import Pod
+
+    proto = ProtoMessage()
+    proto.ParseFromString(request)
+    reply = answer(message_from_proto(proto), lambda: Pod.open_with_key(home, data_key),
+                   aggregator_key, peer)
+    return bytes(message_to_proto(reply).SerializeToString())
+
+
 def main() -> None:
     """Read the key and the SuperNode's command from stdin, listen, run the SuperNode."""
-    from covey._processes import flower_env
-
     _no_dumps()
     cfg = json.loads(sys.stdin.buffer.read())
     sys.stdin.close()
     home, socket_path = Path(cfg["home"]), Path(cfg["socket"])
-    agent = _Agent(home, base64.b64decode(cfg.pop("data_key")),
-                   base64.b64decode(cfg["aggregator_key"]), str(cfg["peer"]))
+    agent = _Agent(json.dumps({k: cfg[k] for k in ("home", "data_key", "aggregator_key",
+                                                   "peer")}).encode())
     listener = _listen(socket_path)
     node = subprocess.Popen(cfg["supernode"], stdin=subprocess.DEVNULL, cwd=home,
                             env=flower_env(Path(cfg["flwr_home"])))
@@ -200,4 +243,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--worker"]:
+        worker()
+    else:
+        main()

@@ -149,17 +149,17 @@ class _Watch:
 
     def __init__(self) -> None:
         self.seen: dict[int, tuple[bytes, bytes]] = {}
-        self.unreadable: set[int] = set()
+        self.unreadable: dict[int, bytes] = {}  # pid: its command line
 
     def sweep(self, roots: list[int]) -> None:
         for pid in {p for root in roots for p in [root, *descendants(root)]}:
-            if pid in self.seen:
+            if pid in self.seen or pid in self.unreadable:
                 continue
             try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes()
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except PermissionError:
-                self.unreadable.add(pid)
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+            except PermissionError:  # not dumpable, and we are not root
+                self.unreadable[pid] = cmdline
             except OSError:
                 continue  # it ended meanwhile
             else:
@@ -272,15 +272,18 @@ def test_covey_app_trains_with_no_secret_in_any_environment(federation: Federati
     record = json.loads(out)
     assert record["rounds"][0]["accepted"] == len(pods)
     commands = [c.replace(b"\0", b" ").decode(errors="replace") for _, c in watch.seen.values()]
+    commands += [c.replace(b"\0", b" ").decode(errors="replace")
+                 for c in watch.unreadable.values()]
     assert any("flwr-clientapp" in c for c in commands)  # it looked during the round
+    assert any("_round_agent --worker" in c for c in commands)
     assert any("flower-supernode" in c for c in commands)
     assert any("flower-superlink" in c for c in commands)
     for home in pods:
         for secret in _secrets(home):
             assert watch.holding(secret) == [], f"{home.name}'s secret is in a process"
-    # Only a round agent may hide its environment (it is not dumpable): nothing else.
-    agents = {int(json.loads((h / "supernode.json").read_text())["pid"]) for h in pods}
-    assert watch.unreadable <= agents
+    # Only the round agents and their workers may hide their environment (they are not
+    # dumpable: only root reads it), nothing else.
+    assert all(b"covey.device._round_agent" in c for c in watch.unreadable.values())
 
 
 def _network_address() -> str | None:
