@@ -13,14 +13,15 @@ file. The agent then
    covey's secrets, and lives exactly as long as that SuperNode.
 
 covey's ClientApp, which the SuperNode runs for covey's signed app and nothing else
-(``--trusted-entities``), holds no key: it forwards each message to this socket. For
-each message the agent starts a worker (this module with ``--worker``, not dumpable
-either) and hands it the key and the message down a pipe; the worker opens the pod,
-answers with :func:`covey.device._clientapp.answer` (consent, the aggregator's signature
-on the model, the budget, training, the ledger and the audit log) and exits, so torch
-and the model take memory during a round only. What comes back is the reply alone: a
-clipped (and in local mode noised) update, a noised histogram, or a refusal. The socket
-grants nothing else: not the key, not a byte of the store.
+(``--trusted-entities``), holds no key: it forwards each message to this socket. The
+agent passes it down a pipe to its worker (this module with ``--worker``, not dumpable
+either, started with the key at the first message and ended after ``_IDLE`` seconds
+without one, so torch and the model take memory during a run only). The worker opens
+the pod for that message, answers with :func:`covey.device._clientapp.answer` (consent,
+the aggregator's signature on the model, the budget, training, the ledger and the audit
+log) and closes it. What comes back is the reply alone: a clipped (and in local mode
+noised) update, a noised histogram, or a refusal. The socket grants nothing else: not
+the key, not a byte of the store.
 
 Wire format: each side sends one frame, a 4-byte big-endian length then a Flower
 ``Message`` protobuf (the request, then the reply).
@@ -40,6 +41,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -49,6 +51,9 @@ __all__ = ["MAX_FRAME", "ask", "recv_frame", "send_frame"]
 
 MAX_FRAME = 64 * 2**20  # a round message is ~0.4 MB (adapter and signed version)
 _READ_TIMEOUT = 30.0  # seconds a peer may take to send its request
+# A worker outlives its message by this long, so the rounds of a run share torch and
+# the model (as a Flower ClientApp process does); an idle pod then gives them back.
+_IDLE = 60.0
 _PR_SET_DUMPABLE = 4
 
 
@@ -128,23 +133,67 @@ def _same_user(conn: socket.socket) -> bool:
 
 
 class _Agent:
-    """Answers round messages, each in a fresh worker process it hands the key to."""
+    """Answers round messages through a worker process it hands the key to."""
 
     def __init__(self, header: bytes) -> None:
         self._header = header  # the worker's settings, the data key among them
+        self._worker: subprocess.Popen[bytes] | None = None
+        self._used = 0.0
+        self._lock = threading.Lock()
 
     def answer(self, request: bytes) -> bytes:
-        # A worker per message: training loads torch and the model, hundreds of MiB
-        # that are given back when the round ends instead of held while the pod idles.
-        worker = subprocess.Popen([sys.executable, "-m", "covey.device._round_agent",
-                                   "--worker"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, env=child_env())
-        frames = [struct.pack(">I", len(b)) + b for b in (self._header, request)]
-        out, _ = worker.communicate(b"".join(frames))
-        if worker.returncode != 0 or len(out) < 4 or struct.unpack(">I", out[:4])[0] != \
-                len(out) - 4:
-            raise RuntimeError(f"the round worker failed (exit code {worker.returncode})")
-        return out[4:]
+        """The worker's reply to one message (a new worker if there is none)."""
+        with self._lock:
+            worker = self._worker
+            if worker is None or worker.poll() is not None:
+                worker = self._worker = subprocess.Popen(
+                    [sys.executable, "-m", "covey.device._round_agent", "--worker"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env())
+                self._send(worker, self._header)
+            try:
+                self._send(worker, request)
+                reply = _read_frame(worker.stdout)  # type: ignore[arg-type]
+            except (OSError, ValueError):
+                self._retire()
+                raise
+            self._used = time.monotonic()
+            return reply
+
+    @staticmethod
+    def _send(worker: subprocess.Popen[bytes], data: bytes) -> None:
+        pipe = worker.stdin
+        if pipe is None:
+            raise OSError("the round worker has no input pipe")
+        pipe.write(struct.pack(">I", len(data)) + data)
+        pipe.flush()
+
+    def retire_idle(self) -> None:
+        """End the worker after ``_IDLE`` seconds without a message, for ever."""
+        while True:
+            time.sleep(_IDLE / 10)
+            with self._lock:
+                if self._worker is not None and time.monotonic() - self._used > _IDLE:
+                    self._retire()
+
+    def stop(self) -> None:
+        """End the worker now, even mid-message."""
+        worker = self._worker
+        if worker is not None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.terminate()
+
+    def _retire(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        with contextlib.suppress(OSError):
+            if worker.stdin:
+                worker.stdin.close()  # the worker ends at the end of its input
+        try:
+            worker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
 
     def serve(self, listener: socket.socket) -> None:
         """Answer one connection at a time, for as long as the process lives."""
@@ -179,23 +228,30 @@ def _read_frame(stream: BinaryIO) -> bytes:
 
 
 def worker() -> None:
-    """Answer one message: settings and message on stdin, the reply on stdout."""
+    """Answer messages: settings, then messages, on stdin; replies on stdout. Ends at the
+    end of its input."""
     _no_dumps()
-    # Only the reply goes to the real stdout; anything a library prints goes to stderr.
-    reply_fd = os.dup(1)
+    # Only replies go to the real stdout; anything a library prints goes to stderr.
+    out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    try:
-        cfg = json.loads(_read_frame(sys.stdin.buffer))
-        request = _read_frame(sys.stdin.buffer)
-        reply = _answer(request, Path(cfg["home"]), base64.b64decode(cfg["data_key"]),
-                        base64.b64decode(cfg["aggregator_key"]), str(cfg["peer"]))
-    except Exception as exc:
-        # The type only: a message could quote user data.
-        print(f"covey round worker: failed ({type(exc).__name__})", file=sys.stderr,
-              flush=True)
-        sys.exit(1)
-    with os.fdopen(reply_fd, "wb") as out:
+    cfg = json.loads(_read_frame(sys.stdin.buffer))
+    home, peer = Path(cfg["home"]), str(cfg["peer"])
+    data_key = base64.b64decode(cfg["data_key"])
+    aggregator_key = base64.b64decode(cfg["aggregator_key"])
+    while True:
+        try:
+            request = _read_frame(sys.stdin.buffer)
+        except ConnectionError:
+            return  # retired by the agent
+        try:
+            reply = _answer(request, home, data_key, aggregator_key, peer)
+        except Exception as exc:
+            # The type only: a message could quote user data.
+            print(f"covey round worker: failed ({type(exc).__name__})", file=sys.stderr,
+                  flush=True)
+            sys.exit(1)
         out.write(struct.pack(">I", len(reply)) + reply)
+        out.flush()
 
 
 def _answer(request: bytes, home: Path, data_key: bytes, aggregator_key: bytes,
@@ -234,11 +290,13 @@ def main() -> None:
     signal.signal(signal.SIGINT, stop)
     threading.Thread(target=agent.serve, args=(listener,), name="covey-round-agent",
                      daemon=True).start()
+    threading.Thread(target=agent.retire_idle, name="covey-round-idle", daemon=True).start()
     try:
         code = node.wait()
     finally:
         listener.close()
         socket_path.unlink(missing_ok=True)
+        agent.stop()
     sys.exit(code)
 
 
