@@ -18,7 +18,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.supercore.task_identity import TaskIdentity
 
-from covey._processes import alive
+from covey._processes import alive, descendants
 from covey.aggregator._registry import Registry
 from covey.device import Pod, _join
 from covey.device._context import enable, record_usage
@@ -101,7 +101,12 @@ def test_the_key_goes_to_the_round_agent_alone(pod: Pod, home: Path, tmp_path: P
         with pytest.raises(ValueError, match="over the"):
             ask(socket, b"\0" * (MAX_FRAME + 1))
         assert _ask(socket, "evaluate", RecordDict()).has_error()  # covey asks no such thing
+        # One worker answered them all, as the agent's child.
+        workers = [p for p in descendants(agent)
+                   if b"--worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(workers) == 1
     finally:
         assert _join.leave(home)
     assert not alive(agent) and not socket.exists()
+    assert not any(alive(p) for p in workers)
     assert os.environ["COVEY_PASSPHRASE"] == PASSPHRASE  # the caller's own is untouched
