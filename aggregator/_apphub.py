@@ -21,12 +21,15 @@ import hashlib
 import http.server
 import json
 import threading
+import time
 import tomllib
 from typing import Any
 
 from covey.aggregator._deploy import FLOWER_APP, AggregatorError
 
 __all__ = ["AppHub"]
+
+_BUSY = 30.0  # seconds to wait for the hub's port
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -87,15 +90,21 @@ class AppHub:
         """Serve until the block ends.
 
         Raises:
-            AggregatorError: the port is taken (by what, covey cannot know).
+            AggregatorError: the port stays taken for ``_BUSY`` seconds.
         """
         handler = type("Handler", (_Handler,), {"hub": self})
-        try:
-            self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), handler)
-        except OSError:
-            raise AggregatorError(
-                f"port {self.port} on the loopback, where the SuperLink fetches covey's "
-                "signed app, is taken: restart the aggregator") from None
+        deadline = time.monotonic() + _BUSY
+        while self._server is None:
+            try:
+                self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port),
+                                                               handler)
+            except OSError:
+                # Most likely another `covey train` submitting its run: it takes a second.
+                if time.monotonic() > deadline:
+                    raise AggregatorError(
+                        f"port {self.port} on the loopback, where the SuperLink fetches "
+                        "covey's signed app, stays taken: restart the aggregator") from None
+                time.sleep(0.2)
         threading.Thread(target=self._server.serve_forever, name="covey-app-hub",
                          daemon=True).start()
         return self

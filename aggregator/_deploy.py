@@ -265,7 +265,7 @@ class AggregatorHome:
                 start_new_session=True)
         procs: dict[str, Any] = {"superlink": {"pid": link.pid, "port": port}}
         self._write("processes.json", procs)
-        self._wait_healthy(control, link, "superlink", timeout)
+        self._wait_healthy(control, link, "SuperLink", timeout)
         if exposed:
             with open(self.logs / "gateway.log", "ab") as log:
                 gateway = subprocess.Popen(
@@ -274,7 +274,7 @@ class AggregatorHome:
                     env=child_env(), start_new_session=True)
             procs["gateway"] = {"pid": gateway.pid, "port": port}
             self._write("processes.json", procs)
-            self._wait_healthy(f"{connect}:{port}", gateway, "gateway", timeout)
+            self._wait_healthy(f"{connect}:{port}", gateway, "Fleet gateway", timeout)
         metrics_port = metrics_port or free_port()
         with open(self.logs / "metrics.log", "ab") as log:
             metrics = subprocess.Popen(
@@ -294,7 +294,8 @@ class AggregatorHome:
         while True:
             if process.poll() is not None:
                 self.stop()
-                tail = (self.logs / f"{name}.log").read_text(errors="replace")[-400:]
+                log = "superlink" if name == "SuperLink" else "gateway"
+                tail = (self.logs / f"{log}.log").read_text(errors="replace")[-400:]
                 raise AggregatorError(f"the {name} exited (code {process.returncode}): "
                                       f"{tail.strip().splitlines()[-1] if tail.strip() else ''}")
             try:

@@ -6,6 +6,7 @@ its trusted entities (``_verify_fab``)."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from flwr.superlink.servicer.control.control_handlers import _format_verificatio
 from flwr.supernode.start_client_internal import _verify_fab
 
 from covey._processes import free_port
+from covey.aggregator import _apphub
 from covey.aggregator._apphub import AppHub
 from covey.aggregator._deploy import AggregatorError
 from covey.aggregator._registry import Registry
@@ -58,9 +60,20 @@ def test_the_hub_serves_covey_app_signed_so_that_only_its_pinned_key_verifies(
     assert not _verify_fab(forged, pinned)
 
 
-def test_a_taken_hub_port_is_one_clear_error(tmp_path: Path) -> None:
+def test_a_port_that_stays_taken_is_one_clear_error(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_apphub, "_BUSY", 0.5)
     registry = Registry(tmp_path / "registry")
     port = free_port()
-    with AppHub(registry, port), pytest.raises(AggregatorError, match="is taken"), \
+    with AppHub(registry, port), pytest.raises(AggregatorError, match="stays taken"), \
             AppHub(registry, port):
         pass
+
+
+def test_a_second_submission_waits_for_the_port(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry")
+    port = free_port()
+    first = AppHub(registry, port).__enter__()
+    threading.Timer(0.5, first.__exit__).start()  # the first `covey train` is done
+    with AppHub(registry, port) as second:
+        assert _fab_as_the_superlink_gets_it(second, second.spec).content == second.fab
