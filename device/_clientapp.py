@@ -3,8 +3,9 @@
 The SuperNode that ``covey pod join`` starts runs this ClientApp only as part of covey's
 app signed by the aggregator (its ``--trusted-entities`` pin the aggregator's key), and
 the ClientApp holds no key: it relays each message to the pod's round agent over the
-Unix socket its node config names (``round-socket``). The agent, the one process that
-holds the pod's data key, answers it with :func:`answer` (see ``_round_agent``).
+Unix socket its node config names (``round-socket``). The agent's worker, with the agent
+the only processes that hold the pod's data key, answers it with :func:`answer` (see
+``_round_agent``).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def query(msg: Message, context: Context) -> Message:
 def _relay(msg: Message, context: Context) -> Message:
     from flwr.common.serde import message_from_proto, message_to_proto
     from flwr.proto.message_pb2 import Message as ProtoMessage
+    from google.protobuf.message import DecodeError
 
     from covey.device._round_agent import ask
 
@@ -85,7 +87,7 @@ def _relay(msg: Message, context: Context) -> Message:
         proto = ProtoMessage()
         proto.ParseFromString(raw)
         reply = message_from_proto(proto)
-    except (KeyError, OSError, ValueError) as exc:
+    except (KeyError, OSError, ValueError, DecodeError) as exc:
         return _refuse(msg, "pod_error", "refused: the pod's round agent did not answer "
                                          f"({type(exc).__name__})")
     return Message(reply.error if reply.has_error() else reply.content, reply_to=msg)
@@ -93,10 +95,11 @@ def _relay(msg: Message, context: Context) -> Message:
 
 def answer(msg: Message, open_pod: Callable[[], Any], aggregator_key: bytes,
            peer: str) -> Message:
-    """The pod's reply to one message from the aggregator; the round agent runs this.
+    """The pod's reply to one message from the aggregator; the round agent's worker runs
+    this.
 
     Args:
-        open_pod: unlocks the pod (the agent opens it with the data key it holds).
+        open_pod: unlocks the pod (the worker opens it with the data key it holds).
         aggregator_key: the pinned Ed25519 key the model version must be signed with.
         peer: the SuperLink's address, for the audit log.
     """

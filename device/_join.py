@@ -135,12 +135,13 @@ def join(home: Path, passphrase: str, superlink: str, root_cert: Path,
         write_atomic(home / TRUSTED_ENTITIES, trusted_entities(key).encode())
         socket_path = _socket_path(home)
         node_config = f'round-socket="{socket_path}" superlink="{superlink}"'
+        runtime_port = free_port()  # the SuperNode's own API, for its ClientApps
         supernode_command = [
             flower_bin("flower-supernode"), "--superlink", superlink,
             "--root-certificates", str(pinned_root),
             "--auth-supernode-private-key", str(home / NODE_KEY),
             "--trusted-entities", str(home / TRUSTED_ENTITIES),
-            "--node-config", node_config, "--host", "127.0.0.1", "--port", str(free_port())]
+            "--node-config", node_config, "--host", "127.0.0.1", "--port", str(runtime_port)]
         log_path = home / "logs" / "supernode.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         started = log_path.stat().st_size if log_path.exists() else 0
@@ -166,7 +167,7 @@ def join(home: Path, passphrase: str, superlink: str, root_cert: Path,
                                 f"(the operator runs `covey aggregator admit {public}`)")
             raise JoinError(f"the SuperNode exited with code {process.returncode}; "
                             f"see {log_path}")
-        info = {"pid": process.pid, "superlink": superlink, "port": int(supernode_command[-1]),
+        info = {"pid": process.pid, "superlink": superlink, "port": runtime_port,
                 "node_key": str(public), "log": str(log_path), "socket": str(socket_path)}
         write_atomic(home / SUPERNODE, json.dumps(info).encode())
         pod.audit("federation_join", peer=superlink, detail={"node_key": public.name})
