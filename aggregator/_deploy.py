@@ -13,7 +13,11 @@ Everything the aggregator keeps lives in its home folder (``--home``)::
 
 Flower 1.42 serves Fleet, Control and the ServerApp runtime on one HTTPS port; with
 ``--enable-supernode-auth`` only SuperNodes whose public keys were registered with
-``flwr supernode register`` may connect.
+``flwr supernode register`` may connect. The Control API has no authentication, and
+what it accepts runs on the aggregator and may be sent to pods, so the SuperLink only
+ever listens on the loopback: for another ``--host`` a Fleet-only gateway
+(``_gateway``) listens there. Runs are of covey's app alone, signed with the registry's
+key and handed to the SuperLink by ``_apphub``; pods run nothing else.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from covey._files import write_atomic
-from covey._processes import alive, flower_bin, flower_env, free_port, stop_process
+from covey._processes import alive, child_env, flower_bin, flower_env, free_port, stop_process
 from covey.errors import CoveyError, InvalidInputError
 
 __all__ = ["AggregatorError", "AggregatorHome"]
@@ -52,6 +56,30 @@ def _name(cn: str) -> Any:
     from cryptography.x509.oid import NameOID
 
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_names_loopback(server_cert: Path) -> None:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(server_cert.read_bytes())
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        addresses = names.get_values_for_type(x509.IPAddress)
+    except x509.ExtensionNotFound:
+        addresses = []
+    if ipaddress.ip_address("127.0.0.1") not in addresses:
+        raise AggregatorError(f"{server_cert} does not name 127.0.0.1, where covey reaches "
+                              "the SuperLink's Control API: make new certificates with "
+                              "`covey aggregator certs --force --host ...`")
 
 
 class AggregatorHome:
@@ -80,7 +108,9 @@ class AggregatorHome:
         if self.root_cert.exists() and not force:
             raise InvalidInputError(f"certificates already exist in {self.certs} "
                                     "(--force replaces them; pods must then rejoin)")
-        hosts = hosts or ["127.0.0.1", "localhost", "::1"]
+        # covey reaches the SuperLink's Control API on the loopback whatever --host pods
+        # use, so the certificate always names the loopback too.
+        hosts = list(dict.fromkeys([*(hosts or []), "127.0.0.1", "localhost", "::1"]))
         now = datetime.datetime.now(datetime.UTC)
         ca_key = ec.generate_private_key(ec.SECP384R1())
         ca = (x509.CertificateBuilder().subject_name(_name("covey aggregator CA"))
@@ -192,62 +222,91 @@ class AggregatorHome:
 
     def start(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
               metrics_port: int = 0, timeout: float = 60.0) -> dict[str, Any]:
-        """Start the SuperLink (TLS, SuperNode authentication) and the metrics endpoint."""
-        import httpx
+        """Start the SuperLink (TLS, SuperNode authentication) on the loopback, the Fleet
+        gateway when ``host`` is another address, and the metrics endpoint.
 
+        Raises:
+            AggregatorError: already running, no certificates, or a process failed.
+        """
         if "superlink" in self.processes:
             raise AggregatorError(f"the aggregator in {self.path} is already running "
                                   f"(pid {self.processes['superlink']['pid']})")
         if not self.root_cert.exists():
             raise AggregatorError(f"no certificates in {self.certs}: "
                                   "run `covey aggregator certs` first")
+        exposed = not _is_loopback(host)
+        if exposed:
+            _check_names_loopback(self.certs / "server.pem")
         for d in (self.logs, self.flwr_home, self.runs):
             d.mkdir(parents=True, exist_ok=True)
         self.registry()  # creates the signing key on first start
         connect = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
-        self._write("aggregator.json", {"host": connect, "port": port})
+        control = f"127.0.0.1:{free_port()}" if exposed else f"{connect}:{port}"
+        hub_port = free_port()
+        self._write("aggregator.json", {"host": connect, "port": port, "control": control,
+                                        "app_hub_port": hub_port})
         write_atomic(self.flwr_home / "config.toml", (
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{connect}:{port}"\nroot-certificates = "{self.root_cert}"\n'
+            f'address = "{control}"\nroot-certificates = "{self.root_cert}"\n'
         ).encode())
-        env = flower_env(self.flwr_home)
+        # The Hub API the SuperLink fetches named apps from is covey's, on the loopback.
+        env = flower_env(self.flwr_home,
+                         {"FLWR_SUPERGRID_API_URL": f"http://127.0.0.1:{hub_port}"})
+        link_host, link_port = control.rsplit(":", 1)
         with open(self.logs / "superlink.log", "ab") as log:
             link = subprocess.Popen(
                 [flower_bin("flower-superlink"), "--ssl-ca-certfile", str(self.root_cert),
                  "--ssl-certfile", str(self.certs / "server.pem"),
                  "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth",
-                 "--host", host, "--port", str(port), "--database", str(self.path / "state.db"),
+                 "--host", link_host if exposed else host, "--port", link_port,
+                 "--database", str(self.path / "state.db"),
                  "--disable-runtime-dependency-installation"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.path,
                 start_new_session=True)
         procs: dict[str, Any] = {"superlink": {"pid": link.pid, "port": port}}
         self._write("processes.json", procs)
-        deadline = time.monotonic() + timeout
-        while True:
-            if link.poll() is not None:
-                tail = (self.logs / "superlink.log").read_text(errors="replace")[-400:]
-                raise AggregatorError(f"the SuperLink exited (code {link.returncode}): "
-                                      f"{tail.strip().splitlines()[-1] if tail.strip() else ''}")
-            try:
-                trust = ssl.create_default_context(cafile=str(self.root_cert))
-                if httpx.get(f"https://{connect}:{port}/health", verify=trust,
-                             timeout=1.0).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                stop_process(link.pid)
-                raise AggregatorError(f"the SuperLink did not become healthy in {timeout:g} s")
-            time.sleep(0.3)
+        self._wait_healthy(control, link, "SuperLink", timeout)
+        if exposed:
+            with open(self.logs / "gateway.log", "ab") as log:
+                gateway = subprocess.Popen(
+                    [sys.executable, "-m", "covey.aggregator._gateway", host, str(port),
+                     control, str(self.certs)], stdout=log, stderr=subprocess.STDOUT,
+                    env=child_env(), start_new_session=True)
+            procs["gateway"] = {"pid": gateway.pid, "port": port}
+            self._write("processes.json", procs)
+            self._wait_healthy(f"{connect}:{port}", gateway, "Fleet gateway", timeout)
         metrics_port = metrics_port or free_port()
         with open(self.logs / "metrics.log", "ab") as log:
             metrics = subprocess.Popen(
                 [sys.executable, "-m", "covey.aggregator._metrics", str(self.path),
-                 str(metrics_port)], stdout=log, stderr=subprocess.STDOUT,
+                 str(metrics_port)], stdout=log, stderr=subprocess.STDOUT, env=child_env(),
                 start_new_session=True)
         procs["metrics"] = {"pid": metrics.pid, "port": metrics_port}
         self._write("processes.json", procs)
         return self.status()
+
+    def _wait_healthy(self, address: str, process: subprocess.Popen[bytes], name: str,
+                      timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        trust = ssl.create_default_context(cafile=str(self.root_cert))
+        while True:
+            if process.poll() is not None:
+                self.stop()
+                log = "superlink" if name == "SuperLink" else "gateway"
+                tail = (self.logs / f"{log}.log").read_text(errors="replace")[-400:]
+                raise AggregatorError(f"the {name} exited (code {process.returncode}): "
+                                      f"{tail.strip().splitlines()[-1] if tail.strip() else ''}")
+            try:
+                if httpx.get(f"https://{address}/health", verify=trust, timeout=1.0).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AggregatorError(f"the {name} did not become healthy in {timeout:g} s")
+            time.sleep(0.3)
 
     def stop(self) -> list[str]:
         """Stop every process ``start`` launched; returns their names."""
@@ -303,11 +362,19 @@ class AggregatorHome:
 
     # -- runs ----------------------------------------------------------------------------
     def submit(self, run_config: dict[str, Any]) -> str:
-        """Start a run of covey's Flower app with ``run_config``; returns Flower's run id."""
+        """Start a run of covey's signed Flower app with ``run_config``; returns Flower's
+        run id."""
+        from covey.aggregator._apphub import AppHub
+
         if "superlink" not in self.processes:
             raise AggregatorError("the aggregator is not running: `covey aggregator start`")
+        hub_port = int(self._read("aggregator.json", {}).get("app_hub_port", 0))
+        if not hub_port:
+            raise AggregatorError("this aggregator was started by an older covey: "
+                                  "`covey aggregator stop`, then start it again")
         pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        data = self._flwr("run", str(FLOWER_APP), CONNECTION, "--run-config", pairs)
+        with AppHub(self.registry(), hub_port) as hub:
+            data = self._flwr("run", hub.spec, CONNECTION, "--run-config", pairs)
         return str(data["run-id"])
 
     def run_status(self, flower_run_id: str) -> tuple[str, str]:

@@ -110,3 +110,20 @@ class Registry:
         version, _, _ = self.get(version_id)
         write_atomic(self.folder / "current", version_id.encode() + b"\n")
         return version
+
+    def sign_app(self, fab: bytes) -> dict[str, str | int]:
+        """Sign a Flower app bundle as Flower's trusted-entities check expects it.
+
+        Returns the verification record the app hub hands the SuperLink: the key's id,
+        the base64url Ed25519 signature over ``signed_at`` and the FAB's SHA-256, and
+        ``signed_at`` (seconds since the epoch).
+        """
+        from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign
+
+        from covey.protocols._trusted_app import app_key_id
+
+        signed_at = int(datetime.now(UTC).timestamp())
+        message = create_message_to_sign(hashlib.sha256(fab).digest(), signed_at)
+        signature = base64.urlsafe_b64encode(self._key.sign(message)).rstrip(b"=").decode()
+        return {"public_key_id": app_key_id(self.public_key), "signature": signature,
+                "signed_at": signed_at}

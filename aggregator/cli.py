@@ -42,7 +42,7 @@ def certs(
     home: HomeOpt,
     host: Annotated[list[str] | None, typer.Option(
         "--host", help="A name or address pods use to reach the aggregator (repeatable; "
-        "default: the loopback).")] = None,
+        "the loopback is always named too).")] = None,
     days: Annotated[int, typer.Option(help="Validity of the certificates.")] = 365,
     force: Annotated[bool, typer.Option(help="Replace existing certificates.")] = False,
     as_json: JsonOpt = False,
@@ -58,7 +58,9 @@ def certs(
 @aggregator_app.command("start")
 def start(
     home: HomeOpt,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(
+        help="Address pods reach the aggregator on. Only the Fleet API listens there; the "
+        "SuperLink itself, and its Control API, stay on the loopback.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="The SuperLink's port.")] = DEFAULT_PORT,
     metrics_port: Annotated[int, typer.Option(
         help="Port of the Prometheus endpoint on 127.0.0.1 (0: any free port).")] = 0,

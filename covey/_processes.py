@@ -18,10 +18,30 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcessRef", "alive", "descendants", "flower_bin", "flower_env", "free_port",
-           "stop_process", "stop_processes", "stop_refs", "stop_tree"]
+__all__ = ["SECRET_ENV", "ProcessRef", "alive", "child_env", "descendants", "flower_bin",
+           "flower_env", "free_port", "secret_from_env", "stop_process", "stop_processes",
+           "stop_refs", "stop_tree", "take_secrets"]
 
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+# Read by the CLI for non-interactive use, and never handed on: a process covey starts
+# gets what it needs another way (the round agent's data key comes down a pipe).
+SECRET_ENV = ("COVEY_PASSPHRASE", "COVEY_NEW_PASSPHRASE")
+_taken: dict[str, str] = {}
+
+
+def take_secrets() -> None:
+    """Move ``SECRET_ENV`` out of ``os.environ``, so that no child process inherits them
+    whoever starts it (the `covey` command does this first)."""
+    _taken.clear()
+    for name in SECRET_ENV:
+        if name in os.environ:
+            _taken[name] = os.environ.pop(name)
+
+
+def secret_from_env(name: str) -> str | None:
+    """A secret the environment gave this process (taken or still there)."""
+    return _taken.get(name, os.environ.get(name))
 
 
 def flower_bin(name: str) -> str:
@@ -29,9 +49,15 @@ def flower_bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment without the secrets in ``SECRET_ENV``."""
+    return {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+
+
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for Flower processes: our venv first, no network checks."""
-    env = dict(os.environ)
+    """The environment for Flower processes: our venv first, no network checks, no
+    secrets."""
+    env = child_env()
     env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
                FLWR_HOME=str(flwr_home), FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1",

@@ -79,6 +79,9 @@ def _fail(message: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `covey` console script."""
+    from covey._processes import take_secrets
+
+    take_secrets()
     logs.configure(None)
     try:
         result = app(args=argv, prog_name="covey", standalone_mode=False)

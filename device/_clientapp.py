@@ -1,17 +1,17 @@
 """The pod's Flower ClientApp: a thin adapter from Flower messages to ``take_part``.
 
-The SuperNode that ``covey pod join`` starts passes, in its node config, the pod home
-(``pod-home``), the pinned aggregator signing key (``aggregator-key``, a file) and the
-SuperLink address (``superlink``, for the audit log); the passphrase comes from
-``COVEY_PASSPHRASE`` in the SuperNode's environment.
+The SuperNode that ``covey pod join`` starts runs this ClientApp only as part of covey's
+app signed by the aggregator (its ``--trusted-entities`` pin the aggregator's key), and
+the ClientApp holds no key: it relays each message to the pod's round agent over the
+Unix socket its node config names (``round-socket``). The agent's worker, with the agent
+the only processes that hold the pod's data key, answers it with :func:`answer` (see
+``_round_agent``).
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from covey.device._participation import RoundRefused, RoundRequest, refusal_deta
 from covey.errors import CoveyError
 from covey.privacy import DPConfig
 
-__all__ = ["app", "reply_message", "request_from"]
+__all__ = ["answer", "app", "reply_message", "request_from"]
 
 REFUSAL_CODE = 4001
 _MODEL: dict[str, Any] = {}
@@ -65,19 +65,61 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Take part in a round, or refuse it with a reason the aggregator can count."""
-    from covey.device._pod import Pod
+    """Hand the round to the pod's round agent, which alone can open the pod."""
+    return _relay(msg, context)
 
-    node = context.node_config
-    peer = str(node.get("superlink", ""))
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Hand the statistics request to the pod's round agent."""
+    return _relay(msg, context)
+
+
+def _relay(msg: Message, context: Context) -> Message:
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+    from google.protobuf.message import DecodeError
+
+    from covey.device._round_agent import ask
+
+    try:
+        raw = ask(Path(str(context.node_config["round-socket"])),
+                  message_to_proto(msg).SerializeToString())
+        proto = ProtoMessage()
+        proto.ParseFromString(raw)
+        reply = message_from_proto(proto)
+    except (KeyError, OSError, ValueError, DecodeError) as exc:
+        return _refuse(msg, "pod_error", "refused: the pod's round agent did not answer "
+                                         f"({type(exc).__name__})")
+    return Message(reply.error if reply.has_error() else reply.content, reply_to=msg)
+
+
+def answer(msg: Message, open_pod: Callable[[], Any], aggregator_key: bytes,
+           peer: str) -> Message:
+    """The pod's reply to one message from the aggregator; the round agent's worker runs
+    this.
+
+    Args:
+        open_pod: unlocks the pod (the worker opens it with the data key it holds).
+        aggregator_key: the pinned Ed25519 key the model version must be signed with.
+        peer: the SuperLink's address, for the audit log.
+    """
+    kind = msg.metadata.message_type.split(".")[0]
+    if kind == "train":
+        return _train(msg, open_pod, aggregator_key, peer)
+    if kind == "query":
+        return _query(msg, open_pod, peer)
+    return _refuse(msg, "malformed", "refused: unknown message type")
+
+
+def _train(msg: Message, open_pod: Callable[[], Any], key: bytes, peer: str) -> Message:
+    """Take part in a round, or refuse it with a reason the aggregator can count."""
     try:
         request = request_from(dict(msg.content.config_records["round"]), peer)
     except (KeyError, TypeError, ValueError) as exc:
         return _refuse(msg, "malformed", f"refused: malformed round message ({type(exc).__name__})")
     try:
-        key = base64.b64decode(Path(str(node["aggregator-key"])).read_text().strip())
-        passphrase = os.environ.get("COVEY_PASSPHRASE", "")
-        with Pod.open(Path(str(node["pod-home"])), passphrase) as pod:
+        with open_pod() as pod:
             model, tok = _model()
             update, _ = take_part(pod, request, model, tok, key)
     except RoundRefused as exc:
@@ -100,8 +142,7 @@ def reply_message(msg: Message, update: Any, dp: DPConfig, version_id: str) -> M
     }), reply_to=msg)
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
+def _query(msg: Message, open_pod: Callable[[], Any], peer: str) -> Message:
     """Answer the aggregator's request for shared statistics, only under DP.
 
     The one statistic defined is ``usage_hours`` (config record ``stats``: ``kind``,
@@ -109,9 +150,7 @@ def query(msg: Message, context: Context) -> Message:
     Gaussian mechanism, charged to its ledger (:func:`usage_histogram`).
     """
     from covey.device._context import usage_histogram
-    from covey.device._pod import Pod
 
-    node = context.node_config
     try:
         cfg = dict(msg.content.config_records["stats"])
         if cfg["kind"] != "usage_hours":
@@ -121,9 +160,8 @@ def query(msg: Message, context: Context) -> Message:
         return _refuse(msg, "malformed", f"refused: malformed statistics request "
                                          f"({type(exc).__name__})")
     try:
-        passphrase = os.environ.get("COVEY_PASSPHRASE", "")
-        with Pod.open(Path(str(node["pod-home"])), passphrase) as pod:
-            release = usage_histogram(pod, z, run_id, str(node.get("superlink", "")))
+        with open_pod() as pod:
+            release = usage_histogram(pod, z, run_id, peer)
     except RoundRefused as exc:
         return _refuse(msg, exc.code, str(exc))
     except (CoveyError, OSError, KeyError) as exc:

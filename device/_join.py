@@ -1,10 +1,13 @@
-"""Joining a federation: the pod's SuperNode, started and stopped by covey.
+"""Joining a federation: the pod's round agent and SuperNode, started and stopped by covey.
 
 ``covey pod join`` checks that the aggregator is reachable and that its certificate
-verifies against the root certificate given, pins the aggregator's model-signing key in
-the pod home, and starts a Flower SuperNode authenticated with the pod's node key. The
-SuperNode runs covey's ClientApp, which opens the pod with the passphrase from its
-environment for each round. ``covey pod leave`` stops it.
+verifies against the root certificate given, pins the aggregator's signing key in the
+pod home (it signs model versions and covey's Flower app), unwraps the pod's data key
+with the passphrase, and starts the pod's round agent (``_round_agent``) with that key
+on its standard input. The agent starts a Flower SuperNode authenticated with the pod's
+node key, whose ``--trusted-entities`` list only the pinned key: it runs covey's signed
+app and refuses any other. No process covey starts has the passphrase or the key in its
+environment. ``covey pod leave`` stops the agent and its SuperNode.
 """
 
 from __future__ import annotations
@@ -16,19 +19,24 @@ import json
 import shutil
 import ssl
 import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from covey._files import write_atomic
-from covey._processes import ProcessRef, flower_bin, flower_env, free_port, stop_tree
+from covey._processes import ProcessRef, child_env, flower_bin, free_port, stop_tree
 from covey.device._pod import Pod
 from covey.errors import CoveyError, InvalidInputError
 from covey.protocols import make_node_key
+from covey.protocols._trusted_app import trusted_entities
 
 __all__ = ["JoinError", "join", "leave", "node_key", "supernode"]
 
 NODE_KEY = "node.key"
 AGGREGATOR_KEY = "aggregator.pub"
+TRUSTED_ENTITIES = "trusted-entities.yaml"
 SUPERNODE = "supernode.json"
 
 
@@ -96,8 +104,9 @@ def _read_key(path: Path) -> bytes:
 
 
 def join(home: Path, passphrase: str, superlink: str, root_cert: Path,
-         aggregator_key: Path | None = None, wait: float = 4.0) -> dict[str, Any]:
-    """Start this pod's SuperNode against ``superlink``; returns what was started.
+         aggregator_key: Path | None = None, wait: float = 60.0) -> dict[str, Any]:
+    """Start this pod's round agent and SuperNode against ``superlink``; returns what
+    was started (``wait``: the longest to wait for the aggregator to accept the node).
 
     Raises:
         InvalidInputError: a file is missing or not what it should be.
@@ -117,32 +126,43 @@ def join(home: Path, passphrase: str, superlink: str, root_cert: Path,
             raise InvalidInputError("pass --aggregator-key FILE: the aggregator's signing.pub "
                                     "(`covey aggregator status` shows where it is)")
         aggregator_key = guess
-    _read_key(aggregator_key)
-    with Pod.open(home, passphrase) as pod:  # the passphrase must open the pod
+    key = _read_key(aggregator_key)
+    data_key, device_key = Pod.keys(home, passphrase)
+    with Pod.open_with_keys(home, data_key, device_key) as pod:
         _check_reachable(superlink, root_cert)
         public = node_key(home)
         shutil.copyfile(aggregator_key, home / AGGREGATOR_KEY)
         pinned_root = home / "aggregator-ca.crt"
         shutil.copyfile(root_cert, pinned_root)
-        port = free_port()
-        node_config = (f'pod-home="{home}" aggregator-key="{home / AGGREGATOR_KEY}" '
-                       f'superlink="{superlink}"')
-        env = flower_env(home / "flwr", {"COVEY_PASSPHRASE": passphrase})
+        write_atomic(home / TRUSTED_ENTITIES, trusted_entities(key).encode())
+        socket_path = _socket_path(home)
+        node_config = f'round-socket="{socket_path}" superlink="{superlink}"'
+        runtime_port = free_port()  # the SuperNode's own API, for its ClientApps
+        supernode_command = [
+            flower_bin("flower-supernode"), "--superlink", superlink,
+            "--root-certificates", str(pinned_root),
+            "--auth-supernode-private-key", str(home / NODE_KEY),
+            "--trusted-entities", str(home / TRUSTED_ENTITIES),
+            "--node-config", node_config, "--host", "127.0.0.1", "--port", str(runtime_port)]
         log_path = home / "logs" / "supernode.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         started = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
-                [flower_bin("flower-supernode"), "--superlink", superlink,
-                 "--root-certificates", str(pinned_root),
-                 "--auth-supernode-private-key", str(home / NODE_KEY),
-                 "--node-config", node_config, "--host", "127.0.0.1", "--port", str(port)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=home,
-                start_new_session=True)
-        # A refused node exits within about two seconds; one still running after
-        # ``wait`` seconds has been accepted.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=wait)
+                [sys.executable, "-m", "covey.device._round_agent", str(home)],
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                cwd=home, start_new_session=True)
+        # The key goes down the pipe, never into an environment, argument or file.
+        pipe = process.stdin  # Popen(stdin=PIPE) always makes one
+        if pipe is not None:
+            with contextlib.suppress(BrokenPipeError), pipe:
+                pipe.write(json.dumps({
+                    "home": str(home), "data_key": base64.b64encode(data_key).decode(),
+                    "device_key": base64.b64encode(device_key).decode(),
+                    "aggregator_key": base64.b64encode(key).decode(), "peer": superlink,
+                    "socket": str(socket_path), "flwr_home": str(home / "flwr"),
+                    "supernode": supernode_command}).encode())
+        _wait_accepted(process, log_path, started, wait)
         if process.poll() is not None:
             text = log_path.read_bytes()[started:].decode(errors="replace")
             if "2004" in text or "2001" in text or "registered" in text:
@@ -151,15 +171,37 @@ def join(home: Path, passphrase: str, superlink: str, root_cert: Path,
             raise JoinError(f"the SuperNode exited with code {process.returncode}; "
                             f"see {log_path}")
         info = {"pid": process.pid, "process": str(ProcessRef.of(process.pid)),
-                "superlink": superlink, "port": port,
-                "node_key": str(public), "log": str(log_path)}
+                "superlink": superlink, "port": runtime_port, "node_key": str(public),
+                "log": str(log_path), "socket": str(socket_path)}
         write_atomic(home / SUPERNODE, json.dumps(info).encode())
         pod.audit("federation_join", peer=superlink, detail={"node_key": public.name})
     return info
 
 
+def _wait_accepted(process: subprocess.Popen[bytes], log_path: Path, start: int,
+                   wait: float) -> None:
+    """Return once the SuperNode is registered (it logs its id), has exited (refused),
+    or ``wait`` seconds have passed (still connecting: taken as accepted)."""
+    deadline = time.monotonic() + wait
+    while process.poll() is None and time.monotonic() < deadline:
+        with open(log_path, "rb") as log:
+            log.seek(start)
+            if b"SuperNode ID:" in log.read():
+                return
+        time.sleep(0.1)
+
+
+def _socket_path(home: Path) -> Path:
+    """Where the round agent listens: in the pod home when the path fits a socket
+    address (108 bytes), else in a fresh private folder (0700) in the temporary one."""
+    path = home / "run" / "round.sock"
+    if len(str(path).encode()) < 100:
+        return path
+    return Path(tempfile.mkdtemp(prefix="pod-round-")) / "round.sock"
+
+
 def leave(home: Path) -> bool:
-    """Stop this pod's SuperNode; False when none was running."""
+    """Stop this pod's round agent and SuperNode; False when none was running."""
     info = supernode(home)
     (home / SUPERNODE).unlink(missing_ok=True)
     if info is None:
@@ -167,4 +209,9 @@ def leave(home: Path) -> bool:
     ref = ProcessRef.parse(str(info["process"]))
     if ref is not None:
         stop_tree(ref)
+    socket_path = Path(str(info.get("socket", home / "run" / "round.sock")))
+    socket_path.unlink(missing_ok=True)
+    if socket_path.parent.name.startswith("pod-round-"):
+        with contextlib.suppress(OSError):
+            socket_path.parent.rmdir()
     return True

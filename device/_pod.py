@@ -203,6 +203,44 @@ class Pod:
 
         pod_ledger(self).start()
 
+    @classmethod
+    def open_with_keys(cls, home: Path, data_key: bytes, device_key: bytes,
+                       config: PodConfig | None = None) -> Pod:
+        """Unlock the pod at ``home`` with its keys themselves (the round agent holds them
+        while the pod takes part in federated rounds; see ``_round_agent``).
+
+        Raises:
+            PodNotFoundError, PodForgottenError, StoreCorruptError (also for a wrong key).
+        """
+        home = home.expanduser().absolute()
+        _check_not_forgotten(home)
+        if not (home / KEY_FILE).exists():
+            raise PodNotFoundError(home)
+        config = config or load_pod_config(home)
+        if not (home / DB_FILE).exists():
+            raise StoreCorruptError(home / DB_FILE, "the database file is missing")
+        store = Store(home / DB_FILE, data_key, config.busy_timeout_ms)
+        try:
+            return cls(home, store, config, device_key)
+        except BaseException:
+            store.close()
+            raise
+
+    @classmethod
+    def keys(cls, home: Path, passphrase: str) -> tuple[bytes, bytes]:
+        """The pod's data key and device key, unwrapped with ``passphrase`` (an older
+        pod's device key is moved into its key file first).
+
+        Raises:
+            PodNotFoundError, PodForgottenError, WrongPassphraseError, StoreCorruptError.
+        """
+        home = home.expanduser().absolute()
+        _, data_key, device_key = cls._unwrap(home, passphrase)
+        if not device_key:
+            cls.open(home, passphrase).close()
+            _, data_key, device_key = cls._unwrap(home, passphrase)
+        return data_key, device_key
+
     @staticmethod
     def _unwrap(home: Path, passphrase: str) -> tuple[_keys.WrappedKey, bytes, bytes]:
         _check_not_forgotten(home)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -53,7 +52,9 @@ def passphrase(prompt: str = "Passphrase", *, env: str = "COVEY_PASSPHRASE",
     Raises:
         PassphraseRequiredError: neither is available.
     """
-    value = os.environ.get(env)
+    from covey._processes import secret_from_env
+
+    value = secret_from_env(env)
     if value is not None:
         return value
     if not sys.stdin.isatty():

@@ -1,0 +1,113 @@
+"""A joined pod's round agent, looked at as a local attacker would: where the data key
+goes when `covey pod join` starts it, what the SuperNode is given, and what its socket
+gives (a DP answer from the pod it alone can open, never the key)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.supercore.task_identity import TaskIdentity
+
+from covey._processes import alive, descendants
+from covey.aggregator._registry import Registry
+from covey.device import Pod, _join
+from covey.device._context import enable, record_usage
+from covey.device._participation import spent
+from covey.device._round_agent import MAX_FRAME, ask
+from covey.protocols._trusted_app import trusted_entities
+from tests.conftest import PASSPHRASE
+from tests.device.test_join import _certs, _serve
+
+
+@pytest.fixture
+def aggregator(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    folder = tmp_path / "aggregator"
+    folder.mkdir()
+    ca, cert, key = _certs(folder, expired=False)
+    for address in _serve(cert, key):
+        yield address, ca
+
+
+def _ask(socket: Path, kind: str, records: RecordDict) -> Message:
+    raw = ask(socket, message_to_proto(
+        Message(records, dst_node_id=1, message_type=kind)).SerializeToString())
+    proto = ProtoMessage()
+    proto.ParseFromString(raw)
+    return message_from_proto(proto)
+
+
+def test_the_key_goes_to_the_round_agent_alone(pod: Pod, home: Path, tmp_path: Path,
+                                                aggregator: tuple[str, Path],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    address, ca = aggregator
+    enable(pod, "routine")
+    for hour in (8, 9, 9, 20):
+        record_usage(pod, datetime(2026, 1, 5, hour, tzinfo=UTC))
+    # A stand-in for flower-supernode records what it is given, then waits.
+    seen = tmp_path / "supernode-saw"
+    fake = tmp_path / "flower-supernode"
+    fake.write_text(f'#!/bin/sh\nenv > "{seen}.env"\necho "$@" > "{seen}.args"\n'
+                    "exec sleep 600\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(_join, "flower_bin", lambda name: str(fake))
+    monkeypatch.setenv("COVEY_PASSPHRASE", PASSPHRASE)  # as a non-interactive join has it
+    registry = Registry(tmp_path / "registry")
+    info = _join.join(home, PASSPHRASE, address, ca, registry.public_key_path, wait=1.0)
+    agent, socket = int(info["pid"]), Path(info["socket"])
+    try:
+        assert stat.S_IMODE(socket.stat().st_mode) == 0o600
+        assert stat.S_IMODE(socket.parent.stat().st_mode) == 0o700
+        spellings = [PASSPHRASE.encode()]
+        for key in Pod.keys(home, PASSPHRASE):  # the data key and the device key
+            spellings += [key, key.hex().encode(), base64.b64encode(key)]
+        supernode_env = seen.with_suffix(".env").read_bytes()
+        assert b"COVEY_PASSPHRASE" not in supernode_env
+        assert not any(s in supernode_env for s in spellings)
+        try:  # readable only by root: the agent is not dumpable
+            agent_env = Path(f"/proc/{agent}/environ").read_bytes()
+        except PermissionError:
+            agent_env = b""
+        assert not any(s in agent_env for s in spellings)
+        assert not any(s in Path(f"/proc/{agent}/cmdline").read_bytes() for s in spellings)
+        # The SuperNode trusts the pinned aggregator key, and that alone.
+        args = seen.with_suffix(".args").read_text().split()
+        entities = Path(args[args.index("--trusted-entities") + 1])
+        assert yaml.safe_load(entities.read_text()) == yaml.safe_load(
+            trusted_entities(registry.public_key))
+        assert f'round-socket="{socket}"' in args
+
+        # The socket answers a round's questions from the pod it alone opens, under DP.
+        monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+        monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+        monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+        before = spent(pod)
+        reply = _ask(socket, "query", RecordDict({"stats": ConfigRecord({
+            "kind": "usage_hours", "run-id": "stats-1", "noise-multiplier": 8.0})}))
+        assert not reply.has_error(), reply.error
+        assert len(reply.content.array_records["hours"].to_numpy_ndarrays()[0]) == 24
+        assert spent(pod) > before  # charged to the user's ledger
+        malformed = _ask(socket, "train", RecordDict({"round": ConfigRecord({"x": 1})}))
+        assert malformed.has_error() and "malformed" in malformed.error.reason
+        # A frame over the limit is dropped, and the agent keeps serving.
+        with pytest.raises(ValueError, match="over the"):
+            ask(socket, b"\0" * (MAX_FRAME + 1))
+        assert _ask(socket, "evaluate", RecordDict()).has_error()  # covey asks no such thing
+        # One worker answered them all, as the agent's child.
+        workers = [p for p in descendants(agent)
+                   if b"--worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(workers) == 1
+    finally:
+        assert _join.leave(home)
+    assert not alive(agent) and not socket.exists()
+    assert not any(alive(p) for p in workers)
+    assert os.environ["COVEY_PASSPHRASE"] == PASSPHRASE  # the caller's own is untouched
