@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from covey._files import write_atomic
-from covey._processes import alive, child_env, flower_bin, flower_env, free_port, stop_process
+from covey._processes import ProcessRef, child_env, flower_bin, flower_env, free_port, stop_tree
 from covey.errors import CoveyError, InvalidInputError
 
 __all__ = ["AggregatorError", "AggregatorHome"]
@@ -175,9 +175,16 @@ class AggregatorHome:
 
     @property
     def processes(self) -> dict[str, Any]:
-        """What ``start`` launched: {"superlink": {"pid", "port"}, "metrics": {...}}."""
+        """What ``start`` launched and still runs: {"superlink": {"pid", "port",
+        "process"}, "metrics": {...}}. A recorded pid that now names another process (the
+        aggregator's stopped and the pid reused) does not count."""
         procs: dict[str, Any] = self._read("processes.json", {})
-        return {k: v for k, v in procs.items() if alive(int(v["pid"]))}
+        running = {}
+        for name, info in procs.items():
+            ref = ProcessRef.parse(str(info.get("process", "")))
+            if ref is not None and ref.current():
+                running[name] = info
+        return running
 
     def record_round(self, stats: dict[str, Any]) -> None:
         """Add a finished round to the counters the metrics endpoint serves."""
@@ -263,7 +270,8 @@ class AggregatorHome:
                  "--disable-runtime-dependency-installation"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.path,
                 start_new_session=True)
-        procs: dict[str, Any] = {"superlink": {"pid": link.pid, "port": port}}
+        procs: dict[str, Any] = {"superlink": {"pid": link.pid, "port": port,
+                                               "process": str(ProcessRef.of(link.pid))}}
         self._write("processes.json", procs)
         self._wait_healthy(control, link, "SuperLink", timeout)
         if exposed:
@@ -272,7 +280,8 @@ class AggregatorHome:
                     [sys.executable, "-m", "covey.aggregator._gateway", host, str(port),
                      control, str(self.certs)], stdout=log, stderr=subprocess.STDOUT,
                     env=child_env(), start_new_session=True)
-            procs["gateway"] = {"pid": gateway.pid, "port": port}
+            procs["gateway"] = {"pid": gateway.pid, "port": port,
+                                "process": str(ProcessRef.of(gateway.pid))}
             self._write("processes.json", procs)
             self._wait_healthy(f"{connect}:{port}", gateway, "Fleet gateway", timeout)
         metrics_port = metrics_port or free_port()
@@ -281,7 +290,8 @@ class AggregatorHome:
                 [sys.executable, "-m", "covey.aggregator._metrics", str(self.path),
                  str(metrics_port)], stdout=log, stderr=subprocess.STDOUT, env=child_env(),
                 start_new_session=True)
-        procs["metrics"] = {"pid": metrics.pid, "port": metrics_port}
+        procs["metrics"] = {"pid": metrics.pid, "port": metrics_port,
+                            "process": str(ProcessRef.of(metrics.pid))}
         self._write("processes.json", procs)
         return self.status()
 
@@ -312,7 +322,9 @@ class AggregatorHome:
         """Stop every process ``start`` launched; returns their names."""
         stopped = []
         for name, info in self.processes.items():
-            stop_process(int(info["pid"]))
+            ref = ProcessRef.parse(str(info["process"]))
+            if ref is not None:
+                stop_tree(ref)  # only the process recorded, never a later one on its pid
             stopped.append(name)
         self._write("processes.json", {})
         return stopped
