@@ -32,19 +32,20 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlcipher3.dbapi2 as sqlite
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from covey.device import _audit
 from covey.device._facts import Fact
 from covey.device._feedback import write_consent
 from covey.device._graph import PreferenceGraph
 from covey.device._participation import _DELTA_KEY, _MAX_EPS_KEY
-from covey.device._pod import DeviceIdentity
 from covey.device._profile import PROFILE_FIELDS, validate
 from covey.device._store import set_meta
-from covey.errors import InvalidInputError
-from covey.protocols._crdt import Entry, Replica
+from covey.errors import InvalidInputError, SyncError
+from covey.protocols._crdt import Entry, MergeResult, Replica
 from covey.protocols._hlc import HLC
-from covey.protocols._identity import DeviceCertificate, Revocation, UserKey
+from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, device_id_of
+from covey.protocols._trust import USER_SCHEMA, UserTrust, user_schema, user_trust
 
 if TYPE_CHECKING:
     from covey.device._pod import Pod
@@ -54,6 +55,8 @@ __all__ = ["SYNC_MEMORIES", "Device", "PodState", "memory_key", "record_forgotte
 SYNC_MEMORIES = "sync_memories"  # the consent scope under which memories are shared
 _NOT_FUNCTIONAL = {"likes", "dislikes", "allergic_to"}
 _TASTES = {"likes", "dislikes"}
+# Stored keeping the earlier copy, never overwritten.
+_GROW_ONLY = frozenset(c.name for c in USER_SCHEMA if c.grow_only)
 
 
 def _now() -> str:
@@ -83,13 +86,26 @@ def _next_stamp(conn: sqlite.Connection, node: str) -> HLC:
     return HLC(wall, 0, node)
 
 
+def _rows(entries: list[Entry]) -> list[tuple[Any, ...]]:
+    return [(e.collection, e.key, None if e.deleted else json.dumps(e.value), e.stamp.encode(),
+             int(e.deleted), e.signature) for e in entries]
+
+
 def _save(conn: sqlite.Connection, entries: list[Entry]) -> None:
+    """Store entries as the replica holds them. The guards keep another process's newer
+    write: last-writer-wins keeps the larger stamp, grow-only the earlier copy."""
+    grow = [e for e in entries if e.collection in _GROW_ONLY]
     conn.executemany(
-        "INSERT INTO sync_entries (collection, key, value, stamp, deleted) VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT (collection, key) DO UPDATE SET value = excluded.value,"
-        " stamp = excluded.stamp, deleted = excluded.deleted WHERE excluded.stamp > stamp",
-        [(e.collection, e.key, None if e.deleted else json.dumps(e.value), e.stamp.encode(),
-          int(e.deleted)) for e in entries])
+        "INSERT INTO sync_entries (collection, key, value, stamp, deleted, signature)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, key) DO UPDATE SET"
+        " value = excluded.value, stamp = excluded.stamp, deleted = excluded.deleted,"
+        " signature = excluded.signature WHERE excluded.stamp > stamp",
+        _rows([e for e in entries if e.collection not in _GROW_ONLY]))
+    conn.executemany(
+        "INSERT INTO sync_entries (collection, key, value, stamp, deleted, signature)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, key) DO UPDATE SET"
+        " stamp = excluded.stamp, signature = excluded.signature"
+        " WHERE excluded.stamp < stamp", _rows(grow))
 
 
 def _save_vector(conn: sqlite.Connection, vector: dict[str, HLC]) -> None:
@@ -106,26 +122,31 @@ def record_forgotten(conn: sqlite.Connection, kind: str, text: str) -> None:
                        " AND key = ?", (key,)).fetchone()
     if row is None or row[0]:
         return
-    node = str(conn.execute("SELECT device_id FROM identity").fetchone()[0])
-    stamp = _next_stamp(conn, node)
-    _save(conn, [Entry("memories", key, None, stamp, deleted=True)])
-    _save_vector(conn, {node: stamp})
+    node, private = conn.execute("SELECT device_id, private_key FROM identity").fetchone()
+    stamp = _next_stamp(conn, str(node))
+    tombstone = Entry("memories", key, None, stamp, deleted=True)
+    _save(conn, [tombstone.signed_by(Ed25519PrivateKey.from_private_bytes(private))])
+    _save_vector(conn, {str(node): stamp})
 
 
 @dataclass(frozen=True)
 class Device:
-    """A device of the user, as its certificate says, and whether it was revoked."""
+    """A device of the user, as its certificate says, and whether it was revoked.
+
+    ``current``: certified by the current user key and not revoked (it may sync).
+    """
 
     device_id: str
     name: str
     public_key: bytes
     issued_at: str
     revoked: Revocation | None = None
+    current: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"device_id": self.device_id, "name": self.name,
                 "public_key": base64.b64encode(self.public_key).decode(),
-                "issued_at": self.issued_at,
+                "issued_at": self.issued_at, "current": self.current,
                 "revoked_at": self.revoked.revoked_at if self.revoked else None,
                 "revoked_reason": self.revoked.reason if self.revoked else None}
 
@@ -136,6 +157,7 @@ class PodState:
     def __init__(self, pod: Pod) -> None:
         self.pod = pod
         self.node = pod.identity.device_id
+        self.schema = user_schema()
         self._replica: Replica | None = None
         self._seen_version = -1
         self._published_version = -1
@@ -165,14 +187,16 @@ class PodState:
         return self._replica
 
     def _load(self) -> Replica:
-        replica = Replica(self.node)
+        rows = self.pod.store.query("SELECT user_id FROM user_identity")
+        replica = Replica(self.node, self.schema, signer=self.pod.identity.private_key,
+                          trust=user_trust(str(rows[0][0]) if rows else None))
         own: list[HLC] = []
-        for r in self.pod.store.query("SELECT collection, key, value, stamp, deleted"
-                                      " FROM sync_entries"):
+        for r in self.pod.store.query("SELECT collection, key, value, stamp, deleted,"
+                                      " signature FROM sync_entries"):
             stamp = HLC.decode(r["stamp"])
             value = None if r["deleted"] else json.loads(r["value"])
             replica.entries[(r["collection"], r["key"])] = Entry(
-                r["collection"], r["key"], value, stamp, bool(r["deleted"]))
+                r["collection"], r["key"], value, stamp, bool(r["deleted"]), r["signature"])
             if stamp.node == self.node:
                 own.append(stamp)
         replica.vector = {r["node"]: HLC.decode(r["stamp"])
@@ -183,6 +207,12 @@ class PodState:
             last = max(own)
             replica.clock.wall, replica.clock.counter = last.wall, last.counter
         return replica
+
+    def trust(self) -> UserTrust:
+        """Who may write, as this pod's replica says."""
+        trust = self.replica().trust()
+        assert isinstance(trust, UserTrust)  # the replica is built with user_trust
+        return trust
 
     @contextmanager
     def _writing(self) -> Iterator[tuple[sqlite.Connection, Replica]]:
@@ -210,8 +240,9 @@ class PodState:
         self.publish()
         return self.replica()
 
-    def merged(self, replica: Replica, changed: list[Entry]) -> None:
+    def merged(self, replica: Replica, result: MergeResult, peer: str) -> None:
         """Store what a peer's delta changed, and apply it to the pod's tables."""
+        changed = result.changed
         with self._writing() as (conn, _):
             _save(conn, changed)
             _save_vector(conn, replica.vector)
@@ -321,94 +352,108 @@ class PodState:
     # -- identity ----------------------------------------------------------------------
 
     def user_key(self) -> UserKey | None:
-        """The user key, once this pod has one (made on first pairing)."""
-        rows = self.pod.store.query("SELECT private_key FROM user_identity")
-        return UserKey.from_bytes(rows[0][0]) if rows else None
+        """The user key this pod holds, once it has one (made on first pairing)."""
+        rows = self.pod.store.query("SELECT user_id, private_key FROM user_identity")
+        return UserKey.from_bytes(rows[0]["private_key"], rows[0]["user_id"]) if rows else None
 
     def user_since(self) -> str:
         rows = self.pod.store.query("SELECT created_at FROM user_identity")
         return str(rows[0][0]) if rows else ""
 
-    def adopt_user_key(self, private: bytes) -> UserKey:
-        """Hold ``private`` as the user key from now on (pairing's joining side)."""
-        key = UserKey.from_bytes(private)
+    def adopt_user_key(self, private: bytes, user_id: str) -> UserKey:
+        """Hold ``private`` as the key of user ``user_id`` (pairing's joining side).
+
+        Raises:
+            SyncError: this pod already holds a user key (it never takes another).
+        """
+        key = UserKey.from_bytes(private, user_id)
         with self.pod.store.transaction() as conn:
+            held = conn.execute("SELECT user_id FROM user_identity").fetchone()
+            if held is not None:
+                raise SyncError(f"this pod already belongs to user {held[0]}; it never takes "
+                                "another user key (erase it with `covey pod forget` first)")
             conn.execute("INSERT INTO user_identity (id, user_id, private_key, created_at)"
-                         " VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-                         " user_id = excluded.user_id, private_key = excluded.private_key,"
-                         " created_at = excluded.created_at", (key.user_id, private, _now()))
-            _audit.append(conn, "sync.user", detail={"user_id": key.user_id})
+                         " VALUES (1, ?, ?, ?)", (user_id, private, _now()))
+            _audit.append(conn, "sync.user", detail={"user_id": user_id})
+        self._replica = None  # the trust now has an anchor
         return key
 
     def ensure_user(self) -> UserKey:
-        """The user key, made now (with this device's certificate) if there is none."""
+        """The user key, made now (with this device's genesis certificate) if there is none."""
+        key = self.user_key()
+        if key is not None:
+            return key
+        key = UserKey.generate_for(self.pod.identity.public_key)
+        cert = key.certify(self.pod.identity.public_key, self.pod.name)
+        with self._writing() as (conn, replica):
+            conn.execute("INSERT INTO user_identity (id, user_id, private_key, created_at)"
+                         " VALUES (1, ?, ?, ?)", (key.user_id, key.private_bytes(), _now()))
+            _audit.append(conn, "sync.user", detail={"user_id": key.user_id, "made": True})
+            entry = replica.add("devices", cert.to_dict())
+            _save(conn, [entry])
+            _save_vector(conn, replica.vector)
+        self._replica = None  # the trust now has an anchor
+        return key
+
+    def holds_current_key(self) -> UserKey:
+        """The user key, if it is the current one (the head of the chain).
+
+        Raises:
+            SyncError: no user key, or this pod holds a superseded one (it gets the
+                current one from another device at its next sync).
+        """
         key = self.user_key()
         if key is None:
-            key = self.adopt_user_key(UserKey.generate().private_bytes())
-        if self.device(self.node) is None:
-            self.certify(key, self.pod.identity.public_key, self.pod.name)
+            raise SyncError("this pod is not paired with any device")
+        if self.trust().head != key.public_key:
+            raise SyncError("this pod does not hold the current user key yet; let it sync "
+                            "with another of your devices first")
         return key
 
     def certify(self, key: UserKey, public_key: bytes, name: str) -> DeviceCertificate:
         """Certify a device of the user and add it to the replicated device list."""
-        device_id = DeviceIdentity.id_for(public_key)
-        cert = key.certify(device_id, public_key, name)
-        self.edit(lambda r: [r.set("devices", device_id, cert.to_dict())])
+        cert = key.certify(public_key, name)
+        self.edit(lambda r: [r.add("devices", cert.to_dict())])
         return cert
 
     def devices(self) -> list[Device]:
-        """The user's devices whose certificates verify, with their revocations."""
-        key = self.user_key()
-        if key is None:
-            return []
-        replica = self.replica()
+        """Every device ever validly certified for the user, with its revocation."""
+        trust = self.trust()
         found = []
-        for value in replica.items("devices").values():
-            try:
-                cert = DeviceCertificate.from_dict(value)
-                cert.verify(key.public_key)
-            except (KeyError, TypeError, ValueError):
-                continue  # another user's certificate, or not one at all
-            found.append(Device(cert.device_id, cert.name,
-                                base64.b64decode(cert.device_public_key), cert.issued_at,
-                                self._revocation(replica, key, cert.device_id)))
-        return sorted(found, key=lambda d: d.issued_at)
-
-    @staticmethod
-    def _revocation(replica: Replica, key: UserKey, device_id: str) -> Revocation | None:
-        value = replica.get("revocations", device_id)
-        if value is None:
-            return None
-        try:
-            revocation: Revocation = Revocation.from_dict(value)
-            revocation.verify(key.public_key)
-        except (KeyError, TypeError, ValueError):
-            return None
-        return revocation
+        for device_id in trust.certificates:
+            cert = trust.certificate(device_id)
+            assert cert is not None
+            found.append(Device(device_id, cert.name, cert.device_key, cert.issued_at,
+                                trust.revocation(device_id), device_id in trust.current))
+        return sorted(found, key=lambda d: (d.issued_at, d.device_id))
 
     def device(self, device_id: str) -> Device | None:
         return next((d for d in self.devices() if d.device_id == device_id), None)
 
     def pin(self, public_key: bytes) -> str | None:
-        """Who may sync with this pod: its user's other devices, unless revoked."""
-        device = next((d for d in self.devices() if d.public_key == public_key), None)
-        if device is None or device.device_id == self.node:
+        """Who may sync with this pod: its user's current devices (never a revoked one)."""
+        trust, device_id = self.trust(), device_id_of(public_key)
+        revocation = trust.revocation(device_id)
+        if revocation is not None:
+            reason = f" ({revocation.reason})" if revocation.reason else ""
+            return f"this device was revoked by its user on {revocation.revoked_at[:10]}{reason}"
+        if device_id == self.node or device_id not in trust.current \
+                or trust.device_key(device_id) != public_key:
             return "not a paired device"
-        if device.revoked is not None:
-            reason = f" ({device.revoked.reason})" if device.revoked.reason else ""
-            return (f"this device was revoked by its user on "
-                    f"{device.revoked.revoked_at[:10]}{reason}")
         return None
 
     def revoke(self, which: str, reason: str = "") -> Device:
-        """Revoke a device of the user (by id, id prefix or name), for good.
+        """Revoke a device of the user (by id, id prefix or name), for good, and replace the
+        user key: the other current devices are certified again by the new key, which
+        reaches them (and only them) at their next sync.
 
         Raises:
-            InvalidInputError: no user key, no such device, several match, or it is this one.
+            InvalidInputError: no such device, several match, or it is this one.
+            SyncError: not paired, or this pod does not hold the current user key.
         """
-        key = self.user_key()
-        if key is None:
+        if self.user_key() is None:
             raise InvalidInputError("this pod is not paired with any device")
+        key = self.holds_current_key()
         matches = [d for d in self.devices()
                    if d.device_id == which or d.name == which
                    or (len(which) >= 8 and d.device_id.startswith(which))]
@@ -420,11 +465,33 @@ class PodState:
         if device.device_id == self.node:
             raise InvalidInputError("this is this device; to leave, erase it with "
                                     "`covey pod forget`")
-        revocation = key.revoke(device.device_id, reason)
-        self.edit(lambda r: [r.set("revocations", device.device_id, revocation.to_dict())])
-        self.pod.audit("sync.revoke", peer=device.device_id, detail={"reason": reason})
+        if device.revoked is not None:
+            raise InvalidInputError(f"{device.device_id} was already revoked")
+        revocation = self._rotate(key, device.device_id, reason)
         return Device(device.device_id, device.name, device.public_key, device.issued_at,
-                      revocation)
+                      revocation, False)
+
+    def _rotate(self, key: UserKey, device_id: str, reason: str) -> Revocation:
+        """Revoke ``device_id`` with ``key`` and move every other current device to the
+        new key, in one transaction."""
+        with self._writing() as (conn, replica):
+            trust = replica.trust()
+            assert isinstance(trust, UserTrust)
+            seen = replica.vector.get(device_id)
+            revocation, successor = key.revoke(device_id, reason, seen.encode() if seen else "")
+            written = [replica.add("revocations", revocation.to_dict())]
+            for other in sorted(trust.current - {device_id}):
+                cert = trust.certificate(other)
+                assert cert is not None
+                written.append(replica.add("devices", successor.certify(
+                    cert.device_key, cert.name).to_dict()))
+            _save(conn, written)
+            _save_vector(conn, replica.vector)
+            conn.execute("UPDATE user_identity SET private_key = ? WHERE id = 1",
+                         (successor.private_bytes(),))
+            _audit.append(conn, "sync.revoke", peer=device_id,
+                          detail={"reason": reason, "recertified": len(written) - 1})
+        return revocation
 
     def summary(self) -> dict[str, Any]:
         """Counts per collection (live and tombstones), never values."""

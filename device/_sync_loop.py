@@ -221,13 +221,14 @@ class SyncLoop:
         info = {"name": self.pod.name, "has_user": key is not None,
                 "devices": len(state.devices()), "since": state.user_since()}
 
-        def sponsor(peer_key: bytes, peer_info: dict[str, Any]) -> bytes:
-            user = state.ensure_user()
+        def sponsor(peer_key: bytes, peer_info: dict[str, Any]) -> tuple[str, bytes]:
+            state.ensure_user()
+            user = state.holds_current_key()
             state.certify(user, peer_key, str(peer_info["name"])[:64])
-            return user.private_bytes()
+            return user.user_id, user.private_bytes()
 
-        def join(private: bytes) -> None:
-            state.adopt_user_key(private)
+        def join(private: bytes, user_id: str) -> None:
+            state.adopt_user_key(private, user_id)
 
         pairing = Pairing(info, state, confirm, sponsor, join)
         self.server.pairing = pairing

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -34,9 +35,9 @@ from covey.protocols._channel import (
     Pinning,
     SecureChannel,
 )
-from covey.protocols._crdt import Delta, Entry, Replica
+from covey.protocols._crdt import Delta, Entry, MergeResult, Replica
 from covey.protocols._hlc import HLC
-from covey.protocols._identity import commitment, short_auth_string
+from covey.protocols._identity import commitment, device_id_of, short_auth_string
 
 __all__ = ["HANDSHAKE_TIMEOUT", "MAX_ENTRIES", "MemoryState", "PairResult", "Pairing",
            "RefusedError", "SyncServer", "SyncState", "SyncStats", "pair_with", "sync_with"]
@@ -65,8 +66,9 @@ class SyncState(Protocol):
     def begin(self) -> Replica:
         """The replica to sync, with local edits published into it."""
 
-    def merged(self, replica: Replica, changed: list[Entry]) -> None:
-        """Persist a merged delta (``changed``: the entries that changed here)."""
+    def merged(self, replica: Replica, result: MergeResult, peer: str) -> None:
+        """Persist a merged delta from device ``peer`` (``result.changed``: the entries
+        that changed here)."""
 
 
 class MemoryState:
@@ -78,7 +80,7 @@ class MemoryState:
     def begin(self) -> Replica:
         return self.replica
 
-    def merged(self, replica: Replica, changed: list[Entry]) -> None:
+    def merged(self, replica: Replica, result: MergeResult, peer: str) -> None:
         pass
 
 
@@ -97,11 +99,12 @@ class SyncStats:
     changed: int = 0  # entries that changed here
     sent: int = 0
     collections: set[str] = field(default_factory=set)
+    refused: Counter[str] = field(default_factory=Counter)  # received entries refused, by why
 
     def to_dict(self) -> dict[str, Any]:
         return {"peer": self.peer, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
                 "received": self.received, "changed": self.changed, "sent": self.sent,
-                "collections": sorted(self.collections)}
+                "collections": sorted(self.collections), "refused": dict(self.refused)}
 
 
 class _Conn:
@@ -177,9 +180,13 @@ async def _exchange(conn: _Conn, channel: SecureChannel, state: SyncState) -> No
                 delta = Delta(tuple(incoming), part.vector)
                 stats.received += len(delta.entries)
                 stats.collections.update(e.collection for e in delta.entries)
-                changed = replica.merge_changes(delta)
-                state.merged(replica, changed)
-                stats.changed += len(changed)
+                # Every entry is checked against the device the channel authenticated:
+                # it must come from that device, or be signed by the device it names.
+                sender = device_id_of(channel.peer_key)
+                result = replica.merge(delta, peer=sender)
+                state.merged(replica, result, sender)
+                stats.changed += len(result.changed)
+                stats.refused.update(result.refused)
                 merged = True
                 await conn.send(channel.seal({"type": "ack", "vector": {
                     n: t.encode() for n, t in replica.vector.items()}}))
@@ -253,15 +260,15 @@ class Pairing:
     most devices sponsors (ties: the older user key, then the responder); a side
     without a user key never sponsors unless neither has one.
     ``confirm(sas, peer_info)`` asks the person whether both screens show ``sas``.
-    ``sponsor(peer_key, peer_info)`` certifies the peer and returns the user key's
-    private bytes; ``join(user_key)`` adopts them.
+    ``sponsor(peer_key, peer_info)`` certifies the peer and returns the user id and the
+    user key's private bytes; ``join(user_key, user_id)`` adopts them.
     """
 
     info: dict[str, Any]
     state: SyncState
     confirm: Callable[[str, dict[str, Any]], Awaitable[bool]]
-    sponsor: Callable[[bytes, dict[str, Any]], bytes]
-    join: Callable[[bytes], None]
+    sponsor: Callable[[bytes, dict[str, Any]], tuple[str, bytes]]
+    join: Callable[[bytes, str], None]
 
 
 @dataclass
@@ -333,14 +340,15 @@ async def _pair(conn: _Conn, channel: SecureChannel, device_key: Ed25519PrivateK
                                       else (peer_info, pairing.info))
     sponsor = _sponsor_is_responder(responder_info, initiator_info) != initiator
     if sponsor:
-        user_key = pairing.sponsor(channel.peer_key, peer_info)
-        await conn.send(channel.seal({"type": "pair_welcome", "user_key": user_key.hex()}))
+        user_id, user_key = pairing.sponsor(channel.peer_key, peer_info)
+        await conn.send(channel.seal({"type": "pair_welcome", "user_id": user_id,
+                                      "user_key": user_key.hex()}))
     else:
         message = await conn.message(channel)
         try:
             if message.get("type") != "pair_welcome":
                 raise ValueError
-            pairing.join(bytes.fromhex(str(message["user_key"])))
+            pairing.join(bytes.fromhex(str(message["user_key"])), str(message["user_id"]))
         except (KeyError, ValueError):
             raise ChannelError("malformed pair_welcome message") from None
     await _exchange(conn, channel, pairing.state)

@@ -135,10 +135,11 @@ async def _session_and_bytes(root: Path) -> dict[str, Any]:
     try:
         sa, sb = PodState(a), PodState(b)
         user = sa.ensure_user()
-        sb.adopt_user_key(user.private_bytes())
+        sb.adopt_user_key(user.private_bytes(), user.user_id)
         sa.certify(user, b.identity.public_key, "b")
-        sb.edit(lambda r: [r.set("devices", a.identity.device_id,
-                                 sa.replica().get("devices", a.identity.device_id))])
+        # b learns the certificates as pairing would give them (both are signed entries).
+        rb = sb.replica()
+        sb.merged(rb, rb.merge_entries(sa.replica().entries_of("devices")), sa.node)
         from covey.device._feedback import set_consent
         from covey.device._sync import SYNC_MEMORIES
 
