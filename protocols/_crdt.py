@@ -112,7 +112,8 @@ class Trust(Protocol):
         """The public key of the device ``entry`` comes from (None: not a known device)."""
 
     def refusal(self, entry: Entry) -> str | None:
-        """Why ``entry``'s origin may not write it (None: it may)."""
+        """Why ``entry``'s origin may not write it (None: it may). A reason starting with
+        ``unknown_`` means "not checkable yet": the sender sends it again later."""
 
     def may_sync(self, node: str) -> bool:
         """Whether device ``node`` may send entries at all."""
@@ -216,7 +217,7 @@ class MergeResult:
 
     changed: list[Entry] = field(default_factory=list)
     refused: Counter[str] = field(default_factory=Counter)
-    unchecked: set[str] = field(default_factory=set)  # origins not yet known here
+    unchecked: set[str] = field(default_factory=set)  # origins with entries not checkable yet
     trust_changed: bool = False
 
     def __len__(self) -> int:
@@ -351,7 +352,7 @@ class Replica:
             why = self._refusal(entry, spec)
             if why is not None:
                 result.refused[why] += 1
-                if why == "unknown_origin":
+                if why.startswith("unknown_"):  # not checkable yet: it must come again
                     result.unchecked.add(entry.origin)
                 continue
             assert spec is not None  # checked by _refusal
@@ -370,7 +371,7 @@ class Replica:
     def _refusal(self, entry: Entry, spec: Collection | None) -> str | None:
         """Why a received entry may not be merged (None: it may)."""
         if spec is None:
-            return "unknown_collection"
+            return "foreign_collection"
         current = self.entries.get((entry.collection, entry.key))
         if current is not None and current.signature == entry.signature \
                 and current.stamp == entry.stamp:

@@ -120,10 +120,14 @@ class UserTrust:
                 revoked.setdefault(h.statement.device_id, []).append(h)
         revoked_at = {d: min(depth[h.signer] for h in hs) for d, hs in revoked.items()}
         chain, conflict = cls._chain(root, depth, children, revoked_at)
-        valid = cls._valid_certificates(certs, depth, revoked_at, user_id)
+        trust = cls(user_id, chain, depth, {}, revoked)
+        cutoffs = {d: trust.cutoff(d) for d in revoked}
+        valid = cls._valid_certificates(certs, depth, revoked_at, cutoffs, user_id)
         head = chain[-1]
-        current = frozenset(d for d, hs in valid.items()
-                            if d not in revoked and any(h.signer == head for h in hs))
+        # A forked chain (two devices revoked each other) trusts nobody: better that this
+        # pod syncs with no one than with whoever revoked first.
+        current = frozenset() if conflict else frozenset(
+            d for d, hs in valid.items() if d not in revoked and any(h.signer == head for h in hs))
         return cls(user_id, chain, depth, valid, revoked, current, conflict)
 
     @staticmethod
@@ -158,9 +162,11 @@ class UserTrust:
 
     @staticmethod
     def _valid_certificates(certs: list[_Held], depth: dict[bytes, int],
-                            revoked_at: dict[str, int], user_id: str) -> dict[str, list[_Held]]:
+                            revoked_at: dict[str, int], cutoffs: dict[str, HLC | None],
+                            user_id: str) -> dict[str, list[_Held]]:
         """The least fixpoint: a certificate counts if its writer counted at its depth or
-        before (or it is the genesis certificate) and was not revoked by then."""
+        before (or it is the genesis certificate) and had not been revoked when it wrote
+        it: not at an earlier key, nor at the same key after the revocation's cutoff."""
         pending = [h for h in certs if h.signer in depth]
         valid: dict[str, list[_Held]] = {}
         since: dict[str, float] = {}  # device -> smallest depth of a valid certificate
@@ -169,7 +175,9 @@ class UserTrust:
             changed = False
             for h in list(pending):
                 at, origin = depth[h.signer], h.origin
-                if revoked_at.get(origin, math.inf) <= at:
+                revoked, cutoff = revoked_at.get(origin, math.inf), cutoffs.get(origin)
+                if revoked < at or (revoked == at and (cutoff is None
+                                                       or h.entry.stamp > cutoff)):
                     continue
                 genesis = at == 0 and origin == h.statement.device_id and \
                     _is_genesis(h.statement, h.signer, user_id)
@@ -236,10 +244,16 @@ class UserTrust:
         return None
 
     def refusal(self, entry: Entry) -> str | None:
-        """A revoked device's later writes, and old-key statements by non-current writers."""
+        """A revoked device's later writes, statements signed by a key this pod does not
+        know yet (``unknown_key``: they come again), and old-key statements by non-current
+        writers."""
         cutoff = self.cutoff(entry.origin)
         if cutoff is not None and entry.stamp > cutoff:
             return "revoked_origin"
+        signer = _signer(entry)
+        if signer is not None and signer not in self.depth and not (
+                entry.collection == "devices" and self.head is None):
+            return "unknown_key"
         if entry.collection in TRUST_COLLECTIONS and self.head is not None \
                 and entry.origin not in self.current and isinstance(entry.value, dict):
             field = "signer" if entry.collection == "devices" else "previous_key"
@@ -254,20 +268,27 @@ class UserTrust:
 
 def _verify_certificate(entry: Entry, trust: UserTrust, current: Entry | None) -> None:
     cert = DeviceCertificate.from_dict(entry.value)
-    signer = cert.verify()
+    cert.verify()
     if cert.user_id != trust.user_id:
         raise ValueError("a certificate for another user")
-    if signer not in trust.depth and not _is_genesis(cert, signer, trust.user_id):
-        raise ValueError("not signed by a key of the user's chain")
 
 
 def _verify_revocation(entry: Entry, trust: UserTrust, current: Entry | None) -> None:
     revocation = Revocation.from_dict(entry.value)
-    previous = revocation.verify()
+    revocation.verify()
     if revocation.user_id != trust.user_id:
         raise ValueError("a revocation for another user")
-    if previous not in trust.depth:
-        raise ValueError("not signed by a key of the user's chain")
+
+
+def _signer(entry: Entry) -> bytes | None:
+    """The user key a certificate or revocation says signed it (None: not one)."""
+    field = {"devices": "signer", "revocations": "previous_key"}.get(entry.collection)
+    if field is None or not isinstance(entry.value, dict):
+        return None
+    try:
+        return unb64(str(entry.value.get(field, "")), 32)
+    except ValueError:
+        return None
 
 
 def user_schema(*extra: Any) -> Schema:
