@@ -44,7 +44,7 @@ from covey.device._store import set_meta
 from covey.errors import InvalidInputError, SyncError
 from covey.protocols._crdt import Entry, MergeResult, Replica
 from covey.protocols._hlc import HLC
-from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, device_id_of
+from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, b64, device_id_of
 from covey.protocols._trust import USER_SCHEMA, UserTrust, user_schema, user_trust
 
 if TYPE_CHECKING:
@@ -237,8 +237,65 @@ class PodState:
 
     def begin(self) -> Replica:
         """Publish the pod's local edits into the replica and hand it out."""
+        self.heal()
         self.publish()
         return self.replica()
+
+    def held_key(self) -> str:
+        """The public half of the user key this pod holds (base64), or ""."""
+        key = self.user_key()
+        return b64(key.public_key) if key else ""
+
+    def key_for(self, peer: str, holds: str) -> bytes | None:
+        """The current user key, for a current device of the user that lacks it (the
+        rotated key reaches the remaining devices, and only them, this way)."""
+        key, trust = self.user_key(), self.trust()
+        if key is None or trust.head != key.public_key or peer == self.node \
+                or peer not in trust.current or holds == b64(key.public_key):
+            return None
+        self.pod.audit("sync.user_key", peer=peer, detail={"sent": True})
+        return key.private_bytes()
+
+    def receive_key(self, private: bytes, peer: str) -> bool:
+        """Take the current user key from device ``peer``: only a successor of the key this
+        pod holds (the same user, the head of the chain it knows), never a first one."""
+        held, trust = self.user_key(), self.trust()
+        try:
+            key = UserKey.from_bytes(private, held.user_id if held else "")
+        except ValueError:
+            return False
+        if held is None or key.public_key != trust.head or key.public_key == held.public_key \
+                or peer not in trust.current or held.public_key not in trust.depth:
+            return False
+        with self.pod.store.transaction() as conn:
+            conn.execute("UPDATE user_identity SET private_key = ? WHERE id = 1",
+                         (key.private_bytes(),))
+            _audit.append(conn, "sync.user_key", peer=peer, detail={"received": True})
+        return True
+
+    def heal(self) -> list[Entry]:
+        """Finish what two pods revoking at once left undone (only with the current key):
+        certify again the devices this pod certified that the winning rotation did not,
+        and revoke again a device this pod revoked that the winning rotation kept."""
+        key, trust = self.user_key(), self.trust()
+        if key is None or trust.head != key.public_key or trust.conflict:
+            return []
+        head = trust.head
+        for device, held in trust.revocations.items():
+            mine = any(h.origin == self.node for h in held)
+            kept = any(h.signer == head for h in trust.certificates.get(device, []))
+            if mine and kept and device != self.node:
+                reason = held[0].statement.reason
+                self._rotate(key, device, reason)
+                return self.heal()
+        orphans = [d for d, held in trust.certificates.items()
+                   if d not in trust.current and d not in trust.revocations
+                   and any(h.origin == self.node for h in held)]
+        certificates = [key.certify(c.device_key, c.name).to_dict()
+                        for c in map(trust.certificate, orphans) if c is not None]
+        if not certificates:
+            return []
+        return self.edit(lambda r: [r.add("devices", c) for c in certificates])
 
     def merged(self, replica: Replica, result: MergeResult, peer: str) -> None:
         """Store what a peer's delta changed, and apply it to the pod's tables."""
@@ -433,6 +490,9 @@ class PodState:
     def pin(self, public_key: bytes) -> str | None:
         """Who may sync with this pod: its user's current devices (never a revoked one)."""
         trust, device_id = self.trust(), device_id_of(public_key)
+        if trust.conflict:
+            return ("this pod's user key chain forked (two devices revoked each other): it "
+                    "trusts no device until it is paired again")
         revocation = trust.revocation(device_id)
         if revocation is not None:
             reason = f" ({revocation.reason})" if revocation.reason else ""

@@ -130,7 +130,8 @@ def sync_devices(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     for column in ("device", "name", "since", "status"):
         table.add_column(column)
     for r in rows:
-        status = (f"revoked {r['revoked_at'][:10]}" if r["revoked_at"] else "paired") + \
+        status = (f"revoked {r['revoked_at'][:10]}" if r["revoked_at"] else
+                  "paired" if r["current"] else "not certified by the current user key") + \
             (" (this device)" if r["this"] else "")
         table.add_row(r["device_id"], r["name"], r["issued_at"][:10], status)
     out.print(table)
@@ -149,9 +150,16 @@ def sync_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             " 'sync%' ORDER BY seq DESC LIMIT 10")
         memories = pod.store.query("SELECT granted FROM consents WHERE scope = ?",
                                    (SYNC_MEMORIES,))
+        trust = state.trust()
         report: dict[str, Any] = {
             "user_id": key.user_id if key else None,
             "device_id": pod.identity.device_id,
+            # The user key is replaced at every revocation; a pod holding an older one
+            # gets the current one at its next sync with another current device.
+            "user_key": None if key is None else
+            "current" if key.public_key == trust.head else "superseded",
+            "key_chain": len(trust.chain),
+            "key_conflict": trust.conflict,
             "devices": len(state.devices()),
             "memories_shared": bool(memories and memories[0][0]),
             "collections": state.summary(),
@@ -161,7 +169,12 @@ def sync_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         _emit_json(report)
         return
-    out.print(f"user: {report['user_id'] or 'none yet (not paired)'}")
+    out.print(f"user: {report['user_id'] or 'none yet (not paired)'}"
+              + (f"; user key: {report['user_key']} ({report['key_chain']} in the chain)"
+                 if report["user_key"] else ""))
+    if report["key_conflict"]:
+        out.print("the user key chain forked here (two devices revoked each other): this "
+                  "pod trusts no device; erase it (`covey pod forget`) and pair it again")
     out.print(f"this device: {report['device_id']}; devices: {report['devices']}; memories "
               f"{'shared' if report['memories_shared'] else 'not shared'} "
               f"(`covey pod consent {SYNC_MEMORIES} --grant` shares them)")
@@ -190,8 +203,8 @@ def sync_revoke(
     if as_json:
         _emit_json(revoked.to_dict())
     else:
-        out.print(f"Revoked {revoked.device_id} ({revoked.name}); your other pods learn it at "
-                  "their next sync.")
+        out.print(f"Revoked {revoked.device_id} ({revoked.name}) and replaced the user key; "
+                  "your other devices learn it, and get the new key, at their next sync.")
 
 
 @sync_app.command("run")

@@ -70,9 +70,20 @@ class SyncState(Protocol):
         """Persist a merged delta from device ``peer`` (``result.changed``: the entries
         that changed here)."""
 
+    def held_key(self) -> str:
+        """The public half (base64) of the user key this pod holds, or ""."""
+
+    def key_for(self, peer: str, holds: str) -> bytes | None:
+        """The current user key's private bytes if device ``peer`` (which holds the key
+        ``holds``) should get them: it is a current device and lacks them. Else None."""
+
+    def receive_key(self, private: bytes, peer: str) -> bool:
+        """Hold ``private``, sent by device ``peer``, as the user key if it is the current
+        one and replaces a key of the same user; whether it did."""
+
 
 class MemoryState:
-    """A replica held in memory only."""
+    """A replica held in memory only (it holds no user key)."""
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
@@ -82,6 +93,15 @@ class MemoryState:
 
     def merged(self, replica: Replica, result: MergeResult, peer: str) -> None:
         pass
+
+    def held_key(self) -> str:
+        return ""
+
+    def key_for(self, peer: str, holds: str) -> bytes | None:
+        return None
+
+    def receive_key(self, private: bytes, peer: str) -> bool:
+        return False
 
 
 def _state(state: SyncState | Replica) -> SyncState:
@@ -100,11 +120,15 @@ class SyncStats:
     sent: int = 0
     collections: set[str] = field(default_factory=set)
     refused: Counter[str] = field(default_factory=Counter)  # received entries refused, by why
+    sent_user_key: bool = False  # the current user key went to the peer (it lacked it)
+    received_user_key: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"peer": self.peer, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
                 "received": self.received, "changed": self.changed, "sent": self.sent,
-                "collections": sorted(self.collections), "refused": dict(self.refused)}
+                "collections": sorted(self.collections), "refused": dict(self.refused),
+                "sent_user_key": self.sent_user_key,
+                "received_user_key": self.received_user_key}
 
 
 class _Conn:
@@ -150,16 +174,19 @@ async def _tell(conn: _Conn, channel: SecureChannel, code: str, message: str) ->
 
 async def _exchange(conn: _Conn, channel: SecureChannel, state: SyncState) -> None:
     stats = conn.stats
+    sender = device_id_of(channel.peer_key)
     replica = state.begin()
-    await conn.send(channel.seal({"type": "vector", "vector": {
+    await conn.send(channel.seal({"type": "vector", "holds": state.held_key(), "vector": {
         n: t.encode() for n, t in replica.vector.items()}}))
     acked = merged = False  # the peer merged our delta; we merged theirs
     incoming: list[Entry] = []
+    peer_holds = ""
     while not (acked and merged):
         message = await conn.message(channel)
         kind = message.get("type")
         try:
             if kind == "vector":
+                peer_holds = str(message.get("holds", ""))
                 peer = {str(n): HLC.decode(str(t)) for n, t in dict(message["vector"]).items()}
                 delta = replica.delta_for(peer)
                 stats.sent += len(delta.entries)
@@ -182,16 +209,27 @@ async def _exchange(conn: _Conn, channel: SecureChannel, state: SyncState) -> No
                 stats.collections.update(e.collection for e in delta.entries)
                 # Every entry is checked against the device the channel authenticated:
                 # it must come from that device, or be signed by the device it names.
-                sender = device_id_of(channel.peer_key)
                 result = replica.merge(delta, peer=sender)
                 state.merged(replica, result, sender)
                 stats.changed += len(result.changed)
                 stats.refused.update(result.refused)
                 merged = True
-                await conn.send(channel.seal({"type": "ack", "vector": {
-                    n: t.encode() for n, t in replica.vector.items()}}))
+                ack: dict[str, Any] = {"type": "ack", "vector": {
+                    n: t.encode() for n, t in replica.vector.items()}}
+                # The peer merged our delta before it reads this: it knows the key chain
+                # we know, so it can check a rotated user key against it.
+                key = state.key_for(sender, peer_holds)
+                if key is not None:
+                    ack["user_key"] = key.hex()
+                    stats.sent_user_key = True
+                await conn.send(channel.seal(ack))
             elif kind == "ack":
                 acked = True
+                if "user_key" in message:
+                    if state.receive_key(bytes.fromhex(str(message["user_key"])), sender):
+                        stats.received_user_key = True
+                    else:  # not the head of the chain as we know it: not held
+                        stats.refused["user_key"] += 1
             else:
                 raise ChannelError(f"unknown message type {kind!r}")
         except (KeyError, TypeError, ValueError) as exc:

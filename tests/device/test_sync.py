@@ -223,10 +223,24 @@ def test_an_unpaired_pod_sees_the_others_but_receives_nothing(trio: Pods) -> Non
     assert trio.read("stranger", lambda p: budget_policy(p).max_epsilon) == 10.0
 
 
+def _user_key(pod: Pod) -> bytes:
+    key = PodState(pod).user_key()
+    assert key is not None
+    return key.public_key
+
+
 def test_a_revoked_device_is_refused_and_told_why(trio: Pods) -> None:
     trio.wait_for(("laptop", "speaker"), lambda p: len(PodState(p).devices()), 3)
+    user_id = json.loads(trio.run("laptop", "sync", "status", "--json").stdout)["user_id"]
+    old_key = trio.read("phone", _user_key)
     trio.run("phone", "sync", "revoke", "speaker", "--reason", "lost in a taxi")
     trio.wait_for(("laptop",), lambda p: sum(bool(d.revoked) for d in PodState(p).devices()), 1)
+    # The user key was replaced; the laptop got the new one, the speaker never does.
+    new_key = trio.read("phone", _user_key)
+    assert new_key != old_key
+    trio.wait_for(("laptop",), _user_key, new_key)
+    status = json.loads(trio.run("laptop", "sync", "status", "--json").stdout)
+    assert status["user_id"] == user_id and status["user_key"] == "current"
     trio.run("phone", "pod", "budget", "--max-epsilon", "1.5")
     trio.wait_for(("laptop",), max_epsilon, 1.5)
 
@@ -237,6 +251,7 @@ def test_a_revoked_device_is_refused_and_told_why(trio: Pods) -> None:
     trio.wait_for(("speaker",), told, True)
     time.sleep(1.0)
     assert trio.read("speaker", max_epsilon) != 1.5
+    assert trio.read("speaker", _user_key) == old_key
 
 
 def test_covey_serve_syncs_in_the_background(pods: Pods) -> None:

@@ -169,3 +169,104 @@ def test_entries_signed_by_the_retired_key_are_refused_even_when_relayed(
     finally:
         tv.pod.close()
     assert USER_SCHEMA["revocations"].grow_only
+
+
+async def _mesh(nodes: tuple[Node, ...]) -> None:
+    """Every pod syncs with every other that accepts it."""
+    for a in nodes:
+        for b in nodes:
+            if a is not b and a.id in b.state.trust().current:
+                await a.sync(b)
+
+
+def test_revoking_replaces_the_user_key_and_only_the_remaining_devices_get_it(
+        trio: tuple[Node, Node, Node], tmp_path: Path) -> None:
+    phone, laptop, speaker = trio
+    tv = Node(tmp_path, "tv")
+    nodes = (*trio, tv)
+
+    async def run() -> None:
+        for joiner in (laptop, speaker, tv):
+            pair(phone, joiner)
+        for n in nodes:
+            n.port = await n.server.start()
+        await _mesh(nodes)
+        first = phone.state.user_key().public_key  # type: ignore[union-attr]
+        assert all(n.state.user_key().public_key == first for n in nodes)  # type: ignore[union-attr]
+
+        phone.state.revoke("speaker", "sold")
+        new = phone.state.user_key()
+        assert new is not None and new.public_key != first
+        stats = await laptop.sync(phone)  # the laptop hears of it and gets the new key
+        assert stats.received_user_key
+        stats = await tv.sync(laptop)  # the tv gets it from the laptop, not the rotator
+        assert stats.received_user_key
+        with pytest.raises(RefusedError):
+            await speaker.sync(tv)
+        for n in nodes:
+            await n.server.stop()
+
+    try:
+        user_id = None
+        asyncio.run(run())
+        new = phone.state.user_key()
+        assert new is not None
+        user_id = new.user_id
+        for n in (phone, laptop, tv):
+            key = n.state.user_key()
+            assert key is not None and key.public_key == new.public_key
+            assert key.user_id == user_id  # the user id stays the user's identity
+            assert n.state.trust().head == new.public_key
+        old = speaker.state.user_key()
+        assert old is not None and old.public_key != new.public_key and old.user_id == user_id
+        assert phone.state.key_for(speaker.id, "") is None  # never to the revoked device
+        # A remaining device sponsors with the new key; the others accept its certificate.
+        watch = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+        laptop.state.certify(laptop.state.holds_current_key(), watch, "watch")
+        replica = phone.state.replica()
+        result = replica.merge(laptop.state.replica().delta_for(replica.vector), laptop.id)
+        phone.state.merged(replica, result, laptop.id)
+        assert len(phone.state.trust().current) == 4  # phone, laptop, tv, watch
+        sent = [r["peer"] for r in phone.pod.store.query(
+            "SELECT peer FROM audit_log WHERE kind = 'sync.user_key'")]
+        assert sent == [laptop.id]
+    finally:
+        tv.pod.close()
+
+
+def test_two_pods_revoking_at_once_end_on_one_key_without_either_device(
+        trio: tuple[Node, Node, Node], tmp_path: Path) -> None:
+    phone, laptop, speaker = trio
+    tv, watch = Node(tmp_path, "tv"), Node(tmp_path, "watch")
+    nodes = (*trio, tv, watch)
+
+    async def run() -> None:
+        for joiner in (laptop, speaker, tv):
+            pair(phone, joiner)
+        for n in nodes:
+            n.port = await n.server.start()
+        await _mesh(nodes[:4])
+        # At once, unaware of each other: the phone revokes the speaker and pairs a watch
+        # (certified by the old key), the laptop revokes the tv.
+        phone.state.revoke("speaker")
+        pair(phone, watch)
+        laptop.state.revoke("tv")
+        for _ in range(3):
+            await _mesh((phone, laptop, watch))
+        for n in nodes:
+            await n.server.stop()
+
+    try:
+        asyncio.run(run())
+        heads = {n.state.trust().head for n in (phone, laptop, watch)}
+        assert len(heads) == 1
+        # One rotation won, the other pod's revocation was applied again on top of it.
+        assert len(phone.state.trust().chain) == 3
+        for n in (phone, laptop, watch):
+            trust = n.state.trust()
+            assert trust.current == {phone.id, laptop.id, watch.id}
+            assert trust.revocation(speaker.id) and trust.revocation(tv.id)
+            assert n.state.user_key().public_key in heads  # type: ignore[union-attr]
+    finally:
+        tv.pod.close()
+        watch.pod.close()
