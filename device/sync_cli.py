@@ -35,8 +35,6 @@ def _config(address: str, port: int = 0) -> Any:
 
 @sync_app.command("pair")
 def sync_pair(
-    yes: Annotated[bool, typer.Option("--yes", help="Confirm the digits without asking "
-                                      "(for tests and scripts).")] = False,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the other "
                                            "device.")] = 120.0,
     address: AddressOpt = "0.0.0.0",  # noqa: S104
@@ -45,23 +43,29 @@ def sync_pair(
 ) -> None:
     """Pair with another of your devices running `covey sync pair` at the same time.
 
-    Both screens show the same six digits; confirm only if they match.
+    Each device shows a 6-digit code; type on each the code the other one shows. Nothing
+    is shared unless both codes match (there is no way to skip this).
     """
     from covey.device._sync_loop import SyncLoop
     from covey.protocols._channel import ChannelError
 
-    async def confirm(sas: str, peer: dict[str, Any]) -> bool:
-        shown = f"{sas[:3]} {sas[3:]}"
-        if as_json:
-            sys.stderr.write(f"pairing code: {shown}\n")
+    def say(text: str) -> None:
+        if as_json:  # stdout carries only the JSON result
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
         else:
-            out.print(f"Pairing with [bold]{peer['name']}[/bold]. Check that it shows: "
-                      f"[bold]{shown}[/bold]")
-        if yes:
-            return True
-        if not sys.stdin.isatty():
-            raise SyncError("confirming the digits needs a terminal; pass --yes in scripts")
-        return await asyncio.to_thread(typer.confirm, "Do both screens show these digits?")
+            out.print(text, highlight=False)
+
+    async def confirm(shown: str, peer: dict[str, Any], role: str) -> str:
+        what = "give it your user key" if role == "sponsor" else "join its user"
+        say(f"Pairing with {peer['name']!r}: this device will {what}.")
+        say(f"pairing code: {shown[:3]} {shown[3:]}")
+        say("Type the code the other device shows, then Enter:")
+        typed = await _read_line(timeout)
+        if not typed.strip():
+            raise SyncError("pairing needs the code the other device shows, typed here "
+                            "(nothing was typed)")
+        return typed
 
     async def run(pod: Pod) -> Any:
         loop = SyncLoop(pod, _config(address))
@@ -103,6 +107,28 @@ def sync_pair(
     else:
         out.print(f"Paired with {summary['peer_name']} ({summary['peer']}); this user now has "
                   f"{len(summary['devices'])} devices.")
+
+
+async def _read_line(timeout: float) -> str:
+    """A line from stdin (a daemon thread reads it, so a person who never answers does
+    not keep the process alive after the time-out)."""
+    loop = asyncio.get_running_loop()
+    line: asyncio.Future[str] = loop.create_future()
+
+    def deliver(text: str) -> None:
+        if not line.done():
+            line.set_result(text)
+
+    def read() -> None:
+        text = sys.stdin.readline()
+        with contextlib.suppress(RuntimeError):  # the loop already ended (timed out)
+            loop.call_soon_threadsafe(deliver, text)
+
+    threading.Thread(target=read, name="covey-pair-code", daemon=True).start()
+    try:
+        return await asyncio.wait_for(line, timeout)
+    except TimeoutError:
+        raise SyncError(f"no code was typed within {timeout:g} s") from None
 
 
 def _device_of(public_key: bytes) -> str:

@@ -14,7 +14,7 @@ Public surface:
                      with ``user_schema(grow_only(name, verify=...))``)
     UserTrust, USER_SCHEMA, user_schema, user_trust   who may write a user's state
     UserKey, DeviceCertificate, Revocation   the user key (a chain) and what it signs
-    short_auth_string                        the 6 digits both screens show when pairing
+    pairing_codes    the 6-digit codes each device shows, and types, when pairing
     Handshake, SecureChannel, ChannelError   the authenticated, encrypted sync channel
     Announcer, discover, Peer                mDNS announcement and discovery of pods
     SyncServer, sync_with, SyncStats         a sync session over TCP, and what it moved
@@ -33,7 +33,7 @@ from covey.protocols._crdt import (
 )
 from covey.protocols._discovery import Announcer, Peer, discover
 from covey.protocols._hlc import HLC, HybridClock
-from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, short_auth_string
+from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, pairing_codes
 from covey.protocols._model_version import ModelVersion, SignatureError, verify_version
 from covey.protocols._node_key import make_node_key
 from covey.protocols._session import SyncServer, SyncStats, sync_with
@@ -43,5 +43,5 @@ __all__ = ["HLC", "USER_SCHEMA", "Announcer", "ChannelError", "Collection", "Del
            "DeviceCertificate", "Entry", "Handshake", "HybridClock", "MergeResult",
            "ModelVersion", "Peer", "Replica", "Revocation", "Schema", "SecureChannel",
            "SignatureError", "SyncServer", "SyncStats", "UserKey", "UserTrust", "discover",
-           "grow_only", "lww", "make_node_key", "short_auth_string", "sync_with",
+           "grow_only", "lww", "make_node_key", "pairing_codes", "sync_with",
            "user_schema", "user_trust", "verify_version"]

@@ -34,8 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = ["DeviceCertificate", "Revocation", "UserKey", "b64", "commitment", "device_id_of",
-           "pairing_codes", "short_auth_string", "unb64", "user_id_of",
-           "verify_signature"]
+           "pairing_codes", "unb64", "user_id_of", "verify_signature"]
 
 _CONTEXT = b"covey-pair-v2"
 _S = TypeVar("_S", bound="_Signed")
@@ -238,8 +237,3 @@ def pairing_codes(mine: bytes, my_nonce: bytes, peer: bytes, peer_nonce: bytes
     first = ordered[0] == (mine, my_nonce)
     return (codes[0], codes[1]) if first else (codes[1], codes[0])
 
-
-def short_auth_string(key_a: bytes, nonce_a: bytes, key_b: bytes, nonce_b: bytes) -> str:
-    """The 6 digits both screens show: the same on both sides, whichever side is "a"."""
-    return pairing_codes(key_a, nonce_a, key_b, nonce_b)[0 if (key_a, nonce_a) <
-                                                         (key_b, nonce_b) else 1]

@@ -5,7 +5,7 @@ all in this process's event loop. For 2, 5 and 10 pods:
 
 - *discovery*: from a pod's announcement to another pod's browser listing it;
 - *pairing*: two pods running pairing at once, from start to both done (discovery,
-  handshake, commit / reveal, the user key and the first sync);
+  handshake, commit / reveal, the codes typed at once, the user key and the first sync);
 - *convergence*: an edit (a consent) on one pod until every other pod's store holds it,
   with every pod's sync loop running; p50 / p95 over repeated edits. The baseline, in
   the same run, is one direct sync session between two pods (handshake and exchange);
@@ -34,15 +34,22 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def _pair_all(loops: list[Any]) -> list[float]:
-    """Pair pod 0 with each other pod in turn; seconds per pairing."""
-
-    async def yes(sas: str, peer: dict[str, Any]) -> bool:
-        return True
+    """Pair pod 0 with each other pod in turn; seconds per pairing. The bench plays the
+    person: it types on each pod the code the other one shows, at once."""
+    def person(shown: dict[int, str], me: int) -> Any:
+        async def confirm(code: str, peer: dict[str, Any], role: str) -> str:
+            shown[me] = code
+            while 1 - me not in shown:
+                await asyncio.sleep(0.001)
+            return shown[1 - me]
+        return confirm
 
     times = []
     for other in loops[1:]:
+        screens: dict[int, str] = {}
         started = time.perf_counter()
-        await asyncio.gather(loops[0].pair(yes, 30), other.pair(yes, 30))
+        await asyncio.gather(loops[0].pair(person(screens, 0), 30),
+                             other.pair(person(screens, 1), 30))
         times.append(time.perf_counter() - started)
     return times
 
