@@ -38,11 +38,17 @@ from covey.device import _audit
 from covey.device._facts import Fact
 from covey.device._feedback import write_consent
 from covey.device._graph import PreferenceGraph
-from covey.device._participation import _DELTA_KEY, _MAX_EPS_KEY
+from covey.device._participation import (
+    _DELTA_KEY,
+    _MAX_EPS_KEY,
+    DEFAULT_DELTA,
+    DEFAULT_MAX_EPSILON,
+    BudgetPolicy,
+)
 from covey.device._profile import PROFILE_FIELDS, validate
 from covey.device._store import set_meta
 from covey.errors import InvalidInputError, SyncError
-from covey.protocols._crdt import Entry, MergeResult, Replica
+from covey.protocols._crdt import Entry, MergeResult, Refused, Replica, lww
 from covey.protocols._hlc import HLC
 from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, b64, device_id_of
 from covey.protocols._trust import USER_SCHEMA, UserTrust, user_schema, user_trust
@@ -129,6 +135,14 @@ def record_forgotten(conn: sqlite.Connection, kind: str, text: str) -> None:
     _save_vector(conn, {str(node): stamp})
 
 
+def _held_policy(conn: sqlite.Connection) -> BudgetPolicy:
+    """The budget policy in the pod's tables (inside the caller's transaction)."""
+    meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN (?, ?)",
+                             (_MAX_EPS_KEY, _DELTA_KEY)).fetchall())
+    return BudgetPolicy(float(meta.get(_MAX_EPS_KEY, DEFAULT_MAX_EPSILON)),
+                        float(meta.get(_DELTA_KEY, DEFAULT_DELTA)))
+
+
 @dataclass(frozen=True)
 class Device:
     """A device of the user, as its certificate says, and whether it was revoked.
@@ -151,13 +165,54 @@ class Device:
                 "revoked_reason": self.revoked.reason if self.revoked else None}
 
 
+def _policy(entry: Entry | None) -> BudgetPolicy:
+    """The budget policy an entry holds (the defaults for none, or a tombstone)."""
+    if entry is None or entry.deleted:
+        return BudgetPolicy()
+    return BudgetPolicy.from_dict(entry.value)
+
+
+def _raises(new: BudgetPolicy, old: BudgetPolicy) -> bool:
+    """Whether ``new`` lets rounds spend more privacy than ``old``."""
+    return new.max_epsilon > old.max_epsilon or new.delta > old.delta
+
+
+def _verify_budget(entry: Entry, trust: Any, current: Entry | None) -> None:
+    """A synced budget policy must be a valid BudgetPolicy; one that raises the budget
+    must come from a current device of the user (certified by the current user key, not
+    revoked). Lowering it is always safe and needs no more than any entry does."""
+    if entry.key != "policy":
+        raise ValueError("the budget policy is kept under the key 'policy'")
+    new = _policy(entry)
+    try:
+        old = _policy(current)
+    except ValueError:
+        old = BudgetPolicy()
+    if _raises(new, old) and entry.origin not in trust.current:
+        raise Refused("budget_raise", "a budget raise from a device that is not current")
+
+
+def _verify_profile(entry: Entry, trust: Any, current: Entry | None) -> None:
+    if entry.key not in PROFILE_FIELDS:
+        raise ValueError(f"unknown profile field {entry.key!r}")
+    if not entry.deleted:
+        if not isinstance(entry.value, str):
+            raise ValueError("a profile value is text")
+        validate(entry.key, entry.value)
+
+
+#: What a user's pods share, with the pod's own checks of the profile and budget policy.
+POD_SCHEMA = user_schema(lww("budget_policy", verify=_verify_budget),
+                         lww("profile", verify=_verify_profile))
+
+
 class PodState:
     """The pod's replicated state, as the sync sessions see it (see the module doc)."""
 
     def __init__(self, pod: Pod) -> None:
         self.pod = pod
         self.node = pod.identity.device_id
-        self.schema = user_schema()
+        self.schema = POD_SCHEMA
         self._replica: Replica | None = None
         self._seen_version = -1
         self._published_version = -1
@@ -307,6 +362,8 @@ class PodState:
             # Consents first: whether memories are applied depends on them.
             for entry in sorted(remote, key=lambda e: e.collection != "consents"):
                 self._apply(conn, entry)
+            if result.refused.get("budget_raise"):
+                self._reassert_budget(conn, peer, result.refused["budget_raise"])
         if self._erased:  # forgotten memories leave the file pages too, as with a local forget
             self._erased = False
             self.pod.store.checkpoint()
@@ -363,19 +420,42 @@ class PodState:
             else:
                 write_consent(conn, entry.key, bool(value))
         elif c == "budget_policy" and entry.key == "policy":
+            before = _held_policy(conn)
             if entry.deleted:
                 conn.execute("DELETE FROM meta WHERE key IN (?, ?)", (_MAX_EPS_KEY, _DELTA_KEY))
             else:
-                for key, field in ((_MAX_EPS_KEY, "max_epsilon"), (_DELTA_KEY, "delta")):
-                    set_meta(conn, key, repr(float(value[field])))
+                policy = BudgetPolicy.from_dict(value)  # checked on merge, as the ledger reads it
+                for key, number in ((_MAX_EPS_KEY, policy.max_epsilon),
+                                    (_DELTA_KEY, policy.delta)):
+                    set_meta(conn, key, repr(float(number)))
+            after = _held_policy(conn)
+            if after != before:  # what the ledger checks rounds against changed: say so
+                _audit.append(conn, "budget_policy", peer=entry.origin, detail={
+                    "max_epsilon": after.max_epsilon, "delta": after.delta, "by": "sync",
+                    "previous_max_epsilon": before.max_epsilon,
+                    "previous_delta": before.delta})
         elif c == "memories":
             self._apply_memory(conn, entry)
         elif c == "profile" and entry.key in PROFILE_FIELDS:
             if entry.deleted:
                 conn.execute("DELETE FROM meta WHERE key = ?", ("profile." + entry.key,))
-            else:
-                value = validate(entry.key, str(value))  # a bad value fails the whole merge
-                set_meta(conn, "profile." + entry.key, value)
+            else:  # checked on merge (a bad value is refused there, and counted)
+                set_meta(conn, "profile." + entry.key, validate(entry.key, str(value)))
+
+    def _reassert_budget(self, conn: sqlite.Connection, peer: str, refused: int) -> None:
+        """A raise of the budget was refused: write this pod's own policy again, newer than
+        the raise, so the lower policy wins on every pod that took the raise."""
+        replica = self.replica()
+        policy = _held_policy(conn)
+        for key, number in ((_MAX_EPS_KEY, policy.max_epsilon), (_DELTA_KEY, policy.delta)):
+            set_meta(conn, key, repr(float(number)))
+        entry = replica.set("budget_policy", "policy", {"max_epsilon": policy.max_epsilon,
+                                                        "delta": policy.delta})
+        _save(conn, [entry])
+        _save_vector(conn, replica.vector)
+        _audit.append(conn, "sync.refused", peer=peer, detail={
+            "what": "budget_raise", "entries": refused, "kept_max_epsilon": policy.max_epsilon,
+            "kept_delta": policy.delta})
 
     def _apply_preference(self, conn: sqlite.Connection, entry: Entry) -> None:
         now = _now()

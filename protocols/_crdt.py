@@ -48,8 +48,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from covey.protocols._hlc import HLC, HybridClock
 from covey.protocols._identity import b64, canonical, verify_signature
 
-__all__ = ["Collection", "Delta", "Entry", "MergeResult", "Replica", "Schema", "Trust",
-           "TrustFactory", "content_key", "grow_only", "lww"]
+__all__ = ["Collection", "Delta", "Entry", "MergeResult", "Refused", "Replica", "Schema",
+           "Trust", "TrustFactory", "content_key", "grow_only", "lww"]
 
 ENTRY_CONTEXT = "covey-entry/2"
 _FIELDS = {"c", "k", "v", "t", "d", "s"}
@@ -117,6 +117,15 @@ class Trust(Protocol):
 
     def may_sync(self, node: str) -> bool:
         """Whether device ``node`` may send entries at all."""
+
+
+class Refused(ValueError):
+    """Raised by a collection's verify function to refuse an entry under a reason of its
+    own (counted under ``reason``; a plain ValueError counts as "invalid")."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.reason = reason
 
 
 #: Builds the trust from a replica's current state.
@@ -396,9 +405,13 @@ class Replica:
         why = trust.refusal(entry)
         if why is not None:
             return why
+        if not spec.grow_only and current is not None and current.stamp >= entry.stamp:
+            return None  # older than what is held: it changes nothing, whatever it says
         if spec.verify is not None:
             try:
                 spec.verify(entry, trust, current)
+            except Refused as exc:
+                return exc.reason
             except (ValueError, KeyError, TypeError):
                 return "invalid"
         return None
