@@ -7,17 +7,25 @@ What is shared, and where it lives on the pod:
 - ``preferences``: the current edges of the preference graph, keyed like
   :attr:`Fact.key` ("sister", "taste:coffee", "allergic_to:nuts");
 - ``consents``: the consents table, by scope;
-- ``budget_policy``: the user's maximum epsilon and delta (key ``policy``);
-- ``devices`` and ``revocations``: only in the replicated state (certificates and
-  revocations signed by the user key);
+- ``budget_policy``: the user's maximum epsilon and delta (key ``policy``); a received
+  one is validated, audited when it changes the budget, and a raise is taken only from a
+  current device (else refused, and this pod's own policy written again);
+- ``devices`` and ``revocations``: only in the replicated state, grow-only: certificates
+  and revocations signed by user keys, from which :class:`UserTrust` derives the key
+  chain, the current devices and the revoked ones;
 - ``memories``: only while the user grants the ``sync_memories`` consent, keyed by a
   hash of kind and text. Forgetting a memory that was shared writes a tombstone at
   once, whatever the consent, so a forget reaches every pod.
 
+Every entry is signed by the device that wrote it (this pod's own with its device key).
 Local edits are found by comparing the pod's tables with the replicated state each time
 a session begins (:meth:`PodState.begin`): no other code path needs to know about sync.
-Entries received from a peer are applied to the pod's tables in the same transaction
-that stores them.
+Entries received from a peer are checked (see :mod:`covey.protocols._crdt`) and applied
+to the pod's tables in the same transaction that stores them.
+
+The user key is held in ``user_identity`` with the user id, which never changes; a
+revocation replaces the key (:meth:`PodState.revoke`), and the new one arrives from
+another current device (:meth:`PodState.receive_key`). Pairing never replaces a key.
 """
 
 from __future__ import annotations
