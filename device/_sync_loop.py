@@ -38,9 +38,10 @@ from covey.protocols._session import (
 if TYPE_CHECKING:
     from covey.device._pod import Pod
 
-__all__ = ["REFUSED_BACKOFF", "LoopConfig", "SyncLoop"]
+__all__ = ["PAIR_RETRY", "REFUSED_BACKOFF", "LoopConfig", "SyncLoop"]
 
 REFUSED_BACKOFF = 30.0
+PAIR_RETRY = 1.0  # seconds before asking a pod that was not pairing (or was busy) again
 _log = logging.getLogger(__name__)
 
 
@@ -238,7 +239,7 @@ class SyncLoop:
         server = self.server
         server.pairing = pairing
         deadline = time.monotonic() + timeout
-        tried: set[str] = set()
+        retry: dict[str, float] = {}  # instance -> when to try it again
         try:
             while time.monotonic() < deadline:
                 with contextlib.suppress(TimeoutError):
@@ -249,8 +250,9 @@ class SyncLoop:
                 if self.announcer is None or self.browser is None:
                     raise RuntimeError("start the loop before pairing")
                 for peer in self.browser.peers():
-                    if peer.instance < self.announcer.instance or peer.instance in tried \
-                            or server.pairing_busy or server.pairing is None:
+                    if peer.instance < self.announcer.instance or server.pairing_busy \
+                            or retry.get(peer.instance, 0.0) > time.monotonic() \
+                            or server.pairing is None:
                         continue
                     server.pairing_busy = True  # nobody pairs with us meanwhile
                     try:
@@ -259,9 +261,10 @@ class SyncLoop:
                     except RefusedError as exc:
                         if exc.code not in ("not_pairing", "busy"):
                             raise
-                        tried.add(peer.instance)  # not pairing now, or with another
+                        # Not pairing (yet), or with another device: ask again shortly.
+                        retry[peer.instance] = time.monotonic() + PAIR_RETRY
                     except OSError:
-                        tried.add(peer.instance)  # gone (an old announcement)
+                        retry[peer.instance] = time.monotonic() + PAIR_RETRY  # gone?
                     finally:
                         server.pairing_busy = False
             raise TimeoutError

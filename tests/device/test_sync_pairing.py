@@ -126,3 +126,33 @@ def test_a_device_racing_in_gets_no_user_key_and_gives_none(tmp_path: Path) -> N
         for pod in (phone, laptop, thief, impostor):
             with contextlib.suppress(Exception):
                 pod.close()
+
+
+@pytest.mark.slow
+def test_the_second_device_may_start_pairing_a_little_later(tmp_path: Path) -> None:
+    """The device that connects (the smaller announcement id) starts first and finds the
+    other not pairing yet; it asks again, and the pairing happens once the person has
+    started it on the second device too."""
+    first, second = _pod(tmp_path, "first"), _pod(tmp_path, "second")
+
+    async def run() -> list[PairResult]:
+        loops = [SyncLoop(first, LOOPBACK), SyncLoop(second, LOOPBACK)]
+        for loop in loops:
+            await loop.start(run=False)
+        assert loops[0].announcer is not None and loops[1].announcer is not None
+        early, late = sorted(loops, key=lambda lp: lp.announcer.instance)  # type: ignore[union-attr]
+        person = Person(("early", "late"))
+        try:
+            started = asyncio.ensure_future(early.pair(person.at("early"), 20))
+            await asyncio.sleep(3.0)  # it has seen the other, which refused: not pairing yet
+            return list(await asyncio.gather(started, late.pair(person.at("late"), 20)))
+        finally:
+            for loop in loops:
+                await loop.stop()
+
+    try:
+        results = asyncio.run(run())
+        assert sorted(r.role for r in results) == ["joined", "sponsor"]
+    finally:
+        first.close()
+        second.close()
