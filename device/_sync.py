@@ -143,6 +143,13 @@ def record_forgotten(conn: sqlite.Connection, kind: str, text: str) -> None:
     _save_vector(conn, {str(node): stamp})
 
 
+def _user_trust(replica: Replica) -> UserTrust:
+    trust = replica.trust()
+    if not isinstance(trust, UserTrust):  # PodState builds every replica with user_trust
+        raise TypeError("the replica's trust is not a user's")
+    return trust
+
+
 def _held_policy(conn: sqlite.Connection) -> BudgetPolicy:
     """The budget policy in the pod's tables (inside the caller's transaction)."""
     meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN (?, ?)",
@@ -273,9 +280,7 @@ class PodState:
 
     def trust(self) -> UserTrust:
         """Who may write, as this pod's replica says."""
-        trust = self.replica().trust()
-        assert isinstance(trust, UserTrust)  # the replica is built with user_trust
-        return trust
+        return _user_trust(self.replica())
 
     @contextmanager
     def _writing(self) -> Iterator[tuple[sqlite.Connection, Replica]]:
@@ -316,8 +321,11 @@ class PodState:
         if key is None or trust.head != key.public_key or peer == self.node \
                 or peer not in trust.current or holds == b64(key.public_key):
             return None
-        self.pod.audit("sync.user_key", peer=peer, detail={"sent": True})
-        return key.private_bytes()
+        private = key.private_bytes()
+        # An egress to a paired device: the new user key, over the peer's channel.
+        self.pod.audit("sync.user_key", peer=peer, nbytes=len(private),
+                       detail={"what": "the current user key"})
+        return private
 
     def receive_key(self, private: bytes, peer: str) -> bool:
         """Take the current user key from device ``peer``: only a successor of the key this
@@ -333,7 +341,8 @@ class PodState:
         with self.pod.store.transaction() as conn:
             conn.execute("UPDATE user_identity SET private_key = ? WHERE id = 1",
                          (key.private_bytes(),))
-            _audit.append(conn, "sync.user_key", peer=peer, detail={"received": True})
+            _audit.append(conn, "sync.user", peer=peer, detail={"user_id": held.user_id,
+                                                                "rotated": True})
         return True
 
     def heal(self) -> list[Entry]:
@@ -355,7 +364,7 @@ class PodState:
                    if d not in trust.current and d not in trust.revocations
                    and any(h.origin == self.node for h in held)]
         certificates = [key.certify(c.device_key, c.name).to_dict()
-                        for c in map(trust.certificate, orphans) if c is not None]
+                        for c in map(trust.latest, orphans)]
         if not certificates:
             return []
         return self.edit(lambda r: [r.add("devices", c) for c in certificates])
@@ -566,8 +575,7 @@ class PodState:
         trust = self.trust()
         found = []
         for device_id in trust.certificates:
-            cert = trust.certificate(device_id)
-            assert cert is not None
+            cert = trust.latest(device_id)
             found.append(Device(device_id, cert.name, cert.device_key, cert.issued_at,
                                 trust.revocation(device_id), device_id in trust.current))
         return sorted(found, key=lambda d: (d.issued_at, d.device_id))
@@ -623,14 +631,12 @@ class PodState:
         """Revoke ``device_id`` with ``key`` and move every other current device to the
         new key, in one transaction."""
         with self._writing() as (conn, replica):
-            trust = replica.trust()
-            assert isinstance(trust, UserTrust)
+            trust = _user_trust(replica)
             seen = replica.vector.get(device_id)
             revocation, successor = key.revoke(device_id, reason, seen.encode() if seen else "")
             written = [replica.add("revocations", revocation.to_dict())]
             for other in sorted(trust.current - {device_id}):
-                cert = trust.certificate(other)
-                assert cert is not None
+                cert = trust.latest(other)
                 written.append(replica.add("devices", successor.certify(
                     cert.device_key, cert.name).to_dict()))
             _save(conn, written)

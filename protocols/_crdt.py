@@ -359,12 +359,12 @@ class Replica:
                         1 for e in ordered if not self._is_trust(e))
                     break
             why = self._refusal(entry, spec)
-            if why is not None:
+            if why is not None or spec is None:
+                why = why or "foreign_collection"
                 result.refused[why] += 1
                 if why.startswith("unknown_"):  # not checkable yet: it must come again
                     result.unchecked.add(entry.origin)
                 continue
-            assert spec is not None  # checked by _refusal
             if self._store(entry, spec):
                 result.changed.append(entry)
                 if spec.trust:

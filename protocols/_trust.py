@@ -202,9 +202,14 @@ class UserTrust:
         return held[0].statement.device_key if held else None
 
     def certificate(self, device_id: str) -> DeviceCertificate | None:
-        """The device's latest valid certificate."""
-        held = self.certificates.get(device_id)
-        return max(held, key=lambda h: self.depth[h.signer]).statement if held else None
+        """The device's latest valid certificate (None: it has none)."""
+        return self.latest(device_id) if device_id in self.certificates else None
+
+    def latest(self, device_id: str) -> DeviceCertificate:
+        """The latest valid certificate of a certified device (raises KeyError)."""
+        statement: DeviceCertificate = max(self.certificates[device_id],
+                                           key=lambda h: self.depth[h.signer]).statement
+        return statement
 
     def revocation(self, device_id: str) -> Revocation | None:
         """The device's first revocation, if it was revoked."""
