@@ -27,6 +27,7 @@ from covey.protocols._channel import ChannelError
 from covey.protocols._discovery import Announcer, Browser, Peer, local_addresses
 from covey.protocols._session import (
     Pairing,
+    PairingBroken,
     PairResult,
     RefusedError,
     SyncServer,
@@ -263,8 +264,8 @@ class SyncLoop:
                             raise
                         # Not pairing (yet), or with another device: ask again shortly.
                         retry[peer.instance] = time.monotonic() + PAIR_RETRY
-                    except OSError:
-                        retry[peer.instance] = time.monotonic() + PAIR_RETRY  # gone?
+                    except (OSError, PairingBroken):  # gone, or broke off before the codes
+                        retry[peer.instance] = time.monotonic() + PAIR_RETRY
                     finally:
                         server.pairing_busy = False
             raise TimeoutError

@@ -47,8 +47,8 @@ from covey.protocols._hlc import HLC
 from covey.protocols._identity import canonical, commitment, device_id_of, pairing_codes
 
 __all__ = ["HANDSHAKE_TIMEOUT", "MAX_ENTRIES", "MemoryState", "PairResult", "Pairing",
-           "PairingRefused", "RefusedError", "SyncServer", "SyncState", "SyncStats",
-           "pair_with", "sync_with"]
+           "PairingBroken", "PairingRefused", "RefusedError", "SyncServer", "SyncState",
+           "SyncStats", "pair_with", "sync_with"]
 
 HANDSHAKE_TIMEOUT = 10.0
 SESSION_TIMEOUT = 30.0  # the most a sync session may take once authenticated
@@ -301,6 +301,11 @@ class PairingRefused(ChannelError):
     belong to a user. The message says which, to a person."""
 
 
+class PairingBroken(ChannelError):
+    """A pairing connection failed before any code was shown (the peer stalled, broke
+    the protocol, or was not pairing): the pod goes on waiting for the right device."""
+
+
 @dataclass
 class Pairing:
     """One side's part in pairing.
@@ -352,34 +357,20 @@ def _digits(text: str) -> str:
 
 async def _pair(conn: _Conn, channel: SecureChannel, device_key: Ed25519PrivateKey,
                 pairing: Pairing, initiator: bool) -> PairResult:
-    mine = device_key.public_key().public_bytes_raw()
-    nonce = os.urandom(16)
-    info = {k: pairing.info[k] for k in _PEER_INFO}
-    await conn.send(channel.seal({"type": "pair_commit", "info": info,
-                                  "commit": commitment(mine, nonce, canonical(info)).hex()}))
-    message = await conn.message(channel)
-    if message.get("type") != "pair_commit":
-        raise ChannelError("expected pair_commit")
-    peer_info = _peer_info(message)
-    peer_commit = str(message.get("commit", ""))
-    await conn.send(channel.seal({"type": "pair_reveal", "nonce": nonce.hex()}))
-    message = await conn.message(channel)
     try:
-        peer_nonce = bytes.fromhex(str(message["nonce"]))
-    except (KeyError, ValueError):
-        raise ChannelError("malformed pair_reveal message") from None
-    # The codes commit to the key the channel authenticated and to what the peer said
-    # about itself, so the sponsor below is the peer the person checks the codes of.
-    if message.get("type") != "pair_reveal" or not hmac.compare_digest(
-            commitment(channel.peer_key, peer_nonce, canonical(peer_info)).hex(), peer_commit):
-        await _tell(conn, channel, "malformed", "the revealed nonce does not match its commitment")
-        raise ChannelError("the peer's nonce does not match its commitment")
-    if info["has_user"] and peer_info["has_user"]:
-        await _tell(conn, channel, "both_paired", "both devices already belong to a user")
-        raise PairingRefused("both devices already belong to a user, and a pod never takes "
-                             "another user key; erase one (`covey pod forget`) to pair it")
-    sponsor = info["has_user"] or (not peer_info["has_user"] and not initiator)
-    shown, expected = pairing_codes(mine, nonce, channel.peer_key, peer_nonce)
+        sponsor, shown, expected, peer_info = await _commit_reveal(conn, channel, device_key,
+                                                                   pairing, initiator)
+    except RefusedError as exc:
+        if exc.code == "both_paired":
+            raise PairingRefused(f"pairing stopped: {exc.reason}") from None
+        raise PairingBroken(str(exc)) from None
+    except (TimeoutError, OSError) as exc:
+        raise PairingBroken(f"the peer broke off before the codes ({type(exc).__name__})"
+                            ) from None
+    except ChannelError as exc:
+        if isinstance(exc, PairingRefused):
+            raise
+        raise PairingBroken(str(exc)) from None
     typed = await pairing.confirm(shown, peer_info, "sponsor" if sponsor else "join")
     ok = hmac.compare_digest(_digits(typed), expected)
     await conn.send(channel.seal({"type": "pair_confirm", "ok": ok}))
@@ -408,6 +399,43 @@ async def _pair(conn: _Conn, channel: SecureChannel, device_key: Ed25519PrivateK
     await _exchange(conn, channel, pairing.state)
     return PairResult(shown, channel.peer_key, peer_info, "sponsor" if sponsor else "joined",
                       conn.stats)
+
+
+async def _commit_reveal(conn: _Conn, channel: SecureChannel, device_key: Ed25519PrivateKey,
+                         pairing: Pairing, initiator: bool
+                         ) -> tuple[bool, str, str, dict[str, Any]]:
+    """Commit, reveal, choose the sponsor; (sponsor?, code shown, code expected, peer info)."""
+    mine = device_key.public_key().public_bytes_raw()
+    nonce = os.urandom(16)
+    info = {k: pairing.info[k] for k in _PEER_INFO}
+    await conn.send(channel.seal({"type": "pair_commit", "info": info,
+                                  "commit": commitment(mine, nonce, canonical(info)).hex()}))
+    # Up to the codes, a peer that stalls is cut off: it would keep the pod busy, and
+    # every other device away, while the person waits for a code that never shows.
+    message = await asyncio.wait_for(conn.message(channel), HANDSHAKE_TIMEOUT)
+    if message.get("type") != "pair_commit":
+        raise ChannelError("expected pair_commit")
+    peer_info = _peer_info(message)
+    peer_commit = str(message.get("commit", ""))
+    await conn.send(channel.seal({"type": "pair_reveal", "nonce": nonce.hex()}))
+    message = await asyncio.wait_for(conn.message(channel), HANDSHAKE_TIMEOUT)
+    try:
+        peer_nonce = bytes.fromhex(str(message["nonce"]))
+    except (KeyError, ValueError):
+        raise ChannelError("malformed pair_reveal message") from None
+    # The codes commit to the key the channel authenticated and to what the peer said
+    # about itself, so the sponsor below is the peer the person checks the codes of.
+    if message.get("type") != "pair_reveal" or not hmac.compare_digest(
+            commitment(channel.peer_key, peer_nonce, canonical(peer_info)).hex(), peer_commit):
+        await _tell(conn, channel, "malformed", "the revealed nonce does not match its commitment")
+        raise ChannelError("the peer's nonce does not match its commitment")
+    if info["has_user"] and peer_info["has_user"]:
+        await _tell(conn, channel, "both_paired", "both devices already belong to a user")
+        raise PairingRefused("both devices already belong to a user, and a pod never takes "
+                             "another user key; erase one (`covey pod forget`) to pair it")
+    sponsor = info["has_user"] or (not peer_info["has_user"] and not initiator)
+    shown, expected = pairing_codes(mine, nonce, channel.peer_key, peer_nonce)
+    return sponsor, shown, expected, peer_info
 
 
 async def pair_with(host: str, port: int, device_key: Ed25519PrivateKey,
@@ -499,7 +527,7 @@ class SyncServer:
             if self.on_sync:
                 self.on_sync(stats)
         except (TimeoutError, ChannelError, OSError) as exc:
-            if pairing:
+            if pairing and not isinstance(exc, PairingBroken):  # else: wait for another
                 self.paired.put_nowait(exc)
             if self.on_refused:
                 self.on_refused(str(exc), stats.peer)

@@ -156,3 +156,46 @@ def test_the_second_device_may_start_pairing_a_little_later(tmp_path: Path) -> N
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.slow
+def test_a_device_that_breaks_off_before_the_codes_does_not_end_the_pairing(
+        tmp_path: Path) -> None:
+    """A stray device connects in pairing mode and sends nonsense: the phone drops it,
+    shows no code for it, and pairs with the laptop the person is holding."""
+    phone, laptop, stray = (_pod(tmp_path, n) for n in ("phone", "laptop", "stray"))
+
+    async def run() -> tuple[Any, list[PairResult]]:
+        loops = [SyncLoop(phone, LOOPBACK), SyncLoop(laptop, LOOPBACK)]
+        for loop in loops:
+            await loop.start(run=False)
+        person = Person(("phone", "laptop"))
+        try:
+            on_phone = asyncio.ensure_future(loops[0].pair(person.at("phone"), 20))
+            await asyncio.sleep(0)
+
+            async def never(*_: Any) -> str:
+                raise AssertionError("no code is shown to a stray device's person")
+
+            nonsense = Pairing({"name": 7, "has_user": False}, PodState(stray), never,
+                               lambda *_: ("", b""), lambda *_: None)
+            broke_off: Any = None
+            try:
+                await pair_with("127.0.0.1", loops[0].port, stray.identity.private_key,
+                                nonsense)
+            except Exception as exc:  # the outcome is what the test checks
+                broke_off = exc
+            results = await asyncio.gather(on_phone, loops[1].pair(person.at("laptop"), 20))
+            return broke_off, list(results)
+        finally:
+            for loop in loops:
+                await loop.stop()
+
+    try:
+        broke_off, results = asyncio.run(run())
+        assert isinstance(broke_off, Exception) and not isinstance(broke_off, PairingRefused)
+        assert sorted(r.role for r in results) == ["joined", "sponsor"]
+        assert PodState(stray).user_key() is None
+    finally:
+        for pod in (phone, laptop, stray):
+            pod.close()
