@@ -59,7 +59,7 @@ from covey.errors import InvalidInputError, SyncError
 from covey.protocols._crdt import Entry, MergeResult, Refused, Replica, lww
 from covey.protocols._hlc import HLC
 from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, b64, device_id_of
-from covey.protocols._trust import USER_SCHEMA, UserTrust, user_schema, user_trust
+from covey.protocols._trust import UserTrust, user_schema, user_trust
 
 if TYPE_CHECKING:
     from covey.device._pod import Pod
@@ -69,8 +69,6 @@ __all__ = ["SYNC_MEMORIES", "Device", "PodState", "memory_key", "record_forgotte
 SYNC_MEMORIES = "sync_memories"  # the consent scope under which memories are shared
 _NOT_FUNCTIONAL = {"likes", "dislikes", "allergic_to"}
 _TASTES = {"likes", "dislikes"}
-# Stored keeping the earlier copy, never overwritten.
-_GROW_ONLY = frozenset(c.name for c in USER_SCHEMA if c.grow_only)
 
 
 def _now() -> str:
@@ -108,13 +106,14 @@ def _rows(entries: list[Entry]) -> list[tuple[Any, ...]]:
 def _save(conn: sqlite.Connection, entries: list[Entry]) -> None:
     """Store entries as the replica holds them. The guards keep another process's newer
     write: last-writer-wins keeps the larger stamp, grow-only the earlier copy."""
-    grow = [e for e in entries if e.collection in _GROW_ONLY]
+    grow_only = {c.name for c in POD_SCHEMA if c.grow_only}  # kept first-come, never replaced
+    grow = [e for e in entries if e.collection in grow_only]
     conn.executemany(
         "INSERT INTO sync_entries (collection, key, value, stamp, deleted, signature)"
         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, key) DO UPDATE SET"
         " value = excluded.value, stamp = excluded.stamp, deleted = excluded.deleted,"
         " signature = excluded.signature WHERE excluded.stamp > stamp",
-        _rows([e for e in entries if e.collection not in _GROW_ONLY]))
+        _rows([e for e in entries if e.collection not in grow_only]))
     conn.executemany(
         "INSERT INTO sync_entries (collection, key, value, stamp, deleted, signature)"
         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, key) DO UPDATE SET"
@@ -217,6 +216,7 @@ def _verify_profile(entry: Entry, trust: Any, current: Entry | None) -> None:
 
 
 #: What a user's pods share, with the pod's own checks of the profile and budget policy.
+#: A new collection is one more argument here (e.g. ``grow_only("ledger", verify=...)``).
 POD_SCHEMA = user_schema(lww("budget_policy", verify=_verify_budget),
                          lww("profile", verify=_verify_profile))
 
