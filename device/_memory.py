@@ -138,6 +138,9 @@ class Memories:
         self._stamp: int | None = None  # the memories_stamp the index reflects
         self._df: dict[str, int] = {}  # term -> memories holding it, at _df_total
         self._df_total = 0
+        #: The device key that signs the tombstone of a forgotten shared memory (the pod
+        #: sets it: the key lives in the key file, not in the store).
+        self.device_key: Any = None
 
     @property
     def index(self) -> VectorIndex | None:
@@ -202,7 +205,7 @@ class Memories:
 
         row = conn.execute("SELECT kind, text FROM memories WHERE id = ?", (memory_id,)).fetchone()
         if row is not None:  # a memory shared with the user's other pods is forgotten there too
-            record_forgotten(conn, row[0], row[1])
+            record_forgotten(conn, row[0], row[1], self.device_key)
         conn.execute("DELETE FROM graph_edges WHERE json_extract(provenance, '$.memory_id') = ?",
                      (memory_id,))
         before = self._stamp_before(conn)

@@ -173,7 +173,7 @@ def round_identity(pod: Pod, run_id: str, round: int) -> tuple[bool, str]:
         devices = [pod.identity.device_id]
     else:
         secret = key.private_bytes()
-        devices = sorted(d.device_id for d in state.devices() if d.revoked is None)
+        devices = sorted(d.device_id for d in state.devices() if d.current)
         if pod.identity.device_id not in devices:
             devices = [pod.identity.device_id]
 

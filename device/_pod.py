@@ -123,6 +123,7 @@ class Pod:
         self.config = config
         self.memories = Memories(store, on_erase=store.checkpoint)
         self.identity = self._load_identity(device_key)
+        self.memories.device_key = self.identity.private_key
 
     # -- lifecycle ---------------------------------------------------------------------
 

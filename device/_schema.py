@@ -284,7 +284,18 @@ CREATE TABLE ledger_keys (
 ALTER TABLE ledger RENAME TO ledger_v6;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
+# v8: sync protocol 2. Every replicated entry carries its writer's device signature, and
+# certificates and revocations took a new form (the user key chain), so state synced
+# under protocol 1 cannot be checked: it is dropped. The pod's own tables keep every
+# value and publish it again; pods paired under protocol 1 pair again.
+_V8 = """
+ALTER TABLE sync_entries ADD COLUMN signature TEXT NOT NULL DEFAULT '';
+DELETE FROM sync_entries;
+DELETE FROM sync_vector;
+DELETE FROM user_identity;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Tables holding the user's data, in an order that satisfies foreign keys on insert.

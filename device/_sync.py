@@ -7,17 +7,25 @@ What is shared, and where it lives on the pod:
 - ``preferences``: the current edges of the preference graph, keyed like
   :attr:`Fact.key` ("sister", "taste:coffee", "allergic_to:nuts");
 - ``consents``: the consents table, by scope;
-- ``budget_policy``: the user's maximum epsilon and delta (key ``policy``);
-- ``devices`` and ``revocations``: only in the replicated state (certificates and
-  revocations signed by the user key);
+- ``budget_policy``: the user's maximum epsilon and delta (key ``policy``); a received
+  one is validated, audited when it changes the budget, and a raise is taken only from a
+  current device (else refused, and this pod's own policy written again);
+- ``devices`` and ``revocations``: only in the replicated state, grow-only: certificates
+  and revocations signed by user keys, from which :class:`UserTrust` derives the key
+  chain, the current devices and the revoked ones;
 - ``memories``: only while the user grants the ``sync_memories`` consent, keyed by a
   hash of kind and text. Forgetting a memory that was shared writes a tombstone at
   once, whatever the consent, so a forget reaches every pod.
 
+Every entry is signed by the device that wrote it (this pod's own with its device key).
 Local edits are found by comparing the pod's tables with the replicated state each time
 a session begins (:meth:`PodState.begin`): no other code path needs to know about sync.
-Entries received from a peer are applied to the pod's tables in the same transaction
-that stores them.
+Entries received from a peer are checked (see :mod:`covey.protocols._crdt`) and applied
+to the pod's tables in the same transaction that stores them.
+
+The user key is held in ``user_identity`` with the user id, which never changes; a
+revocation replaces the key (:meth:`PodState.revoke`), and the new one arrives from
+another current device (:meth:`PodState.receive_key`). Pairing never replaces a key.
 """
 
 from __future__ import annotations
@@ -32,19 +40,26 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlcipher3.dbapi2 as sqlite
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from covey.device import _audit
 from covey.device._facts import Fact
 from covey.device._feedback import write_consent
 from covey.device._graph import PreferenceGraph
-from covey.device._participation import _DELTA_KEY, _MAX_EPS_KEY
-from covey.device._pod import DeviceIdentity
+from covey.device._participation import (
+    _DELTA_KEY,
+    _MAX_EPS_KEY,
+    DEFAULT_DELTA,
+    DEFAULT_MAX_EPSILON,
+    BudgetPolicy,
+)
 from covey.device._profile import PROFILE_FIELDS, validate
 from covey.device._store import set_meta
-from covey.errors import InvalidInputError
-from covey.protocols._crdt import Entry, Replica
+from covey.errors import InvalidInputError, SyncError
+from covey.protocols._crdt import Entry, MergeResult, Refused, Replica, lww
 from covey.protocols._hlc import HLC
-from covey.protocols._identity import DeviceCertificate, Revocation, UserKey
+from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, b64, device_id_of
+from covey.protocols._trust import UserTrust, user_schema, user_trust
 
 if TYPE_CHECKING:
     from covey.device._pod import Pod
@@ -83,13 +98,27 @@ def _next_stamp(conn: sqlite.Connection, node: str) -> HLC:
     return HLC(wall, 0, node)
 
 
+def _rows(entries: list[Entry]) -> list[tuple[Any, ...]]:
+    return [(e.collection, e.key, None if e.deleted else json.dumps(e.value), e.stamp.encode(),
+             int(e.deleted), e.signature) for e in entries]
+
+
 def _save(conn: sqlite.Connection, entries: list[Entry]) -> None:
+    """Store entries as the replica holds them. The guards keep another process's newer
+    write: last-writer-wins keeps the larger stamp, grow-only the earlier copy."""
+    grow_only = {c.name for c in POD_SCHEMA if c.grow_only}  # kept first-come, never replaced
+    grow = [e for e in entries if e.collection in grow_only]
     conn.executemany(
-        "INSERT INTO sync_entries (collection, key, value, stamp, deleted) VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT (collection, key) DO UPDATE SET value = excluded.value,"
-        " stamp = excluded.stamp, deleted = excluded.deleted WHERE excluded.stamp > stamp",
-        [(e.collection, e.key, None if e.deleted else json.dumps(e.value), e.stamp.encode(),
-          int(e.deleted)) for e in entries])
+        "INSERT INTO sync_entries (collection, key, value, stamp, deleted, signature)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, key) DO UPDATE SET"
+        " value = excluded.value, stamp = excluded.stamp, deleted = excluded.deleted,"
+        " signature = excluded.signature WHERE excluded.stamp > stamp",
+        _rows([e for e in entries if e.collection not in grow_only]))
+    conn.executemany(
+        "INSERT INTO sync_entries (collection, key, value, stamp, deleted, signature)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, key) DO UPDATE SET"
+        " stamp = excluded.stamp, signature = excluded.signature"
+        " WHERE excluded.stamp < stamp", _rows(grow))
 
 
 def _save_vector(conn: sqlite.Connection, vector: dict[str, HLC]) -> None:
@@ -99,35 +128,105 @@ def _save_vector(conn: sqlite.Connection, vector: dict[str, HLC]) -> None:
         [(node, stamp.encode()) for node, stamp in vector.items()])
 
 
-def record_forgotten(conn: sqlite.Connection, kind: str, text: str) -> None:
-    """Inside a deletion's transaction: if the memory was shared, tombstone it everywhere."""
+def record_forgotten(conn: sqlite.Connection, kind: str, text: str,
+                     device_key: Ed25519PrivateKey | None) -> None:
+    """Inside a deletion's transaction: if the memory was shared, tombstone it everywhere
+    (signed with ``device_key``, which a store without its pod cannot supply).
+
+    Raises:
+        ValueError: the memory was shared but no device key was given to sign its erasure.
+    """
     key = memory_key(kind, text)
     row = conn.execute("SELECT deleted FROM sync_entries WHERE collection = 'memories'"
                        " AND key = ?", (key,)).fetchone()
     if row is None or row[0]:
         return
-    node = str(conn.execute("SELECT device_id FROM identity").fetchone()[0])
-    stamp = _next_stamp(conn, node)
-    _save(conn, [Entry("memories", key, None, stamp, deleted=True)])
-    _save_vector(conn, {node: stamp})
+    if device_key is None:
+        raise ValueError("a shared memory's erasure must be signed by the device key")
+    node = conn.execute("SELECT device_id FROM identity").fetchone()[0]
+    stamp = _next_stamp(conn, str(node))
+    tombstone = Entry("memories", key, None, stamp, deleted=True)
+    _save(conn, [tombstone.signed_by(device_key)])
+    _save_vector(conn, {str(node): stamp})
+
+
+def _user_trust(replica: Replica) -> UserTrust:
+    trust = replica.trust()
+    if not isinstance(trust, UserTrust):  # PodState builds every replica with user_trust
+        raise TypeError("the replica's trust is not a user's")
+    return trust
+
+
+def _held_policy(conn: sqlite.Connection) -> BudgetPolicy:
+    """The budget policy in the pod's tables (inside the caller's transaction)."""
+    meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN (?, ?)",
+                             (_MAX_EPS_KEY, _DELTA_KEY)).fetchall())
+    return BudgetPolicy(float(meta.get(_MAX_EPS_KEY, DEFAULT_MAX_EPSILON)),
+                        float(meta.get(_DELTA_KEY, DEFAULT_DELTA)))
 
 
 @dataclass(frozen=True)
 class Device:
-    """A device of the user, as its certificate says, and whether it was revoked."""
+    """A device of the user, as its certificate says, and whether it was revoked.
+
+    ``current``: certified by the current user key and not revoked (it may sync).
+    """
 
     device_id: str
     name: str
     public_key: bytes
     issued_at: str
     revoked: Revocation | None = None
+    current: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"device_id": self.device_id, "name": self.name,
                 "public_key": base64.b64encode(self.public_key).decode(),
-                "issued_at": self.issued_at,
+                "issued_at": self.issued_at, "current": self.current,
                 "revoked_at": self.revoked.revoked_at if self.revoked else None,
                 "revoked_reason": self.revoked.reason if self.revoked else None}
+
+
+def _policy(entry: Entry | None) -> BudgetPolicy:
+    """The budget policy an entry holds (the defaults for none, or a tombstone)."""
+    if entry is None or entry.deleted:
+        return BudgetPolicy()
+    return BudgetPolicy.from_dict(entry.value)
+
+
+def _raises(new: BudgetPolicy, old: BudgetPolicy) -> bool:
+    """Whether ``new`` lets rounds spend more privacy than ``old``."""
+    return new.max_epsilon > old.max_epsilon or new.delta > old.delta
+
+
+def _verify_budget(entry: Entry, trust: Any, current: Entry | None) -> None:
+    """A synced budget policy must be a valid BudgetPolicy; one that raises the budget
+    must come from a current device of the user (certified by the current user key, not
+    revoked). Lowering it is always safe and needs no more than any entry does."""
+    if entry.key != "policy":
+        raise ValueError("the budget policy is kept under the key 'policy'")
+    new = _policy(entry)
+    try:
+        old = _policy(current)
+    except ValueError:
+        old = BudgetPolicy()
+    if _raises(new, old) and entry.origin not in trust.current:
+        raise Refused("budget_raise", "a budget raise from a device that is not current")
+
+
+def _verify_profile(entry: Entry, trust: Any, current: Entry | None) -> None:
+    if entry.key not in PROFILE_FIELDS:
+        raise ValueError(f"unknown profile field {entry.key!r}")
+    if not entry.deleted:
+        if not isinstance(entry.value, str):
+            raise ValueError("a profile value is text")
+        validate(entry.key, entry.value)
+
+
+#: What a user's pods share, with the pod's own checks of the profile and budget policy.
+#: A new collection is one more argument here (e.g. ``grow_only("ledger", verify=...)``).
+POD_SCHEMA = user_schema(lww("budget_policy", verify=_verify_budget),
+                         lww("profile", verify=_verify_profile))
 
 
 class PodState:
@@ -136,6 +235,7 @@ class PodState:
     def __init__(self, pod: Pod) -> None:
         self.pod = pod
         self.node = pod.identity.device_id
+        self.schema = POD_SCHEMA
         self._replica: Replica | None = None
         self._seen_version = -1
         self._published_version = -1
@@ -165,14 +265,16 @@ class PodState:
         return self._replica
 
     def _load(self) -> Replica:
-        replica = Replica(self.node)
+        rows = self.pod.store.query("SELECT user_id FROM user_identity")
+        replica = Replica(self.node, self.schema, signer=self.pod.identity.private_key,
+                          trust=user_trust(str(rows[0][0]) if rows else None))
         own: list[HLC] = []
-        for r in self.pod.store.query("SELECT collection, key, value, stamp, deleted"
-                                      " FROM sync_entries"):
+        for r in self.pod.store.query("SELECT collection, key, value, stamp, deleted,"
+                                      " signature FROM sync_entries"):
             stamp = HLC.decode(r["stamp"])
             value = None if r["deleted"] else json.loads(r["value"])
             replica.entries[(r["collection"], r["key"])] = Entry(
-                r["collection"], r["key"], value, stamp, bool(r["deleted"]))
+                r["collection"], r["key"], value, stamp, bool(r["deleted"]), r["signature"])
             if stamp.node == self.node:
                 own.append(stamp)
         replica.vector = {r["node"]: HLC.decode(r["stamp"])
@@ -183,6 +285,10 @@ class PodState:
             last = max(own)
             replica.clock.wall, replica.clock.counter = last.wall, last.counter
         return replica
+
+    def trust(self) -> UserTrust:
+        """Who may write, as this pod's replica says."""
+        return _user_trust(self.replica())
 
     @contextmanager
     def _writing(self) -> Iterator[tuple[sqlite.Connection, Replica]]:
@@ -207,11 +313,73 @@ class PodState:
 
     def begin(self) -> Replica:
         """Publish the pod's local edits into the replica and hand it out."""
+        self.heal()
         self.publish()
         return self.replica()
 
-    def merged(self, replica: Replica, changed: list[Entry]) -> None:
+    def held_key(self) -> str:
+        """The public half of the user key this pod holds (base64), or ""."""
+        key = self.user_key()
+        return b64(key.public_key) if key else ""
+
+    def key_for(self, peer: str, holds: str) -> bytes | None:
+        """The current user key, for a current device of the user that lacks it (the
+        rotated key reaches the remaining devices, and only them, this way)."""
+        key, trust = self.user_key(), self.trust()
+        if key is None or trust.head != key.public_key or peer == self.node \
+                or peer not in trust.current or holds == b64(key.public_key):
+            return None
+        private = key.private_bytes()
+        # An egress to a paired device: the new user key, over the peer's channel.
+        self.pod.audit("sync.user_key", peer=peer, nbytes=len(private),
+                       detail={"what": "the current user key"})
+        return private
+
+    def receive_key(self, private: bytes, peer: str) -> bool:
+        """Take the current user key from device ``peer``: only a successor of the key this
+        pod holds (the same user, the head of the chain it knows), never a first one."""
+        held, trust = self.user_key(), self.trust()
+        try:
+            key = UserKey.from_bytes(private, held.user_id if held else "")
+        except ValueError:
+            return False
+        if held is None or key.public_key != trust.head or key.public_key == held.public_key \
+                or peer not in trust.current or held.public_key not in trust.depth:
+            return False
+        with self.pod.store.transaction() as conn:
+            conn.execute("UPDATE user_identity SET private_key = ? WHERE id = 1",
+                         (key.private_bytes(),))
+            _audit.append(conn, "sync.user", peer=peer, detail={"user_id": held.user_id,
+                                                                "rotated": True})
+        return True
+
+    def heal(self) -> list[Entry]:
+        """Finish what two pods revoking at once left undone (only with the current key):
+        certify again the devices this pod certified that the winning rotation did not,
+        and revoke again a device this pod revoked that the winning rotation kept."""
+        key, trust = self.user_key(), self.trust()
+        if key is None or trust.head != key.public_key or trust.conflict:
+            return []
+        head = trust.head
+        for device, held in trust.revocations.items():
+            mine = any(h.origin == self.node for h in held)
+            kept = any(h.signer == head for h in trust.certificates.get(device, []))
+            if mine and kept and device != self.node:
+                reason = held[0].statement.reason
+                self._rotate(key, device, reason)
+                return self.heal()
+        orphans = [d for d, held in trust.certificates.items()
+                   if d not in trust.current and d not in trust.revocations
+                   and any(h.origin == self.node for h in held)]
+        certificates = [key.certify(c.device_key, c.name).to_dict()
+                        for c in map(trust.latest, orphans)]
+        if not certificates:
+            return []
+        return self.edit(lambda r: [r.add("devices", c) for c in certificates])
+
+    def merged(self, replica: Replica, result: MergeResult, peer: str) -> None:
         """Store what a peer's delta changed, and apply it to the pod's tables."""
+        changed = result.changed
         with self._writing() as (conn, _):
             _save(conn, changed)
             _save_vector(conn, replica.vector)
@@ -219,6 +387,8 @@ class PodState:
             # Consents first: whether memories are applied depends on them.
             for entry in sorted(remote, key=lambda e: e.collection != "consents"):
                 self._apply(conn, entry)
+            if result.refused.get("budget_raise"):
+                self._reassert_budget(conn, peer, result.refused["budget_raise"])
         if self._erased:  # forgotten memories leave the file pages too, as with a local forget
             self._erased = False
             self.pod.store.checkpoint()
@@ -275,19 +445,42 @@ class PodState:
             else:
                 write_consent(conn, entry.key, bool(value))
         elif c == "budget_policy" and entry.key == "policy":
+            before = _held_policy(conn)
             if entry.deleted:
                 conn.execute("DELETE FROM meta WHERE key IN (?, ?)", (_MAX_EPS_KEY, _DELTA_KEY))
             else:
-                for key, field in ((_MAX_EPS_KEY, "max_epsilon"), (_DELTA_KEY, "delta")):
-                    set_meta(conn, key, repr(float(value[field])))
+                policy = BudgetPolicy.from_dict(value)  # checked on merge, as the ledger reads it
+                for key, number in ((_MAX_EPS_KEY, policy.max_epsilon),
+                                    (_DELTA_KEY, policy.delta)):
+                    set_meta(conn, key, repr(float(number)))
+            after = _held_policy(conn)
+            if after != before:  # what the ledger checks rounds against changed: say so
+                _audit.append(conn, "budget_policy", peer=entry.origin, detail={
+                    "max_epsilon": after.max_epsilon, "delta": after.delta, "by": "sync",
+                    "previous_max_epsilon": before.max_epsilon,
+                    "previous_delta": before.delta})
         elif c == "memories":
             self._apply_memory(conn, entry)
         elif c == "profile" and entry.key in PROFILE_FIELDS:
             if entry.deleted:
                 conn.execute("DELETE FROM meta WHERE key = ?", ("profile." + entry.key,))
-            else:
-                value = validate(entry.key, str(value))  # a bad value fails the whole merge
-                set_meta(conn, "profile." + entry.key, value)
+            else:  # checked on merge (a bad value is refused there, and counted)
+                set_meta(conn, "profile." + entry.key, validate(entry.key, str(value)))
+
+    def _reassert_budget(self, conn: sqlite.Connection, peer: str, refused: int) -> None:
+        """A raise of the budget was refused: write this pod's own policy again, newer than
+        the raise, so the lower policy wins on every pod that took the raise."""
+        replica = self.replica()
+        policy = _held_policy(conn)
+        for key, number in ((_MAX_EPS_KEY, policy.max_epsilon), (_DELTA_KEY, policy.delta)):
+            set_meta(conn, key, repr(float(number)))
+        entry = replica.set("budget_policy", "policy", {"max_epsilon": policy.max_epsilon,
+                                                        "delta": policy.delta})
+        _save(conn, [entry])
+        _save_vector(conn, replica.vector)
+        _audit.append(conn, "sync.refused", peer=peer, detail={
+            "what": "budget_raise", "entries": refused, "kept_max_epsilon": policy.max_epsilon,
+            "kept_delta": policy.delta})
 
     def _apply_preference(self, conn: sqlite.Connection, entry: Entry) -> None:
         now = _now()
@@ -321,94 +514,110 @@ class PodState:
     # -- identity ----------------------------------------------------------------------
 
     def user_key(self) -> UserKey | None:
-        """The user key, once this pod has one (made on first pairing)."""
-        rows = self.pod.store.query("SELECT private_key FROM user_identity")
-        return UserKey.from_bytes(rows[0][0]) if rows else None
+        """The user key this pod holds, once it has one (made on first pairing)."""
+        rows = self.pod.store.query("SELECT user_id, private_key FROM user_identity")
+        return UserKey.from_bytes(rows[0]["private_key"], rows[0]["user_id"]) if rows else None
 
     def user_since(self) -> str:
         rows = self.pod.store.query("SELECT created_at FROM user_identity")
         return str(rows[0][0]) if rows else ""
 
-    def adopt_user_key(self, private: bytes) -> UserKey:
-        """Hold ``private`` as the user key from now on (pairing's joining side)."""
-        key = UserKey.from_bytes(private)
+    def adopt_user_key(self, private: bytes, user_id: str) -> UserKey:
+        """Hold ``private`` as the key of user ``user_id`` (pairing's joining side).
+
+        Raises:
+            SyncError: this pod already holds a user key (it never takes another).
+        """
+        key = UserKey.from_bytes(private, user_id)
         with self.pod.store.transaction() as conn:
+            held = conn.execute("SELECT user_id FROM user_identity").fetchone()
+            if held is not None:
+                raise SyncError(f"this pod already belongs to user {held[0]}; it never takes "
+                                "another user key (erase it with `covey pod forget` first)")
             conn.execute("INSERT INTO user_identity (id, user_id, private_key, created_at)"
-                         " VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-                         " user_id = excluded.user_id, private_key = excluded.private_key,"
-                         " created_at = excluded.created_at", (key.user_id, private, _now()))
-            _audit.append(conn, "sync.user", detail={"user_id": key.user_id})
+                         " VALUES (1, ?, ?, ?)", (user_id, private, _now()))
+            _audit.append(conn, "sync.user", detail={"user_id": user_id})
+        self._replica = None  # the trust now has an anchor
         return key
 
     def ensure_user(self) -> UserKey:
-        """The user key, made now (with this device's certificate) if there is none."""
+        """The user key, made now (with this device's genesis certificate) if there is none."""
+        key = self.user_key()
+        if key is not None:
+            return key
+        key = UserKey.generate_for(self.pod.identity.public_key)
+        cert = key.certify(self.pod.identity.public_key, self.pod.name)
+        with self._writing() as (conn, replica):
+            conn.execute("INSERT INTO user_identity (id, user_id, private_key, created_at)"
+                         " VALUES (1, ?, ?, ?)", (key.user_id, key.private_bytes(), _now()))
+            _audit.append(conn, "sync.user", detail={"user_id": key.user_id, "made": True})
+            entry = replica.add("devices", cert.to_dict())
+            _save(conn, [entry])
+            _save_vector(conn, replica.vector)
+        self._replica = None  # the trust now has an anchor
+        return key
+
+    def holds_current_key(self) -> UserKey:
+        """The user key, if it is the current one (the head of the chain).
+
+        Raises:
+            SyncError: no user key, or this pod holds a superseded one (it gets the
+                current one from another device at its next sync).
+        """
         key = self.user_key()
         if key is None:
-            key = self.adopt_user_key(UserKey.generate().private_bytes())
-        if self.device(self.node) is None:
-            self.certify(key, self.pod.identity.public_key, self.pod.name)
+            raise SyncError("this pod is not paired with any device")
+        if self.trust().head != key.public_key:
+            raise SyncError("this pod does not hold the current user key yet; let it sync "
+                            "with another of your devices first")
         return key
 
     def certify(self, key: UserKey, public_key: bytes, name: str) -> DeviceCertificate:
         """Certify a device of the user and add it to the replicated device list."""
-        device_id = DeviceIdentity.id_for(public_key)
-        cert = key.certify(device_id, public_key, name)
-        self.edit(lambda r: [r.set("devices", device_id, cert.to_dict())])
+        cert = key.certify(public_key, name)
+        self.edit(lambda r: [r.add("devices", cert.to_dict())])
         return cert
 
     def devices(self) -> list[Device]:
-        """The user's devices whose certificates verify, with their revocations."""
-        key = self.user_key()
-        if key is None:
-            return []
-        replica = self.replica()
+        """Every device ever validly certified for the user, with its revocation."""
+        trust = self.trust()
         found = []
-        for value in replica.items("devices").values():
-            try:
-                cert = DeviceCertificate.from_dict(value)
-                cert.verify(key.public_key)
-            except (KeyError, TypeError, ValueError):
-                continue  # another user's certificate, or not one at all
-            found.append(Device(cert.device_id, cert.name,
-                                base64.b64decode(cert.device_public_key), cert.issued_at,
-                                self._revocation(replica, key, cert.device_id)))
-        return sorted(found, key=lambda d: d.issued_at)
-
-    @staticmethod
-    def _revocation(replica: Replica, key: UserKey, device_id: str) -> Revocation | None:
-        value = replica.get("revocations", device_id)
-        if value is None:
-            return None
-        try:
-            revocation: Revocation = Revocation.from_dict(value)
-            revocation.verify(key.public_key)
-        except (KeyError, TypeError, ValueError):
-            return None
-        return revocation
+        for device_id in trust.certificates:
+            cert = trust.latest(device_id)
+            found.append(Device(device_id, cert.name, cert.device_key, cert.issued_at,
+                                trust.revocation(device_id), device_id in trust.current))
+        return sorted(found, key=lambda d: (d.issued_at, d.device_id))
 
     def device(self, device_id: str) -> Device | None:
         return next((d for d in self.devices() if d.device_id == device_id), None)
 
     def pin(self, public_key: bytes) -> str | None:
-        """Who may sync with this pod: its user's other devices, unless revoked."""
-        device = next((d for d in self.devices() if d.public_key == public_key), None)
-        if device is None or device.device_id == self.node:
+        """Who may sync with this pod: its user's current devices (never a revoked one)."""
+        trust, device_id = self.trust(), device_id_of(public_key)
+        if trust.conflict:
+            return ("this pod's user key chain forked (two devices revoked each other): it "
+                    "trusts no device until it is paired again")
+        revocation = trust.revocation(device_id)
+        if revocation is not None:
+            reason = f" ({revocation.reason})" if revocation.reason else ""
+            return f"this device was revoked by its user on {revocation.revoked_at[:10]}{reason}"
+        if device_id == self.node or device_id not in trust.current \
+                or trust.device_key(device_id) != public_key:
             return "not a paired device"
-        if device.revoked is not None:
-            reason = f" ({device.revoked.reason})" if device.revoked.reason else ""
-            return (f"this device was revoked by its user on "
-                    f"{device.revoked.revoked_at[:10]}{reason}")
         return None
 
     def revoke(self, which: str, reason: str = "") -> Device:
-        """Revoke a device of the user (by id, id prefix or name), for good.
+        """Revoke a device of the user (by id, id prefix or name), for good, and replace the
+        user key: the other current devices are certified again by the new key, which
+        reaches them (and only them) at their next sync.
 
         Raises:
-            InvalidInputError: no user key, no such device, several match, or it is this one.
+            InvalidInputError: no such device, several match, or it is this one.
+            SyncError: not paired, or this pod does not hold the current user key.
         """
-        key = self.user_key()
-        if key is None:
+        if self.user_key() is None:
             raise InvalidInputError("this pod is not paired with any device")
+        key = self.holds_current_key()
         matches = [d for d in self.devices()
                    if d.device_id == which or d.name == which
                    or (len(which) >= 8 and d.device_id.startswith(which))]
@@ -420,11 +629,31 @@ class PodState:
         if device.device_id == self.node:
             raise InvalidInputError("this is this device; to leave, erase it with "
                                     "`covey pod forget`")
-        revocation = key.revoke(device.device_id, reason)
-        self.edit(lambda r: [r.set("revocations", device.device_id, revocation.to_dict())])
-        self.pod.audit("sync.revoke", peer=device.device_id, detail={"reason": reason})
+        if device.revoked is not None:
+            raise InvalidInputError(f"{device.device_id} was already revoked")
+        revocation = self._rotate(key, device.device_id, reason)
         return Device(device.device_id, device.name, device.public_key, device.issued_at,
-                      revocation)
+                      revocation, False)
+
+    def _rotate(self, key: UserKey, device_id: str, reason: str) -> Revocation:
+        """Revoke ``device_id`` with ``key`` and move every other current device to the
+        new key, in one transaction."""
+        with self._writing() as (conn, replica):
+            trust = _user_trust(replica)
+            seen = replica.vector.get(device_id)
+            revocation, successor = key.revoke(device_id, reason, seen.encode() if seen else "")
+            written = [replica.add("revocations", revocation.to_dict())]
+            for other in sorted(trust.current - {device_id}):
+                cert = trust.latest(other)
+                written.append(replica.add("devices", successor.certify(
+                    cert.device_key, cert.name).to_dict()))
+            _save(conn, written)
+            _save_vector(conn, replica.vector)
+            conn.execute("UPDATE user_identity SET private_key = ? WHERE id = 1",
+                         (successor.private_bytes(),))
+            _audit.append(conn, "sync.revoke", peer=device_id,
+                          detail={"reason": reason, "recertified": len(written) - 1})
+        return revocation
 
     def summary(self) -> dict[str, Any]:
         """Counts per collection (live and tombstones), never values."""

@@ -27,6 +27,7 @@ from covey.protocols._channel import ChannelError
 from covey.protocols._discovery import Announcer, Browser, Peer, local_addresses
 from covey.protocols._session import (
     Pairing,
+    PairingBroken,
     PairResult,
     RefusedError,
     SyncServer,
@@ -38,9 +39,10 @@ from covey.protocols._session import (
 if TYPE_CHECKING:
     from covey.device._pod import Pod
 
-__all__ = ["REFUSED_BACKOFF", "LoopConfig", "SyncLoop"]
+__all__ = ["PAIR_RETRY", "REFUSED_BACKOFF", "LoopConfig", "SyncLoop"]
 
 REFUSED_BACKOFF = 30.0
+PAIR_RETRY = 1.0  # seconds before asking a pod that was not pairing (or was busy) again
 _log = logging.getLogger(__name__)
 
 
@@ -209,46 +211,63 @@ class SyncLoop:
 
     # -- pairing -----------------------------------------------------------------------
 
-    async def pair(self, confirm: Callable[[str, dict[str, Any]], Awaitable[bool]],
+    async def pair(self, confirm: Callable[[str, dict[str, Any], str], Awaitable[str]],
                    timeout: float) -> PairResult:
-        """Wait for another pod in pairing mode and pair with it.
+        """Wait for another pod in pairing mode and pair with it, once.
 
         The pod whose announcement has the smaller instance id connects; the other
-        waits to be connected to. Raises TimeoutError, ChannelError.
+        waits to be connected to. ``confirm(shown, peer_info, role)`` shows this side's
+        code and returns the code the person typed (the other device's).
+        Raises TimeoutError, ChannelError (PairingRefused when the codes did not match or
+        both devices already belong to a user), SyncError.
         """
         state = self.state
         key = state.user_key()
-        info = {"name": self.pod.name, "has_user": key is not None,
-                "devices": len(state.devices()), "since": state.user_since()}
+        if key is not None:
+            state.holds_current_key()  # a pod with a superseded key cannot sponsor yet
+        info = {"name": self.pod.name, "has_user": key is not None}
 
-        def sponsor(peer_key: bytes, peer_info: dict[str, Any]) -> bytes:
-            user = state.ensure_user()
+        def sponsor(peer_key: bytes, peer_info: dict[str, Any]) -> tuple[str, bytes]:
+            state.ensure_user()
+            user = state.holds_current_key()
             state.certify(user, peer_key, str(peer_info["name"])[:64])
-            return user.private_bytes()
+            return user.user_id, user.private_bytes()
 
-        def join(private: bytes) -> None:
-            state.adopt_user_key(private)
+        def join(private: bytes, user_id: str) -> None:
+            state.adopt_user_key(private, user_id)
 
         pairing = Pairing(info, state, confirm, sponsor, join)
-        self.server.pairing = pairing
+        server = self.server
+        server.pairing = pairing
         deadline = time.monotonic() + timeout
-        tried: set[str] = set()
+        retry: dict[str, float] = {}  # instance -> when to try it again
         try:
             while time.monotonic() < deadline:
                 with contextlib.suppress(TimeoutError):
-                    outcome = await asyncio.wait_for(self.server.paired.get(), 0.5)
+                    outcome = await asyncio.wait_for(server.paired.get(), 0.5)
                     if isinstance(outcome, BaseException):
                         raise outcome
                     return outcome
-                assert self.announcer is not None and self.browser is not None
+                if self.announcer is None or self.browser is None:
+                    raise RuntimeError("start the loop before pairing")
                 for peer in self.browser.peers():
-                    if peer.instance < self.announcer.instance or peer.instance in tried:
+                    if peer.instance < self.announcer.instance or server.pairing_busy \
+                            or retry.get(peer.instance, 0.0) > time.monotonic() \
+                            or server.pairing is None:
                         continue
+                    server.pairing_busy = True  # nobody pairs with us meanwhile
                     try:
                         return await pair_with(peer.address, peer.port,
                                                self.pod.identity.private_key, pairing)
-                    except RefusedError:
-                        tried.add(peer.instance)  # a pod that is not pairing now
+                    except RefusedError as exc:
+                        if exc.code not in ("not_pairing", "busy"):
+                            raise
+                        # Not pairing (yet), or with another device: ask again shortly.
+                        retry[peer.instance] = time.monotonic() + PAIR_RETRY
+                    except (OSError, PairingBroken):  # gone, or broke off before the codes
+                        retry[peer.instance] = time.monotonic() + PAIR_RETRY
+                    finally:
+                        server.pairing_busy = False
             raise TimeoutError
         finally:
-            self.server.pairing = None
+            server.pairing = None

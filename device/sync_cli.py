@@ -35,8 +35,6 @@ def _config(address: str, port: int = 0) -> Any:
 
 @sync_app.command("pair")
 def sync_pair(
-    yes: Annotated[bool, typer.Option("--yes", help="Confirm the digits without asking "
-                                      "(for tests and scripts).")] = False,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the other "
                                            "device.")] = 120.0,
     address: AddressOpt = "0.0.0.0",  # noqa: S104
@@ -45,23 +43,29 @@ def sync_pair(
 ) -> None:
     """Pair with another of your devices running `covey sync pair` at the same time.
 
-    Both screens show the same six digits; confirm only if they match.
+    Each device shows a 6-digit code; type on each the code the other one shows. Nothing
+    is shared unless both codes match (there is no way to skip this).
     """
     from covey.device._sync_loop import SyncLoop
     from covey.protocols._channel import ChannelError
 
-    async def confirm(sas: str, peer: dict[str, Any]) -> bool:
-        shown = f"{sas[:3]} {sas[3:]}"
-        if as_json:
-            sys.stderr.write(f"pairing code: {shown}\n")
+    def say(text: str) -> None:
+        if as_json:  # stdout carries only the JSON result
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
         else:
-            out.print(f"Pairing with [bold]{peer['name']}[/bold]. Check that it shows: "
-                      f"[bold]{shown}[/bold]")
-        if yes:
-            return True
-        if not sys.stdin.isatty():
-            raise SyncError("confirming the digits needs a terminal; pass --yes in scripts")
-        return await asyncio.to_thread(typer.confirm, "Do both screens show these digits?")
+            out.print(text, highlight=False)
+
+    async def confirm(shown: str, peer: dict[str, Any], role: str) -> str:
+        what = "give it your user key" if role == "sponsor" else "join its user"
+        say(f"Pairing with {peer['name']!r}: this device will {what}.")
+        say(f"pairing code: {shown[:3]} {shown[3:]}")
+        say("Type the code the other device shows, then Enter:")
+        typed = await _read_line(timeout)
+        if not typed.strip():
+            raise SyncError("pairing needs the code the other device shows, typed here "
+                            "(nothing was typed)")
+        return typed
 
     async def run(pod: Pod) -> Any:
         loop = SyncLoop(pod, _config(address))
@@ -105,6 +109,28 @@ def sync_pair(
                   f"{len(summary['devices'])} devices.")
 
 
+async def _read_line(timeout: float) -> str:
+    """A line from stdin (a daemon thread reads it, so a person who never answers does
+    not keep the process alive after the time-out)."""
+    loop = asyncio.get_running_loop()
+    line: asyncio.Future[str] = loop.create_future()
+
+    def deliver(text: str) -> None:
+        if not line.done():
+            line.set_result(text)
+
+    def read() -> None:
+        text = sys.stdin.readline()
+        with contextlib.suppress(RuntimeError):  # the loop already ended (timed out)
+            loop.call_soon_threadsafe(deliver, text)
+
+    threading.Thread(target=read, name="covey-pair-code", daemon=True).start()
+    try:
+        return await asyncio.wait_for(line, timeout)
+    except TimeoutError:
+        raise SyncError(f"no code was typed within {timeout:g} s") from None
+
+
 def _device_of(public_key: bytes) -> str:
     from covey.device._pod import DeviceIdentity
 
@@ -130,7 +156,8 @@ def sync_devices(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     for column in ("device", "name", "since", "status"):
         table.add_column(column)
     for r in rows:
-        status = (f"revoked {r['revoked_at'][:10]}" if r["revoked_at"] else "paired") + \
+        status = (f"revoked {r['revoked_at'][:10]}" if r["revoked_at"] else
+                  "paired" if r["current"] else "not certified by the current user key") + \
             (" (this device)" if r["this"] else "")
         table.add_row(r["device_id"], r["name"], r["issued_at"][:10], status)
     out.print(table)
@@ -149,9 +176,16 @@ def sync_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             " 'sync%' ORDER BY seq DESC LIMIT 10")
         memories = pod.store.query("SELECT granted FROM consents WHERE scope = ?",
                                    (SYNC_MEMORIES,))
+        trust = state.trust()
         report: dict[str, Any] = {
             "user_id": key.user_id if key else None,
             "device_id": pod.identity.device_id,
+            # The user key is replaced at every revocation; a pod holding an older one
+            # gets the current one at its next sync with another current device.
+            "user_key": None if key is None else
+            "current" if key.public_key == trust.head else "superseded",
+            "key_chain": len(trust.chain),
+            "key_conflict": trust.conflict,
             "devices": len(state.devices()),
             "memories_shared": bool(memories and memories[0][0]),
             "collections": state.summary(),
@@ -161,7 +195,12 @@ def sync_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         _emit_json(report)
         return
-    out.print(f"user: {report['user_id'] or 'none yet (not paired)'}")
+    out.print(f"user: {report['user_id'] or 'none yet (not paired)'}"
+              + (f"; user key: {report['user_key']} ({report['key_chain']} in the chain)"
+                 if report["user_key"] else ""))
+    if report["key_conflict"]:
+        out.print("the user key chain forked here (two devices revoked each other): this "
+                  "pod trusts no device; erase it (`covey pod forget`) and pair it again")
     out.print(f"this device: {report['device_id']}; devices: {report['devices']}; memories "
               f"{'shared' if report['memories_shared'] else 'not shared'} "
               f"(`covey pod consent {SYNC_MEMORIES} --grant` shares them)")
@@ -190,8 +229,8 @@ def sync_revoke(
     if as_json:
         _emit_json(revoked.to_dict())
     else:
-        out.print(f"Revoked {revoked.device_id} ({revoked.name}); your other pods learn it at "
-                  "their next sync.")
+        out.print(f"Revoked {revoked.device_id} ({revoked.name}) and replaced the user key; "
+                  "your other devices learn it, and get the new key, at their next sync.")
 
 
 @sync_app.command("run")

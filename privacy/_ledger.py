@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
@@ -95,11 +96,21 @@ class BudgetPolicy:
     accountant: str = "rdp"
 
     def __post_init__(self) -> None:
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Real)
+               for v in (self.max_epsilon, self.delta)):
+            raise ValueError("the maximum epsilon and delta are numbers")
         if not self.max_epsilon >= 0 or not math.isfinite(self.max_epsilon):
             raise ValueError("the maximum epsilon must be a finite number >= 0")
         if not 0 < self.delta < 1:
             raise ValueError("delta must be in (0, 1)")
         get_accountant(self.accountant)
+
+    @classmethod
+    def from_dict(cls, value: Any) -> BudgetPolicy:
+        """A policy as synced (``{"max_epsilon": x, "delta": y}``); raises ValueError."""
+        if not isinstance(value, dict) or set(value) != {"max_epsilon", "delta"}:
+            raise ValueError("a budget policy has exactly max_epsilon and delta")
+        return cls(value["max_epsilon"], value["delta"])
 
 
 @dataclass(frozen=True)

@@ -8,24 +8,40 @@ Public surface:
     SignatureError   raised when either check fails
     make_node_key    the key pair a pod's SuperNode authenticates with
     HLC, HybridClock hybrid logical timestamps and the clock that issues them
-    Replica, Delta   a pod's copy of the shared state, and what a peer lacks of it
-    UserKey, DeviceCertificate, Revocation   the user identity key and what it signs
-    short_auth_string                        the 6 digits both screens show when pairing
+    Replica, Delta, Entry, MergeResult   a pod's copy of the shared state (signed
+                     entries), what a peer lacks of it, and what a merge did
+    Schema, Collection, lww, grow_only   how each collection merges (register one more
+                     with ``user_schema(grow_only(name, verify=...))``)
+    UserTrust, USER_SCHEMA, user_schema, user_trust   who may write a user's state
+    UserKey, DeviceCertificate, Revocation   the user key (a chain) and what it signs
+    pairing_codes    the 6-digit codes each device shows, and types, when pairing
     Handshake, SecureChannel, ChannelError   the authenticated, encrypted sync channel
     Announcer, discover, Peer                mDNS announcement and discovery of pods
     SyncServer, sync_with, SyncStats         a sync session over TCP, and what it moved
 """
 
 from covey.protocols._channel import ChannelError, Handshake, SecureChannel
-from covey.protocols._crdt import Delta, Replica
+from covey.protocols._crdt import (
+    Collection,
+    Delta,
+    Entry,
+    MergeResult,
+    Replica,
+    Schema,
+    grow_only,
+    lww,
+)
 from covey.protocols._discovery import Announcer, Peer, discover
 from covey.protocols._hlc import HLC, HybridClock
-from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, short_auth_string
+from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, pairing_codes
 from covey.protocols._model_version import ModelVersion, SignatureError, verify_version
 from covey.protocols._node_key import make_node_key
 from covey.protocols._session import SyncServer, SyncStats, sync_with
+from covey.protocols._trust import USER_SCHEMA, UserTrust, user_schema, user_trust
 
-__all__ = ["HLC", "Announcer", "ChannelError", "Delta", "DeviceCertificate", "Handshake",
-           "HybridClock", "ModelVersion", "Peer", "Replica", "Revocation", "SecureChannel",
-           "SignatureError", "SyncServer", "SyncStats", "UserKey", "discover", "make_node_key",
-           "short_auth_string", "sync_with", "verify_version"]
+__all__ = ["HLC", "USER_SCHEMA", "Announcer", "ChannelError", "Collection", "Delta",
+           "DeviceCertificate", "Entry", "Handshake", "HybridClock", "MergeResult",
+           "ModelVersion", "Peer", "Replica", "Revocation", "Schema", "SecureChannel",
+           "SignatureError", "SyncServer", "SyncStats", "UserKey", "UserTrust", "discover",
+           "grow_only", "lww", "make_node_key", "pairing_codes", "sync_with",
+           "user_schema", "user_trust", "verify_version"]

@@ -2,7 +2,7 @@
 
 The handshake is ``Noise_XX_25519_ChaChaPoly_SHA256`` (the Noise Protocol Framework,
 revision 34, through the ``noiseprotocol`` package) with the prologue
-``covey-sync/1``, written sans-IO so it can be tested without sockets:
+``covey-sync/2``, written sans-IO so it can be tested without sockets:
 
 1. initiator -> responder: ``-> e``, with a clear payload naming the protocol and the
    purpose (``sync`` or ``pair``); the payload is bound into the handshake hash.
@@ -39,7 +39,7 @@ from noise.connection import Keypair, NoiseConnection
 __all__ = ["MAX_FRAME", "MAX_MESSAGE", "NOISE_NAME", "PROTOCOL", "PURPOSES", "ChannelError",
            "FrameReader", "Handshake", "Pinning", "SecureChannel"]
 
-PROTOCOL = "covey-sync/1"
+PROTOCOL = "covey-sync/2"
 PURPOSES = ("sync", "pair")
 NOISE_NAME = b"Noise_XX_25519_ChaChaPoly_SHA256"
 MAX_FRAME = 65535  # bytes of one Noise message (the Noise limit)

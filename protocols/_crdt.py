@@ -1,62 +1,202 @@
-"""The replicated state of one user's pods: a last-writer-wins map with tombstones.
+"""The replicated state of one user's pods: signed entries, merged by per-collection rules.
 
-Every piece of shared state (profile fields, preferences, consents, the budget policy,
-devices, revocations, opted-in memories) is an entry ``(collection, key)`` holding a
-JSON value or a tombstone, stamped with the hybrid logical timestamp of its last write.
-Merging keeps, per entry, the one with the larger timestamp: merge is commutative,
-associative and idempotent, so replicas that have seen the same writes hold the same
-state whatever the order, repetition or grouping of deliveries. A delete is a tombstone
-(never a removal), so forgetting on one pod forgets on all, and an older write that
-arrives later cannot bring the entry back.
+Every piece of shared state is an *entry* ``(collection, key)`` holding a JSON value or a
+tombstone, stamped with the hybrid logical timestamp of its write. The timestamp's node
+is the device that wrote it (the entry's *origin*), and the entry is signed by that
+device's key, so it can be relayed by any pod and still be checked by every receiver.
 
-Sync is incremental. Each replica keeps a version vector: per origin node, the largest
-timestamp it has merged from that node. A delta for a peer holds every entry whose
-timestamp is newer than the peer's vector says for its origin; after merging a whole
-delta the peer takes the sender's vector too (entries the sender no longer holds were
-overwritten by ones it does hold). A delivery cut short is simply sent again.
+A :class:`Schema` names the collections and how each merges:
+
+- *last-writer-wins* (:func:`lww`): per key, the entry with the larger timestamp wins; a
+  delete is a tombstone, so an older write that arrives later cannot bring it back;
+- *grow-only* (:func:`grow_only`): an entry, once written, is never overwritten or
+  deleted. Its key is a function of its value (content-addressed), so no two replicas can
+  ever hold different values under one key, and merging is a set union.
+
+A received entry is merged only when (1) its collection is in the schema, (2) the
+replica's :class:`Trust` knows its origin and the signature verifies by that device's
+key, (3) the trust has no objection (the origin was revoked before writing it, say),
+(4) a grow-only entry is not a tombstone or an overwrite and sits under its own key, and
+(5) the collection's ``verify`` function accepts it. Otherwise it is *refused*: counted by
+reason in the :class:`MergeResult`, never stored. Collections marked ``trust`` (the ones
+that say who may write: devices, revocations) are merged first, in timestamp order, and
+the trust is recomputed after each one that changes, so a delta may carry a new device's
+certificate and that device's entries together.
+
+For a fixed trust, merge is commutative, associative and idempotent (tests/protocols/
+test_crdt.py checks this with Hypothesis, adversarial entries included): replicas that
+received the same entries hold the same state whatever the order, repetition or grouping.
+
+Sync is incremental. Each replica keeps a version vector: per origin, the largest
+timestamp it has merged from that origin. A delta for a peer holds every entry newer than
+the peer's vector says for its origin; after merging a whole delta the receiver takes the
+sender's vector too (entries the sender no longer holds were overwritten by ones it does
+hold), except for origins it could not yet check (their entries come again next time).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from covey.protocols._hlc import HLC, HybridClock
+from covey.protocols._identity import b64, canonical, verify_signature
 
-__all__ = ["COLLECTIONS", "Delta", "Entry", "Replica"]
+__all__ = ["Collection", "Delta", "Entry", "MergeResult", "Refused", "Replica", "Schema",
+           "Trust", "TrustFactory", "content_key", "grow_only", "lww"]
 
-#: What pods of one user share. ``memories`` only where the user opts in.
-COLLECTIONS = ("profile", "preferences", "consents", "budget_policy", "devices",
-               "revocations", "memories")
+ENTRY_CONTEXT = "covey-entry/2"
+_FIELDS = {"c", "k", "v", "t", "d", "s"}
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One replicated value (``deleted``: a tombstone, ``value`` is None)."""
+    """One replicated value (``deleted``: a tombstone, ``value`` is None), signed by its
+    origin device (the node of ``stamp``)."""
 
     collection: str
     key: str
     value: Any
     stamp: HLC
     deleted: bool = False
+    signature: str = ""  # base64 Ed25519 of signed_bytes() by the origin device's key
+
+    @property
+    def origin(self) -> str:
+        """The device that wrote the entry."""
+        return self.stamp.node
+
+    def signed_bytes(self) -> bytes:
+        """What the origin signs: every field, in canonical JSON."""
+        return canonical([ENTRY_CONTEXT, self.collection, self.key, self.value,
+                          self.stamp.encode(), self.deleted])
+
+    def signed_by(self, device_key: Ed25519PrivateKey) -> Entry:
+        """This entry with the origin device's signature."""
+        return replace(self, signature=b64(device_key.sign(self.signed_bytes())))
 
     def to_dict(self) -> dict[str, Any]:
         return {"c": self.collection, "k": self.key, "v": self.value,
-                "t": self.stamp.encode(), "d": self.deleted}
+                "t": self.stamp.encode(), "d": self.deleted, "s": self.signature}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Entry:
-        """Parse a received entry (raises ValueError, KeyError or TypeError)."""
-        collection, key = str(d["c"]), str(d["k"])
-        if collection not in COLLECTIONS:
-            raise ValueError(f"unknown collection {collection!r}")
-        deleted = d["d"]
+    def from_dict(cls, d: Any) -> Entry:
+        """Parse a received entry (raises ValueError, KeyError or TypeError). Whether it
+        may be merged is for the receiving replica to decide."""
+        if not isinstance(d, Mapping) or set(d) != _FIELDS:
+            raise ValueError("an entry has exactly the fields c, k, v, t, d, s")
+        collection, key, signature, deleted = d["c"], d["k"], d["s"], d["d"]
+        if not all(isinstance(x, str) for x in (collection, key, signature)):
+            raise TypeError("an entry's collection, key and signature are strings")
         if not isinstance(deleted, bool) or (deleted and d["v"] is not None):
             raise ValueError("a tombstone carries no value")
         json.dumps(d["v"])  # must be plain JSON
-        return cls(collection, key, d["v"], HLC.decode(str(d["t"])), deleted)
+        return cls(collection, key, d["v"], HLC.decode(str(d["t"])), deleted, signature)
+
+
+def content_key(value: Any) -> str:
+    """The key of a grow-only value: 16 bytes of SHA-256 of its canonical JSON, in hex."""
+    return hashlib.sha256(canonical(value)).hexdigest()[:32]
+
+
+class Trust(Protocol):
+    """Who may write what: derived from the replica's own ``trust`` collections."""
+
+    def origin_key(self, entry: Entry) -> bytes | None:
+        """The public key of the device ``entry`` comes from (None: not a known device)."""
+
+    def refusal(self, entry: Entry) -> str | None:
+        """Why ``entry``'s origin may not write it (None: it may). A reason starting with
+        ``unknown_`` means "not checkable yet": the sender sends it again later."""
+
+    def may_sync(self, node: str) -> bool:
+        """Whether device ``node`` may send entries at all."""
+
+
+class Refused(ValueError):
+    """Raised by a collection's verify function to refuse an entry under a reason of its
+    own (counted under ``reason``; a plain ValueError counts as "invalid")."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+
+
+#: Builds the trust from a replica's current state.
+TrustFactory = Callable[["Replica"], Trust]
+#: A collection's own check of a received entry: ``verify(entry, trust, current)``, where
+#: ``current`` is the entry held under the same key (or None); raises ValueError to refuse.
+Verify = Callable[[Entry, Any, "Entry | None"], None]
+
+
+@dataclass(frozen=True)
+class Collection:
+    """How one collection merges, and what a received entry of it must satisfy."""
+
+    name: str
+    grow_only: bool = False
+    verify: Verify | None = None
+    key_of: Callable[[Any], str] | None = None  # grow-only: the one key a value may have
+    trust: bool = False  # it says who may write: merged first, trust recomputed after each
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ValueError(f"a collection name is letters, digits and _: {self.name!r}")
+        if self.grow_only and self.key_of is None:
+            raise ValueError("a grow-only collection needs key_of (content-addressed keys)")
+        if not self.grow_only and self.key_of is not None:
+            raise ValueError("only a grow-only collection is content-addressed")
+
+
+def lww(name: str, verify: Verify | None = None) -> Collection:
+    """A last-writer-wins collection (tombstones for deletes)."""
+    return Collection(name, verify=verify)
+
+
+def grow_only(name: str, verify: Verify | None = None,
+              key_of: Callable[[Any], str] = content_key, trust: bool = False) -> Collection:
+    """A grow-only collection: signed entries that are never overwritten or deleted."""
+    return Collection(name, grow_only=True, verify=verify, key_of=key_of, trust=trust)
+
+
+class Schema:
+    """The collections a replica holds, by name (immutable: :meth:`register` returns a
+    new schema)."""
+
+    def __init__(self, collections: Iterable[Collection] = ()) -> None:
+        self._by_name: dict[str, Collection] = {}
+        for c in collections:
+            if c.name in self._by_name:
+                raise ValueError(f"collection {c.name!r} registered twice")
+            self._by_name[c.name] = c
+
+    def register(self, collection: Collection) -> Schema:
+        """This schema with one more collection."""
+        return Schema([*self._by_name.values(), collection])
+
+    def get(self, name: str) -> Collection | None:
+        return self._by_name.get(name)
+
+    def __getitem__(self, name: str) -> Collection:
+        if name not in self._by_name:
+            raise ValueError(f"unknown collection {name!r}")
+        return self._by_name[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __iter__(self) -> Iterator[Collection]:
+        return iter(self._by_name.values())
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._by_name)
 
 
 @dataclass(frozen=True)
@@ -80,31 +220,80 @@ class Delta:
         return cls(entries, vector)
 
 
-class Replica:
-    """One pod's copy of the shared state."""
+@dataclass
+class MergeResult:
+    """What a merge did: the entries that changed here, and the refused ones by reason."""
 
-    def __init__(self, node: str, clock: HybridClock | None = None) -> None:
-        self.node = node
+    changed: list[Entry] = field(default_factory=list)
+    refused: Counter[str] = field(default_factory=Counter)
+    unchecked: set[str] = field(default_factory=set)  # origins with entries not checkable yet
+    trust_changed: bool = False
+
+    def __len__(self) -> int:
+        return len(self.changed)
+
+
+class Replica:
+    """One pod's copy of the shared state.
+
+    ``signer`` (the device key) signs this replica's own writes; ``trust`` builds the
+    :class:`Trust` that received entries are checked against (without one, a replica
+    merges nothing it receives).
+    """
+
+    def __init__(self, node: str, schema: Schema, *, clock: HybridClock | None = None,
+                 signer: Ed25519PrivateKey | None = None,
+                 trust: TrustFactory | None = None) -> None:
+        self.node, self.schema = node, schema
         self.clock = clock or HybridClock(node)
+        self.signer, self.trust_of = signer, trust
         self.entries: dict[tuple[str, str], Entry] = {}
         self.vector: dict[str, HLC] = {}
+        self._trust: Trust | None = None
+
+    def trust(self) -> Trust | None:
+        """The trust as of the current state (recomputed after trust entries change)."""
+        if self._trust is None and self.trust_of is not None:
+            self._trust = self.trust_of(self)
+        return self._trust
+
+    def forget_trust(self) -> None:
+        """Drop the cached trust (after the entries were changed from outside)."""
+        self._trust = None
 
     # -- local edits ---------------------------------------------------------------
 
     def set(self, collection: str, key: str, value: Any) -> Entry:
-        """Write ``value`` (plain JSON) under ``(collection, key)``."""
+        """Write ``value`` (plain JSON) under ``(collection, key)`` (last-writer-wins)."""
         return self._write(collection, key, value, deleted=False)
 
     def delete(self, collection: str, key: str) -> Entry:
-        """Forget ``(collection, key)`` everywhere: a tombstone."""
+        """Forget ``(collection, key)`` everywhere: a tombstone (last-writer-wins)."""
         return self._write(collection, key, None, deleted=True)
 
+    def add(self, collection: str, value: Any) -> Entry:
+        """Add ``value`` to a grow-only collection, under its own key (idempotent)."""
+        spec = self.schema[collection]
+        if not spec.grow_only or spec.key_of is None:
+            raise ValueError(f"{collection!r} is not grow-only")
+        value = json.loads(json.dumps(value))
+        key = spec.key_of(value)
+        current = self.entries.get((collection, key))
+        if current is not None and current.value == value:
+            return current
+        return self._write(collection, key, value, deleted=False)
+
     def _write(self, collection: str, key: str, value: Any, deleted: bool) -> Entry:
-        if collection not in COLLECTIONS:
-            raise ValueError(f"unknown collection {collection!r}")
-        json.dumps(value)
+        spec = self.schema[collection]
+        value = json.loads(json.dumps(value))  # exactly what a peer will parse and check
+        if spec.grow_only and (deleted or (collection, key) in self.entries
+                               or spec.key_of is None or key != spec.key_of(value)):
+            raise ValueError(f"{collection!r} is grow-only: entries are added with add(), "
+                             "never overwritten or deleted")
         entry = Entry(collection, key, value, self.clock.now(), deleted)
-        self._merge_one(entry)
+        if self.signer is not None:
+            entry = entry.signed_by(self.signer)
+        self._store(entry, spec)
         return entry
 
     # -- reading -------------------------------------------------------------------
@@ -118,6 +307,11 @@ class Replica:
         """The live entries of a collection."""
         return {k: e.value for (c, k), e in sorted(self.entries.items())
                 if c == collection and not e.deleted}
+
+    def entries_of(self, collection: str) -> list[Entry]:
+        """Every entry of a collection (tombstones too), in timestamp order."""
+        return sorted((e for (c, _), e in self.entries.items() if c == collection),
+                      key=lambda e: e.stamp)
 
     def state(self) -> dict[tuple[str, str], tuple[Any, bool]]:
         """Everything, tombstones included, without timestamps (for comparisons)."""
@@ -133,36 +327,113 @@ class Replica:
             key=lambda e: e.stamp))
         return Delta(missing, dict(self.vector))
 
-    def merge(self, delta: Delta) -> int:
-        """Merge a whole delta; the number of entries that changed here."""
-        return len(self.merge_changes(delta))
-
-    def merge_changes(self, delta: Delta) -> list[Entry]:
-        """Merge a whole delta; the entries that changed here.
+    def merge(self, delta: Delta, peer: str | None = None) -> MergeResult:
+        """Merge a whole delta sent by ``peer`` (the authenticated device, if any).
 
         Raises:
             ClockDriftError: an entry is stamped too far ahead of this pod's clock (the
                 delta is refused whole).
         """
         if delta.entries:
-            self.clock.observe(max(e.stamp for e in delta.entries))
-        changed = [e for e in delta.entries if self._merge_one(e)]
+            self.clock.check(max(e.stamp for e in delta.entries))
+        result = self.merge_entries(delta.entries, peer)
         for node, stamp in delta.vector.items():
+            if node in result.unchecked:
+                continue  # entries we could not check yet must come again
             if node not in self.vector or stamp > self.vector[node]:
                 self.vector[node] = stamp
-        return changed
+        return result
 
-    def _merge_one(self, entry: Entry) -> bool:
-        key = (entry.collection, entry.key)
-        current = self.entries.get(key)
-        origin = entry.stamp.node
+    def merge_entries(self, entries: Iterable[Entry], peer: str | None = None) -> MergeResult:
+        """Merge loose entries (no vector exchange); the same checks as :meth:`merge`."""
+        result = MergeResult()
+        ordered = sorted(entries, key=lambda e: (not self._is_trust(e), e.stamp))
+        checked_peer = False
+        for entry in ordered:
+            spec = self.schema.get(entry.collection)
+            if peer is not None and not checked_peer and not self._is_trust(entry):
+                checked_peer = True  # every trust entry is in: may the sender still send?
+                trust = self.trust()
+                if trust is not None and not trust.may_sync(peer):
+                    result.refused["peer_not_trusted"] += sum(
+                        1 for e in ordered if not self._is_trust(e))
+                    break
+            why = self._refusal(entry, spec)
+            if why is not None or spec is None:
+                why = why or "foreign_collection"
+                result.refused[why] += 1
+                if why.startswith("unknown_"):  # not checkable yet: it must come again
+                    result.unchecked.add(entry.origin)
+                continue
+            if self._store(entry, spec):
+                result.changed.append(entry)
+                if spec.trust:
+                    result.trust_changed = True
+        if result.changed:
+            self.clock.observe(max(e.stamp for e in result.changed))
+        return result
+
+    def _is_trust(self, entry: Entry) -> bool:
+        spec = self.schema.get(entry.collection)
+        return spec is not None and spec.trust
+
+    def _refusal(self, entry: Entry, spec: Collection | None) -> str | None:
+        """Why a received entry may not be merged (None: it may)."""
+        if spec is None:
+            return "foreign_collection"
+        current = self.entries.get((entry.collection, entry.key))
+        if current is not None and current.signature == entry.signature \
+                and current.stamp == entry.stamp:
+            return None  # the very entry we hold (checked when it came)
+        if spec.grow_only:
+            if entry.deleted:
+                return "tombstone"
+            if spec.key_of is None or entry.key != spec.key_of(entry.value):
+                return "wrong_key"
+            if current is not None and (current.deleted or current.value != entry.value):
+                return "overwrite"
+        if not entry.signature:
+            return "unsigned"
+        trust = self.trust()
+        if trust is None:
+            return "no_trust"
+        key = trust.origin_key(entry)
+        if key is None:
+            return "unknown_origin"
+        if not verify_signature(key, entry.signature, entry.signed_bytes()):
+            return "bad_signature"
+        why = trust.refusal(entry)
+        if why is not None:
+            return why
+        if not spec.grow_only and current is not None and current.stamp >= entry.stamp:
+            return None  # older than what is held: it changes nothing, whatever it says
+        if spec.verify is not None:
+            try:
+                spec.verify(entry, trust, current)
+            except Refused as exc:
+                return exc.reason
+            except (ValueError, KeyError, TypeError):
+                return "invalid"
+        return None
+
+    def _store(self, entry: Entry, spec: Collection) -> bool:
+        """Keep ``entry`` if it wins over what is held; whether anything changed."""
+        key, origin = (entry.collection, entry.key), entry.origin
         if origin not in self.vector or entry.stamp > self.vector[origin]:
             self.vector[origin] = entry.stamp
+        current = self.entries.get(key)
+        if spec.grow_only:
+            # The same value written twice (by two pods): keep the earlier write, so
+            # every replica holds the same entry whatever the order.
+            if current is not None and current.stamp <= entry.stamp:
+                return False
+            self.entries[key] = entry
+            if spec.trust:
+                self._trust = None
+            return True
         if current is not None and current.stamp >= entry.stamp:
             return False
         self.entries[key] = entry
+        if spec.trust:
+            self._trust = None
         return True
-
-    def merge_entries(self, entries: Iterable[Entry]) -> int:
-        """Merge loose entries (state-based merge, no vector exchange)."""
-        return sum(self._merge_one(e) for e in entries)

@@ -22,7 +22,7 @@ __all__ = ["SERVICE", "TXT_VERSION", "Announcer", "Browser", "Peer", "discover",
            "local_addresses"]
 
 SERVICE = "_covey._tcp.local."
-TXT_VERSION = "1"
+TXT_VERSION = "2"
 
 
 @dataclass(frozen=True)

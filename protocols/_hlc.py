@@ -65,6 +65,13 @@ class HybridClock:
                 self.counter += 1
             return HLC(self.wall, self.counter, self.node)
 
+    def check(self, remote: HLC) -> None:
+        """Raise ClockDriftError if ``remote`` is more than ``max_drift_ms`` ahead."""
+        ahead = remote.wall - self.physical()
+        if ahead > self.max_drift_ms:
+            raise ClockDriftError(f"remote clock {ahead} ms ahead of ours "
+                                  f"(limit {self.max_drift_ms} ms)")
+
     def observe(self, remote: HLC) -> HLC:
         """Advance past a received timestamp; the timestamp of the receive event.
 

@@ -1,15 +1,21 @@
 """Sessions over TCP (asyncio): syncing (vector / delta / ack) and pairing.
 
-A sync session: both sides send their version vector, answer the other's with a delta
-(in chunks of at most ``MAX_ENTRIES`` entries), merge the delta they receive and
-acknowledge it; the session ends when both deltas are acknowledged. What a session moved
-is returned (and reported to ``on_sync``) as sizes and collection names only, for the
+A sync session: both sides send their version vector (and which user key they hold),
+answer the other's with a delta (in chunks of at most ``MAX_ENTRIES`` entries), merge
+the delta they receive, checking every entry against the device the channel
+authenticated, and acknowledge it; an acknowledgement carries the current user key when
+the peer is a current device that lacks it (after a revocation replaced the key). The
+session ends when both deltas are acknowledged. What a session moved is returned (and
+reported to ``on_sync``) as sizes, refusal counts and collection names only, for the
 audit log.
 
 A pairing session (``purpose: pair``) accepts any device key for the handshake, then
-runs commit / reveal / confirm so that both people see the same six digits, and only
-after both confirmed does the sponsoring side hand over the user key and certify the
-other. The two then sync as usual over the same channel.
+runs commit / reveal / confirm: each side commits to its nonce and to what it says about
+itself, both derive a pair of 6-digit codes, each shows one, and the person types on
+each device the code the other one shows. Only if both typed codes match does the
+sponsoring side (the one holding the user key) certify the other and hand it the user
+key, within that same authenticated channel; the two then sync as usual over it. A
+server runs one pairing session at a time, and none after one succeeded.
 
 The replicated state is reached through a :class:`SyncState`: ``begin`` hands out the
 replica with the pod's latest local edits published into it, ``merged`` persists what a
@@ -20,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import os
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -34,12 +42,13 @@ from covey.protocols._channel import (
     Pinning,
     SecureChannel,
 )
-from covey.protocols._crdt import Delta, Entry, Replica
+from covey.protocols._crdt import Delta, Entry, MergeResult, Replica
 from covey.protocols._hlc import HLC
-from covey.protocols._identity import commitment, short_auth_string
+from covey.protocols._identity import canonical, commitment, device_id_of, pairing_codes
 
 __all__ = ["HANDSHAKE_TIMEOUT", "MAX_ENTRIES", "MemoryState", "PairResult", "Pairing",
-           "RefusedError", "SyncServer", "SyncState", "SyncStats", "pair_with", "sync_with"]
+           "PairingBroken", "PairingRefused", "RefusedError", "SyncServer", "SyncState",
+           "SyncStats", "pair_with", "sync_with"]
 
 HANDSHAKE_TIMEOUT = 10.0
 SESSION_TIMEOUT = 30.0  # the most a sync session may take once authenticated
@@ -65,12 +74,24 @@ class SyncState(Protocol):
     def begin(self) -> Replica:
         """The replica to sync, with local edits published into it."""
 
-    def merged(self, replica: Replica, changed: list[Entry]) -> None:
-        """Persist a merged delta (``changed``: the entries that changed here)."""
+    def merged(self, replica: Replica, result: MergeResult, peer: str) -> None:
+        """Persist a merged delta from device ``peer`` (``result.changed``: the entries
+        that changed here)."""
+
+    def held_key(self) -> str:
+        """The public half (base64) of the user key this pod holds, or ""."""
+
+    def key_for(self, peer: str, holds: str) -> bytes | None:
+        """The current user key's private bytes if device ``peer`` (which holds the key
+        ``holds``) should get them: it is a current device and lacks them. Else None."""
+
+    def receive_key(self, private: bytes, peer: str) -> bool:
+        """Hold ``private``, sent by device ``peer``, as the user key if it is the current
+        one and replaces a key of the same user; whether it did."""
 
 
 class MemoryState:
-    """A replica held in memory only."""
+    """A replica held in memory only (it holds no user key)."""
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
@@ -78,8 +99,17 @@ class MemoryState:
     def begin(self) -> Replica:
         return self.replica
 
-    def merged(self, replica: Replica, changed: list[Entry]) -> None:
+    def merged(self, replica: Replica, result: MergeResult, peer: str) -> None:
         pass
+
+    def held_key(self) -> str:
+        return ""
+
+    def key_for(self, peer: str, holds: str) -> bytes | None:
+        return None
+
+    def receive_key(self, private: bytes, peer: str) -> bool:
+        return False
 
 
 def _state(state: SyncState | Replica) -> SyncState:
@@ -97,11 +127,16 @@ class SyncStats:
     changed: int = 0  # entries that changed here
     sent: int = 0
     collections: set[str] = field(default_factory=set)
+    refused: Counter[str] = field(default_factory=Counter)  # received entries refused, by why
+    sent_user_key: bool = False  # the current user key went to the peer (it lacked it)
+    received_user_key: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"peer": self.peer, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
                 "received": self.received, "changed": self.changed, "sent": self.sent,
-                "collections": sorted(self.collections)}
+                "collections": sorted(self.collections), "refused": dict(self.refused),
+                "sent_user_key": self.sent_user_key,
+                "received_user_key": self.received_user_key}
 
 
 class _Conn:
@@ -147,16 +182,19 @@ async def _tell(conn: _Conn, channel: SecureChannel, code: str, message: str) ->
 
 async def _exchange(conn: _Conn, channel: SecureChannel, state: SyncState) -> None:
     stats = conn.stats
+    sender = device_id_of(channel.peer_key)
     replica = state.begin()
-    await conn.send(channel.seal({"type": "vector", "vector": {
+    await conn.send(channel.seal({"type": "vector", "holds": state.held_key(), "vector": {
         n: t.encode() for n, t in replica.vector.items()}}))
     acked = merged = False  # the peer merged our delta; we merged theirs
     incoming: list[Entry] = []
+    peer_holds = ""
     while not (acked and merged):
         message = await conn.message(channel)
         kind = message.get("type")
         try:
             if kind == "vector":
+                peer_holds = str(message.get("holds", ""))
                 peer = {str(n): HLC.decode(str(t)) for n, t in dict(message["vector"]).items()}
                 delta = replica.delta_for(peer)
                 stats.sent += len(delta.entries)
@@ -177,14 +215,29 @@ async def _exchange(conn: _Conn, channel: SecureChannel, state: SyncState) -> No
                 delta = Delta(tuple(incoming), part.vector)
                 stats.received += len(delta.entries)
                 stats.collections.update(e.collection for e in delta.entries)
-                changed = replica.merge_changes(delta)
-                state.merged(replica, changed)
-                stats.changed += len(changed)
+                # Every entry is checked against the device the channel authenticated:
+                # it must come from that device, or be signed by the device it names.
+                result = replica.merge(delta, peer=sender)
+                state.merged(replica, result, sender)
+                stats.changed += len(result.changed)
+                stats.refused.update(result.refused)
                 merged = True
-                await conn.send(channel.seal({"type": "ack", "vector": {
-                    n: t.encode() for n, t in replica.vector.items()}}))
+                ack: dict[str, Any] = {"type": "ack", "vector": {
+                    n: t.encode() for n, t in replica.vector.items()}}
+                # The peer merged our delta before it reads this: it knows the key chain
+                # we know, so it can check a rotated user key against it.
+                key = state.key_for(sender, peer_holds)
+                if key is not None:
+                    ack["user_key"] = key.hex()
+                    stats.sent_user_key = True
+                await conn.send(channel.seal(ack))
             elif kind == "ack":
                 acked = True
+                if "user_key" in message:
+                    if state.receive_key(bytes.fromhex(str(message["user_key"])), sender):
+                        stats.received_user_key = True
+                    else:  # not the head of the chain as we know it: not held
+                        stats.refused["user_key"] += 1
             else:
                 raise ChannelError(f"unknown message type {kind!r}")
         except (KeyError, TypeError, ValueError) as exc:
@@ -243,30 +296,42 @@ async def sync_with(host: str, port: int, state: SyncState | Replica,
 # -- pairing -------------------------------------------------------------------------
 
 
+class PairingRefused(ChannelError):
+    """Pairing stopped on purpose: the codes did not match, or both devices already
+    belong to a user. The message says which, to a person."""
+
+
+class PairingBroken(ChannelError):
+    """A pairing connection failed before any code was shown (the peer stalled, broke
+    the protocol, or was not pairing): the pod goes on waiting for the right device."""
+
+
 @dataclass
 class Pairing:
     """One side's part in pairing.
 
-    ``info`` is what this side tells the other: ``name`` (the device's name),
-    ``has_user`` (it holds a user key), ``devices`` (how many devices that user has) and
-    ``since`` (when the user key was made, ISO 8601, or ""). The side whose user has the
-    most devices sponsors (ties: the older user key, then the responder); a side
-    without a user key never sponsors unless neither has one.
-    ``confirm(sas, peer_info)`` asks the person whether both screens show ``sas``.
-    ``sponsor(peer_key, peer_info)`` certifies the peer and returns the user key's
-    private bytes; ``join(user_key)`` adopts them.
+    ``info`` is what this side tells the other, committed to before the codes are drawn:
+    ``name`` (the device's name) and ``has_user`` (it holds a user key). The side holding
+    a user key sponsors; if both do, pairing stops (a pod never takes a second user key);
+    if neither does, the responder sponsors.
+    ``confirm(shown, peer_info, role)`` shows ``shown`` (this side's 6 digits) to the
+    person and returns what the person typed: the digits the *other* device shows.
+    ``role`` is "sponsor" (this side will hand over the user key) or "join". Nothing is
+    trusted or handed over unless the digits typed on both sides match.
+    ``sponsor(peer_key, peer_info)`` certifies the peer and returns the user id and the
+    user key's private bytes; ``join(user_key, user_id)`` adopts them.
     """
 
     info: dict[str, Any]
     state: SyncState
-    confirm: Callable[[str, dict[str, Any]], Awaitable[bool]]
-    sponsor: Callable[[bytes, dict[str, Any]], bytes]
-    join: Callable[[bytes], None]
+    confirm: Callable[[str, dict[str, Any], str], Awaitable[str]]
+    sponsor: Callable[[bytes, dict[str, Any]], tuple[str, bytes]]
+    join: Callable[[bytes, str], None]
 
 
 @dataclass
 class PairResult:
-    """What pairing did: the digits shown, the peer, and this side's role."""
+    """What pairing did: the code this side showed, the peer, and this side's role."""
 
     sas: str
     peer_key: bytes
@@ -275,77 +340,102 @@ class PairResult:
     stats: SyncStats
 
 
-def _sponsor_is_responder(responder: dict[str, Any], initiator: dict[str, Any]) -> bool:
-    def rank(info: dict[str, Any]) -> tuple[bool, int]:
-        return bool(info.get("has_user")), int(info.get("devices", 0))
-
-    if rank(responder) != rank(initiator):
-        return rank(responder) > rank(initiator)
-    since_r, since_i = str(responder.get("since", "")), str(initiator.get("since", ""))
-    if since_r and since_i and since_r != since_i:
-        return since_r < since_i
-    return True
-
-
-_PEER_INFO = {"name": str, "has_user": bool, "devices": int, "since": str}
+_PEER_INFO = {"name": str, "has_user": bool}
 
 
 def _peer_info(message: dict[str, Any]) -> dict[str, Any]:
     info = message.get("info")
-    if not isinstance(info, dict) or any(not isinstance(info.get(k), t)
-                                         for k, t in _PEER_INFO.items()):
+    if not isinstance(info, dict) or set(info) != set(_PEER_INFO) or \
+            any(not isinstance(info.get(k), t) for k, t in _PEER_INFO.items()):
         raise ChannelError("malformed pair_commit message")
     return {k: info[k] for k in _PEER_INFO}
 
 
+def _digits(text: str) -> str:
+    return "".join(c for c in text if not c.isspace())
+
+
 async def _pair(conn: _Conn, channel: SecureChannel, device_key: Ed25519PrivateKey,
                 pairing: Pairing, initiator: bool) -> PairResult:
-    mine = device_key.public_key().public_bytes_raw()
-    nonce = os.urandom(16)
-    await conn.send(channel.seal({"type": "pair_commit", "commit": commitment(mine, nonce).hex(),
-                                  "info": pairing.info}))
-    message = await conn.message(channel)
-    if message.get("type") != "pair_commit":
-        raise ChannelError("expected pair_commit")
-    peer_info = _peer_info(message)
-    peer_commit = str(message.get("commit", ""))
-    await conn.send(channel.seal({"type": "pair_reveal", "nonce": nonce.hex()}))
-    message = await conn.message(channel)
     try:
-        peer_nonce = bytes.fromhex(str(message["nonce"]))
-    except (KeyError, ValueError):
-        raise ChannelError("malformed pair_reveal message") from None
-    if message.get("type") != "pair_reveal" or \
-            commitment(channel.peer_key, peer_nonce).hex() != peer_commit:
-        await _tell(conn, channel, "malformed", "the revealed nonce does not match its commitment")
-        raise ChannelError("the peer's nonce does not match its commitment")
-    sas = short_auth_string(mine, nonce, channel.peer_key, peer_nonce)
-    ok = await pairing.confirm(sas, peer_info)
+        sponsor, shown, expected, peer_info = await _commit_reveal(conn, channel, device_key,
+                                                                   pairing, initiator)
+    except RefusedError as exc:
+        if exc.code == "both_paired":
+            raise PairingRefused(f"pairing stopped: {exc.reason}") from None
+        raise PairingBroken(str(exc)) from None
+    except (TimeoutError, OSError) as exc:
+        raise PairingBroken(f"the peer broke off before the codes ({type(exc).__name__})"
+                            ) from None
+    except ChannelError as exc:
+        if isinstance(exc, PairingRefused):
+            raise
+        raise PairingBroken(str(exc)) from None
+    typed = await pairing.confirm(shown, peer_info, "sponsor" if sponsor else "join")
+    ok = hmac.compare_digest(_digits(typed), expected)
     await conn.send(channel.seal({"type": "pair_confirm", "ok": ok}))
     message = await conn.message(channel)
     if message.get("type") != "pair_confirm":
         raise ChannelError("expected pair_confirm")
     if not ok:
-        raise ChannelError("pairing cancelled: the digits were not confirmed here")
+        raise PairingRefused("pairing cancelled: the code typed here is not the one the "
+                             "device at the other end of this connection shows")
     if message.get("ok") is not True:
-        raise ChannelError("pairing cancelled: the digits were not confirmed on the other device")
-    responder_info, initiator_info = ((pairing.info, peer_info) if not initiator
-                                      else (peer_info, pairing.info))
-    sponsor = _sponsor_is_responder(responder_info, initiator_info) != initiator
+        raise PairingRefused("pairing cancelled: the code typed on the other device did not "
+                             "match")
     if sponsor:
-        user_key = pairing.sponsor(channel.peer_key, peer_info)
-        await conn.send(channel.seal({"type": "pair_welcome", "user_key": user_key.hex()}))
+        user_id, user_key = pairing.sponsor(channel.peer_key, peer_info)
+        await conn.send(channel.seal({"type": "pair_welcome", "user_id": user_id,
+                                      "user_key": user_key.hex()}))
     else:
         message = await conn.message(channel)
         try:
             if message.get("type") != "pair_welcome":
                 raise ValueError
-            pairing.join(bytes.fromhex(str(message["user_key"])))
+            private, user_id = bytes.fromhex(str(message["user_key"])), str(message["user_id"])
         except (KeyError, ValueError):
             raise ChannelError("malformed pair_welcome message") from None
+        pairing.join(private, user_id)
     await _exchange(conn, channel, pairing.state)
-    return PairResult(sas, channel.peer_key, peer_info, "sponsor" if sponsor else "joined",
+    return PairResult(shown, channel.peer_key, peer_info, "sponsor" if sponsor else "joined",
                       conn.stats)
+
+
+async def _commit_reveal(conn: _Conn, channel: SecureChannel, device_key: Ed25519PrivateKey,
+                         pairing: Pairing, initiator: bool
+                         ) -> tuple[bool, str, str, dict[str, Any]]:
+    """Commit, reveal, choose the sponsor; (sponsor?, code shown, code expected, peer info)."""
+    mine = device_key.public_key().public_bytes_raw()
+    nonce = os.urandom(16)
+    info = {k: pairing.info[k] for k in _PEER_INFO}
+    await conn.send(channel.seal({"type": "pair_commit", "info": info,
+                                  "commit": commitment(mine, nonce, canonical(info)).hex()}))
+    # Up to the codes, a peer that stalls is cut off: it would keep the pod busy, and
+    # every other device away, while the person waits for a code that never shows.
+    message = await asyncio.wait_for(conn.message(channel), HANDSHAKE_TIMEOUT)
+    if message.get("type") != "pair_commit":
+        raise ChannelError("expected pair_commit")
+    peer_info = _peer_info(message)
+    peer_commit = str(message.get("commit", ""))
+    await conn.send(channel.seal({"type": "pair_reveal", "nonce": nonce.hex()}))
+    message = await asyncio.wait_for(conn.message(channel), HANDSHAKE_TIMEOUT)
+    try:
+        peer_nonce = bytes.fromhex(str(message["nonce"]))
+    except (KeyError, ValueError):
+        raise ChannelError("malformed pair_reveal message") from None
+    # The codes commit to the key the channel authenticated and to what the peer said
+    # about itself, so the sponsor below is the peer the person checks the codes of.
+    if message.get("type") != "pair_reveal" or not hmac.compare_digest(
+            commitment(channel.peer_key, peer_nonce, canonical(peer_info)).hex(), peer_commit):
+        await _tell(conn, channel, "malformed", "the revealed nonce does not match its commitment")
+        raise ChannelError("the peer's nonce does not match its commitment")
+    if info["has_user"] and peer_info["has_user"]:
+        await _tell(conn, channel, "both_paired", "both devices already belong to a user")
+        raise PairingRefused("both devices already belong to a user, and a pod never takes "
+                             "another user key; erase one (`covey pod forget`) to pair it")
+    sponsor = info["has_user"] or (not peer_info["has_user"] and not initiator)
+    shown, expected = pairing_codes(mine, nonce, channel.peer_key, peer_nonce)
+    return sponsor, shown, expected, peer_info
 
 
 async def pair_with(host: str, port: int, device_key: Ed25519PrivateKey,
@@ -360,8 +450,9 @@ async def pair_with(host: str, port: int, device_key: Ed25519PrivateKey,
 
 
 class SyncServer:
-    """Accepts sync sessions for one pod's state on a TCP port; and pairing sessions
-    while :attr:`pairing` is set."""
+    """Accepts sync sessions for one pod's state on a TCP port; and, while
+    :attr:`pairing` is set, one pairing session at a time (:attr:`pairing_busy`), until
+    one succeeds (then :attr:`pairing` is cleared: one pairing per request)."""
 
     def __init__(self, state: SyncState | Replica, device_key: Ed25519PrivateKey,
                  pinning: Pinning,
@@ -374,6 +465,7 @@ class SyncServer:
         self.server: asyncio.Server | None = None
         self.lock = asyncio.Lock()  # one merge at a time
         self.pairing: Pairing | None = None
+        self.pairing_busy = False  # a pairing session runs (here or as initiator)
         self.paired: asyncio.Queue[PairResult | BaseException] = asyncio.Queue()
 
     @property
@@ -391,7 +483,10 @@ class SyncServer:
 
     def _pin(self, hs: Handshake, device: bytes) -> str | None:
         if hs.purpose == "pair":
-            return None if self.pairing is not None else "this pod is not pairing now"
+            if self.pairing is None:
+                return "this pod is not pairing now"
+            return "this pod is pairing with another device now" if self.pairing_busy \
+                else None
         return self.pinning(device)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -408,15 +503,23 @@ class SyncServer:
 
             channel = await asyncio.wait_for(handshake(), HANDSHAKE_TIMEOUT)
             stats.peer = channel.peer_key.hex()
+            if hs.purpose == "pair" and hs.refusal is None and self.pairing_busy:
+                hs.refusal = "this pod is pairing with another device now"  # raced in
             if hs.refusal is not None:
-                code = "not_pairing" if hs.purpose == "pair" else refusal_code(hs.refusal)
+                code = refusal_code(hs.refusal) if hs.purpose == "sync" else \
+                    "busy" if "another device" in hs.refusal else "not_pairing"
                 await _tell(conn, channel, code, hs.refusal)
                 raise ChannelError(f"refused {stats.peer[:16]}: {hs.refusal}")
             if hs.purpose == "pair" and self.pairing is not None:
-                pairing = True
-                async with self.lock:
-                    result = await _pair(conn, channel, self.device_key, self.pairing,
-                                         initiator=False)
+                pairing, request = True, self.pairing
+                self.pairing_busy = True  # set before any await: no second session
+                try:
+                    async with self.lock:
+                        result = await _pair(conn, channel, self.device_key, request,
+                                             initiator=False)
+                        self.pairing = None  # done: no further device pairs on this request
+                finally:
+                    self.pairing_busy = False
                 self.paired.put_nowait(result)
                 return
             async with self.lock:
@@ -424,7 +527,7 @@ class SyncServer:
             if self.on_sync:
                 self.on_sync(stats)
         except (TimeoutError, ChannelError, OSError) as exc:
-            if pairing:
+            if pairing and not isinstance(exc, PairingBroken):  # else: wait for another
                 self.paired.put_nowait(exc)
             if self.on_refused:
                 self.on_refused(str(exc), stats.peer)

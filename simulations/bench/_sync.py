@@ -5,7 +5,7 @@ all in this process's event loop. For 2, 5 and 10 pods:
 
 - *discovery*: from a pod's announcement to another pod's browser listing it;
 - *pairing*: two pods running pairing at once, from start to both done (discovery,
-  handshake, commit / reveal, the user key and the first sync);
+  handshake, commit / reveal, the codes typed at once, the user key and the first sync);
 - *convergence*: an edit (a consent) on one pod until every other pod's store holds it,
   with every pod's sync loop running; p50 / p95 over repeated edits. The baseline, in
   the same run, is one direct sync session between two pods (handshake and exchange);
@@ -35,15 +35,22 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def _pair_all(loops: list[Any]) -> list[float]:
-    """Pair pod 0 with each other pod in turn; seconds per pairing."""
-
-    async def yes(sas: str, peer: dict[str, Any]) -> bool:
-        return True
+    """Pair pod 0 with each other pod in turn; seconds per pairing. The bench plays the
+    person: it types on each pod the code the other one shows, at once."""
+    def person(shown: dict[int, str], me: int) -> Any:
+        async def confirm(code: str, peer: dict[str, Any], role: str) -> str:
+            shown[me] = code
+            while 1 - me not in shown:
+                await asyncio.sleep(0.001)
+            return shown[1 - me]
+        return confirm
 
     times = []
     for other in loops[1:]:
+        screens: dict[int, str] = {}
         started = time.perf_counter()
-        await asyncio.gather(loops[0].pair(yes, 30), other.pair(yes, 30))
+        await asyncio.gather(loops[0].pair(person(screens, 0), 30),
+                             other.pair(person(screens, 1), 30))
         times.append(time.perf_counter() - started)
     return times
 
@@ -136,10 +143,11 @@ async def _session_and_bytes(root: Path) -> dict[str, Any]:
     try:
         sa, sb = PodState(a), PodState(b)
         user = sa.ensure_user()
-        sb.adopt_user_key(user.private_bytes())
+        sb.adopt_user_key(user.private_bytes(), user.user_id)
         sa.certify(user, b.identity.public_key, "b")
-        sb.edit(lambda r: [r.set("devices", a.identity.device_id,
-                                 sa.replica().get("devices", a.identity.device_id))])
+        # b learns the certificates as pairing would give them (both are signed entries).
+        rb = sb.replica()
+        sb.merged(rb, rb.merge_entries(sa.replica().entries_of("devices")), sa.node)
         from covey.device._feedback import set_consent
         from covey.device._sync import SYNC_MEMORIES
 

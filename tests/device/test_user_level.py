@@ -26,11 +26,12 @@ def _one_users_pods(tmp_path: Path, n: int) -> list[Pod]:
     user = first.ensure_user()
     for pod in pods[1:]:
         first.certify(user, pod.identity.public_key, pod.name)
-    certificates = first.replica().items("devices")
-    for pod in pods[1:]:
+    sponsor = pods[0].identity.device_id
+    for pod in pods[1:]:  # what pairing does once the person typed the codes
         state = PodState(pod)
-        state.adopt_user_key(user.private_bytes())
-        state.edit(lambda r: [r.set("devices", k, v) for k, v in certificates.items()])
+        state.adopt_user_key(user.private_bytes(), user.user_id)
+        replica = state.replica()
+        state.merged(replica, replica.merge(first.replica().delta_for({}), sponsor), sponsor)
     return pods
 
 

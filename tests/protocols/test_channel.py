@@ -115,7 +115,7 @@ def test_the_handshake_is_the_noise_protocol() -> None:
     other = NoiseConnection.from_name(b"Noise_XX_25519_ChaChaPoly_SHA256")
     other.set_as_responder()
     other.set_keypair_from_private_bytes(Keypair.STATIC, bytes(32 * [7]))
-    other.set_prologue(b"covey-sync/1")
+    other.set_prologue(b"covey-sync/2")
     other.start_handshake()
     [hello] = FrameReader().feed(a.hello())
     assert b'"purpose": "sync"' in bytes(other.read_message(hello))

@@ -50,9 +50,10 @@ def test_the_announcement_holds_only_a_version_and_a_random_instance_id() -> Non
     assert info.server == f"covey-{first.instance}.local."
 
 
-@pytest.mark.parametrize("props", [{b"v": b"2", b"id": b"0" * 16},
-                                   {b"v": b"1", b"id": b"0" * 16, b"user": b"ana"},
-                                   {b"v": b"1"}])
+@pytest.mark.parametrize("props", [{b"v": b"1", b"id": b"0" * 16},  # protocol 1: ignored
+                                   {b"v": b"3", b"id": b"0" * 16},
+                                   {b"v": b"2", b"id": b"0" * 16, b"user": b"ana"},
+                                   {b"v": b"2"}])
 def test_foreign_or_oversharing_announcements_are_ignored(props: dict[bytes, bytes]) -> None:
     from zeroconf.asyncio import AsyncServiceInfo
 
@@ -69,7 +70,7 @@ def test_a_well_formed_announcement_is_a_peer() -> None:
     from covey.protocols._discovery import _peer
 
     info = AsyncServiceInfo(SERVICE, f"x.{SERVICE}", port=4000,
-                            properties={b"v": b"1", b"id": b"a" * 16},
+                            properties={b"v": b"2", b"id": b"a" * 16},
                             addresses=[bytes([127, 0, 0, 1])])
     peer = _peer(info)
     assert peer is not None and (peer.instance, peer.address, peer.port) == ("a" * 16,

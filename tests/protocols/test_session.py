@@ -1,4 +1,5 @@
-"""Sync sessions over real TCP on the loopback: three pods converge; a partition heals."""
+"""Sync sessions over real TCP on the loopback: three pods converge; a partition heals;
+every entry received is checked against the device the channel authenticated."""
 
 from __future__ import annotations
 
@@ -6,20 +7,21 @@ import asyncio
 import time
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from covey.protocols._channel import ChannelError
-from covey.protocols._crdt import Replica
+from covey.protocols._crdt import Entry, Replica
+from covey.protocols._hlc import HLC
 from covey.protocols._session import SyncServer, SyncStats, sync_with
+from tests.protocols.household import Household, public
 
 NAMES = ("phone", "laptop", "speaker")
 
 
 class Pod:
-    def __init__(self, name: str) -> None:
-        self.key = Ed25519PrivateKey.generate()
-        self.replica = Replica(name)
-        self.paired: set[bytes] = set()
+    def __init__(self, home: Household, name: str) -> None:
+        self.home, self.name = home, name
+        self.key = home.keys[name]
+        self.replica: Replica = home[name]
         self.synced: list[SyncStats] = []
         self.refused: list[str] = []
         self.server = SyncServer(self.replica, self.key, self.pin, self.synced.append,
@@ -28,19 +30,21 @@ class Pod:
 
     @property
     def public(self) -> bytes:
-        return self.key.public_key().public_bytes_raw()
+        return public(self.key)
 
     def pin(self, device: bytes) -> str | None:
-        return None if device in self.paired else "not a paired device"
+        trust = self.home.trust(self.name)
+        ok = any(trust.device_key(d) == device for d in trust.current - {self.replica.node})
+        return None if ok else "not a paired device"
 
     async def sync(self, other: Pod) -> SyncStats:
         return await sync_with("127.0.0.1", other.port, self.replica, self.key, self.pin)
 
 
 async def _pods(n: int = 3) -> list[Pod]:
-    pods = [Pod(NAMES[i]) for i in range(n)]
+    home = Household(NAMES[:n])
+    pods = [Pod(home, name) for name in NAMES[:n]]
     for p in pods:
-        p.paired = {q.public for q in pods if q is not p}
         p.port = await p.server.start()
     return pods
 
@@ -93,14 +97,39 @@ def test_an_unpaired_pod_receives_nothing() -> None:
     async def run() -> None:
         phone, laptop = await _pods(2)
         phone.replica.set("preferences", "diet", "vegetarian")
-        stranger = Pod("stranger")
-        stranger.paired = {phone.public}  # it trusts the phone; the phone does not trust it
+        stranger = Pod(Household(("stranger",)), "stranger")
+        stranger.pin = lambda device: None  # type: ignore[method-assign]  # it trusts anyone
         with pytest.raises(ChannelError):
             await stranger.sync(phone)
-        assert stranger.replica.state() == {}
+        assert stranger.replica.get("preferences", "diet") is None
         await asyncio.sleep(0.05)
         assert phone.refused and "not a paired device" in phone.refused[0]
         for p in (phone, laptop):
+            await p.server.stop()
+
+    asyncio.run(run())
+
+
+def test_a_paired_peer_cannot_pass_off_entries_as_another_devices() -> None:
+    """The laptop is paired and authenticated, but what it sends in the speaker's name
+    (or unsigned) is refused and counted; its own signed entries go through."""
+    async def run() -> None:
+        phone, laptop, speaker = await _pods()
+        stamp = laptop.replica.clock.now()
+        speaker_id = speaker.replica.node
+        forged = [Entry("consents", "federated_training", True,
+                        HLC(stamp.wall, 0, speaker_id)).signed_by(laptop.key),
+                  Entry("consents", "analytics", True, HLC(stamp.wall, 1, laptop.replica.node))]
+        for entry in forged:
+            laptop.replica.entries[(entry.collection, entry.key)] = entry
+        laptop.replica.set("preferences", "diet", "vegan")
+        stats = await laptop.sync(phone)
+        assert phone.synced[-1].refused == {"bad_signature": 1, "unsigned": 1}
+        assert stats.sent == 3
+        assert phone.replica.get("consents", "federated_training") is None
+        assert phone.replica.get("consents", "analytics") is None
+        assert phone.replica.get("preferences", "diet") == "vegan"
+        for p in (phone, laptop, speaker):
             await p.server.stop()
 
     asyncio.run(run())
