@@ -5,8 +5,9 @@ code a run uses (``covey.simulations._simulate.simulate``, hence ``run_federated
 the pods' client function): its mode, noise multiplier z, clip norm C (fixed, or
 adaptive with its quantile, learning rate and count noise) and Poisson sampling rate q,
 over ``EmpiricalConfig.rounds`` rounds, with replica users as pods. It trains twice:
-once without DP (the attacks' reference: what they find when nothing protects the
-users) and once with the run's mechanism. Its theoretical epsilon is the run's
+once with nothing protecting the users (every member in every round, no clipping, no
+noise: the attacks' reference, what they find unprotected) and once with the run's
+mechanism. Its theoretical epsilon is the run's
 accountant on the replica's (z, q, rounds) at the run's delta
 (:meth:`~covey.privacy.DPConfig.segment`). Three tests:
 
@@ -67,7 +68,9 @@ Progress = Callable[[str, int, int], None]
 class EmpiricalConfig:
     """Size of the replica and of the tests."""
 
-    members: int = 32  # replica users (as many non-members are scored)
+    members: int = 8  # replica users: each costs training in every round it is sampled
+    non_members: int = 56  # users who never took part, scored against them (cheaper)
+    scored_messages: int = 16  # of each user's own, for the membership score
     secret_holders: int = 2  # members who hold one secret each
     repeats: int = 64  # times a secret appears among its holder's messages
     rounds: int = 8
@@ -85,8 +88,10 @@ class EmpiricalConfig:
     workers: int = 0
 
     def __post_init__(self) -> None:
-        if self.members < 2 or self.rounds < 1 or self.local_epochs < 1:
-            raise ValueError("the replica needs at least 2 members, 1 round, 1 epoch")
+        if self.members < 2 or self.non_members < 2 or self.rounds < 1 or \
+                self.local_epochs < 1 or self.scored_messages < 1:
+            raise ValueError("the replica needs at least 2 members and 2 non-members, 1 "
+                             "round, 1 epoch and 1 scored message")
         if not 0 <= self.secret_holders <= self.members:
             raise ValueError("secret holders must be members")
         if self.canary_clients < 2 or self.null_directions < 2 or self.candidates < 1:
@@ -163,10 +168,12 @@ def _losses(model: Any, tok: Any, pairs: Sequence[tuple[str, str]], batch: int =
     from covey.models._tokenizer import PAD
 
     rows = [tok.example(c, r) for c, r in pairs]
+    # Rows of alike length share a batch: less padding to compute.
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     out = np.zeros(len(rows))
     with torch.no_grad():
         for i in range(0, len(rows), batch):
-            chunk = rows[i:i + batch]
+            chunk = [rows[j] for j in order[i:i + batch]]
             width = min(max(len(ids) for ids, _ in chunk) - 1, model.cfg.context)
             ids = torch.full((len(chunk), width), PAD, dtype=torch.long)
             targets = torch.full((len(chunk), width), -100, dtype=torch.long)
@@ -178,7 +185,7 @@ def _losses(model: Any, tok: Any, pairs: Sequence[tuple[str, str]], batch: int =
             logp = torch.log_softmax(model(ids)[0].float(), dim=-1)
             mask = targets >= 0
             picked = logp.gather(2, targets.clamp(min=0)[..., None])[..., 0] * mask
-            out[i:i + len(chunk)] = (-picked.sum(dim=1)).numpy()
+            out[order[i:i + len(chunk)]] = (-picked.sum(dim=1)).numpy()
     return out
 
 
@@ -193,10 +200,11 @@ def _replica(cfg: EmpiricalConfig) -> tuple[list[Any], list[Any], list[str]]:
 
     pool = [u for u in population(SimulationConfig(min_messages=10))
             if len(u.train) <= cfg.max_messages]
-    if len(pool) < 2 * cfg.members:
-        raise ValueError(f"only {len(pool)} users fit the replica; asked for {2 * cfg.members}")
+    wanted = cfg.members + cfg.non_members
+    if len(pool) < wanted:
+        raise ValueError(f"only {len(pool)} users fit the replica; asked for {wanted}")
     rng = np.random.default_rng(cfg.seed)
-    chosen = [pool[i] for i in rng.choice(len(pool), 2 * cfg.members, replace=False)]
+    chosen = [pool[i] for i in rng.choice(len(pool), wanted, replace=False)]
     members, others = chosen[:cfg.members], chosen[cfg.members:]
     secrets = [_secret(rng, cfg.digits) for _ in range(cfg.secret_holders)]
     for i, secret in enumerate(secrets):
@@ -255,8 +263,9 @@ def _train(cfg: EmpiricalConfig, members: list[Any], arm: _Arm, out: Path, size:
                            local_epochs=cfg.local_epochs, lr=cfg.lr, max_examples=10_000,
                            eval_examples=20, seed=cfg.seed, workers=cfg.workers,
                            noise_multiplier=dp.noise_multiplier if dp.private else 0.0,
-                           precision="fp32", sample_rate=dp.sample_rate,
-                           adaptive=dp.adaptive if dp.private else None)
+                           sample_rate=dp.sample_rate,
+                           adaptive=dp.adaptive if dp.private else None,
+                           personalize=False)
     done = [0]
     label = f"training replica: {arm.label}"
 
@@ -276,15 +285,17 @@ def _train(cfg: EmpiricalConfig, members: list[Any], arm: _Arm, out: Path, size:
         arm.released = _released_sum(registry, record["run_id"])
 
 
-def _own_messages(user: Any, per_user: int = 32) -> list[tuple[str, str]]:
+def _own_messages(user: Any, per_user: int) -> list[tuple[str, str]]:
     """The (context, reply) pairs membership is scored on: the user's, not a secret."""
     return [(e.context, e.reply) for e in user.train if e.context != CANARY_PROMPT][:per_user]
 
 
-def _user_scores(model: Any, tok: Any, users: Sequence[Any], base: dict[str, float]
-                 ) -> np.ndarray:
-    return np.asarray([base[u.user_id] - float(np.mean(_losses(model, tok, _own_messages(u))))
-                       for u in users])
+def _mean_losses(model: Any, tok: Any, users: Sequence[Any], per_user: int) -> np.ndarray:
+    """Each user's mean loss on their own scored messages, batched across users."""
+    pairs = [_own_messages(u, per_user) for u in users]
+    losses = _losses(model, tok, [p for own in pairs for p in own])
+    ends = np.cumsum([len(own) for own in pairs])
+    return np.asarray([chunk.mean() for chunk in np.split(losses, ends[:-1])])
 
 
 def _arms(dp: DPConfig, cfg: EmpiricalConfig) -> list[_Arm]:
@@ -300,9 +311,10 @@ def _arms(dp: DPConfig, cfg: EmpiricalConfig) -> list[_Arm]:
                    f"q = {dp.sample_rate:g})", DPConfig(
                        mode="central", noise_multiplier=z, clip_norm=1.0,
                        sample_rate=dp.sample_rate, delta=dp.delta, accountant=dp.accountant))
-    reference = _Arm("no DP", DPConfig(mode="central", noise_multiplier=0.0,
-                                       clip_norm=math.inf, sample_rate=dp.sample_rate,
-                                       delta=dp.delta, accountant=dp.accountant))
+    # The reference protects nothing: every member in every round, no clipping, no noise.
+    reference = _Arm("no DP (every member every round)", DPConfig(
+        mode="central", noise_multiplier=0.0, clip_norm=math.inf, sample_rate=1.0,
+        delta=dp.delta, accountant=dp.accountant))
     return [reference, arm] if cfg.reference else [arm]
 
 
@@ -427,8 +439,9 @@ def add_empirical(report: dict[str, Any], dp: DPConfig, cfg: EmpiricalConfig,
     candidates = [[_secret(rng, cfg.digits) for _ in range(cfg.candidates)] for _ in secrets]
     candidates = [[c for c in cands if c != s] for cands, s in zip(candidates, secrets,
                                                                     strict=True)]
-    base_user = {u.user_id: float(np.mean(_losses(model, tok, _own_messages(u))))
-                 for u in members + others}
+    scored = cfg.scored_messages
+    base_members = _mean_losses(model, tok, members, scored)
+    base_others = _mean_losses(model, tok, others, scored)
 
     def exposures() -> list[float]:
         values = []
@@ -453,8 +466,9 @@ def add_empirical(report: dict[str, Any], dp: DPConfig, cfg: EmpiricalConfig,
             report_progress("canary exposure and membership inference", i, len(arms))
             exp = exposures()
             auc, bound, fprs, tprs = membership_bound(
-                _user_scores(model, tok, members, base_user),
-                _user_scores(model, tok, others, base_user), delta, cfg.confidence)
+                base_members - _mean_losses(model, tok, members, scored),
+                base_others - _mean_losses(model, tok, others, scored), delta,
+                cfg.confidence)
             private = arm.dp.private
             theory = (epsilon_spent([arm.dp.segment(cfg.rounds)], delta, arm.dp.accountant)
                       if private else math.inf)
@@ -488,19 +502,21 @@ def add_empirical(report: dict[str, Any], dp: DPConfig, cfg: EmpiricalConfig,
         f"{', '.join(str(s) for s in replica['sampled'])}, canary clients included), "
         f"clip norm per round {', '.join(f'{c:.3g}' for c in replica['clip_norms'])}"
         f"{' (adaptive)' if replica['adaptive'] else ''}, {cfg.local_epochs} local epochs "
-        f"at learning rate {cfg.lr:g}, delta {delta:.3g}. {cfg.secret_holders} of them hold "
+        f"at learning rate {cfg.lr:g}, delta {delta:.3g}; the reference without DP trains "
+        f"every member in every round. {cfg.secret_holders} of them hold "
         f"a random {cfg.digits}-digit secret repeated {cfg.repeats} times; each secret is "
         f"ranked among {cfg.candidates} random ones (maximum measurable exposure "
         f"{math.log2(cfg.candidates + 1):.1f} bits; chance about 1 bit; the base model "
         f"before training: {np.mean(base_exposure) if secrets else 0:.2f} bits). "
-        f"Membership inference scores {cfg.members} members against {cfg.members} users "
-        "who never took part.")
+        f"Membership inference scores {cfg.members} members against {cfg.non_members} "
+        f"users who never took part, each on {cfg.scored_messages} of their own "
+        "messages.")
     reach = ("so it could catch a mechanism that breaks the theory" if provable >= theory
              else f"below the replica's theoretical {theory:.3g}: at this size it cannot "
                   "prove a violation, however broken the mechanism (the canary-client "
                   "estimate can)")
     sec["notes"].append(
-        f"At this size ({cfg.members} members, {cfg.members} non-members, "
+        f"At this size ({cfg.members} members, {cfg.non_members} non-members, "
         f"{100 * cfg.confidence:g} % confidence over all thresholds) a perfect membership "
         f"attack would prove epsilon >= {provable:.3g} at most, {reach}.")
     table(sec, ["arm", "z", "theoretical epsilon (replica)", "mean secret exposure (bits)",

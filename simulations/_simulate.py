@@ -71,6 +71,7 @@ class SimulationConfig:
     #: audit's replica runs at the audited run's own q.
     sample_rate: float = 0.0
     adaptive: AdaptiveClipping | None = None  # quantile-based adaptive clipping (central)
+    personalize: bool = True  # measure personal fine-tuning at the end (the audit skips it)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -588,7 +589,8 @@ def _simulate(cfg: SimulationConfig, out: Path, users: Sequence[Any], dp: DPConf
         record = rounds(pods)
     seconds = time.perf_counter() - started
     # The fast engine's workers, still up, share the personal fine-tuning.
-    personal = personalized(cfg, users, registry.get(record["final_version"])[1], pool)
+    personal = (personalized(cfg, users, registry.get(record["final_version"])[1], pool)
+                if cfg.personalize else None)
     updates = sum(r["accepted"] for r in record["rounds"])
     final = registry.get(record["final_version"])[0]
     record.update(simulation={**asdict(cfg), "precision": run.precision,

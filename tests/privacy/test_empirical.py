@@ -21,8 +21,8 @@ from tests.privacy.broken_noise import ScaledNoise, SilentNoise
 pytestmark = pytest.mark.slow
 
 #: A small replica: the canary clients, not the members, do the detecting.
-SMALL = EmpiricalConfig(members=4, secret_holders=1, repeats=16, rounds=4, local_epochs=1,
-                        candidates=50, reference=False)
+SMALL = EmpiricalConfig(members=4, non_members=8, secret_holders=1, repeats=16, rounds=4,
+                        local_epochs=1, candidates=50, reference=False)
 
 
 def _simulate(out: Path, **settings: Any) -> Path:
@@ -82,7 +82,7 @@ def test_the_replica_runs_the_runs_sampling_and_adaptive_clipping(
     assert report["red_flags"] == [], report["red_flags"]
     found = report["summary"]["empirical"]
     assert found["membership_provable_bound"] == pytest.approx(
-        provable_bound(SMALL.members, SMALL.members, report["summary"]["delta"]))
+        provable_bound(SMALL.members, SMALL.non_members, report["summary"]["delta"]))
     assert found["dp"]["membership_can_reach_theory"] is False
     notes = " ".join(n for s in report["sections"] for n in s["notes"])
     assert f"would prove epsilon >= {found['membership_provable_bound']:.3g} at most" in notes
