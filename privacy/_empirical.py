@@ -201,12 +201,18 @@ def _replica(cfg: EmpiricalConfig) -> tuple[list[Any], list[Any], list[str]]:
     pool = [u for u in population(SimulationConfig(min_messages=10))
             if len(u.train) <= cfg.max_messages]
     wanted = cfg.members + cfg.non_members
-    if len(pool) < wanted:
+    if len(pool) < max(wanted, 2 * cfg.members):
         raise ValueError(f"only {len(pool)} users fit the replica; asked for {wanted}")
     rng = np.random.default_rng(cfg.seed)
-    chosen = [pool[i] for i in rng.choice(len(pool), wanted, replace=False)]
-    members, others = chosen[:cfg.members], chosen[cfg.members:]
+    # Members and as many non-members first, then more non-members from the rest: the
+    # members do not depend on how many non-members are scored.
+    first = rng.choice(len(pool), 2 * cfg.members, replace=False)
     secrets = [_secret(rng, cfg.digits) for _ in range(cfg.secret_holders)]
+    rest = np.setdiff1d(np.arange(len(pool)), first)
+    more = np.random.default_rng([cfg.seed, 1]).choice(
+        rest, max(0, cfg.non_members - cfg.members), replace=False)
+    members = [pool[i] for i in first[:cfg.members]]
+    others = [pool[i] for i in [*first[cfg.members:cfg.members + cfg.non_members], *more]]
     for i, secret in enumerate(secrets):
         user = members[i]
         planted = tuple(Example(CANARY_PROMPT, secret, "") for _ in range(cfg.repeats))
