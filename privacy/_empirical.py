@@ -339,8 +339,9 @@ def _canary_section(report: dict[str, Any], arm: _Arm, cfg: EmpiricalConfig, the
         paired = min(len(null), len(released))
         null_cos = cosines(null[:paired], released[:paired])
     else:
-        observed = cosines(canaries.directions, arm.released)
-        null_cos = cosines(null, arm.released)
+        total = arm.released if arm.released is not None else np.zeros(dim)
+        observed = cosines(canaries.directions, total)
+        null_cos = cosines(null, total)
     estimate = canary_epsilon(observed, dim, delta, replace_one=local)
     ideal = ideal_estimates(*_claimed_noise(arm), arm.dp.sample_rate, len(canaries.directions),
                             dim, delta, replace_one=local, seed=cfg.seed)
@@ -483,9 +484,9 @@ def add_empirical(report: dict[str, Any], dp: DPConfig, cfg: EmpiricalConfig,
                          float(np.max(exp)) if exp else None, auc, bound, provable])
             canary_rows.extend([arm.label, k + 1, base_exposure[k], e] for k, e in enumerate(exp))
             roc.line(arm.label, fprs, tprs)
-            found = {"mean_exposure": float(np.mean(exp)) if exp else None, "auc": auc,
-                     "epsilon_lower_bound": bound,
-                     "epsilon_theory": theory if private else None}
+            found: dict[str, Any] = {
+                "mean_exposure": float(np.mean(exp)) if exp else None, "auc": auc,
+                "epsilon_lower_bound": bound, "epsilon_theory": theory if private else None}
             if private:
                 found["membership_can_reach_theory"] = provable >= theory
                 found["canary"] = _canary_section(report, arm, cfg, theory, delta)

@@ -582,7 +582,7 @@ def _simulate(cfg: SimulationConfig, out: Path, users: Sequence[Any], dp: DPConf
     elif cfg.encrypted_pods:
         record = rounds(_store_pods(users, model, tok, out, registry.public_key, workers,
                                     (cfg.target_epsilon, dp.delta)))
-    elif canaries is not None:
+    elif canaries is not None and pods is not None:
         record = rounds(canaries.around(pods, lambda rnd, node: pod_noise(cfg.seed, rnd, node,
                                                                           noise)))
     else:
