@@ -203,8 +203,12 @@ def _checkpoint(record_path: Path, cfg: RunConfig, run_id: str
     return record, state
 
 
-def _randomness(cfg: RunConfig) -> dict[str, Any]:
+def _randomness(cfg: RunConfig, noise: NoiseSource | None = None) -> dict[str, Any]:
     """What the run record says about where its sampling and noise came from."""
+    if noise is not None:
+        stated = _randomness(cfg)
+        return {**stated, "noise": noise.describe(),
+                "private": stated["private"] and noise.private}
     if cfg.reproducible_seed is None:
         return {"reproducible": False, "private": True, "noise": SecureNoise().describe(),
                 "sampling": "keyed hashes of a forward-secure seed ratchet started from "
@@ -229,7 +233,7 @@ def round_noise(cfg: RunConfig, round_seed: bytes) -> NoiseSource:
 def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_id: str,
                   evaluator: Evaluator, record_path: Path,
                   on_round: Callable[[dict[str, Any]], None] | None = None,
-                  resume: bool = False) -> dict[str, Any]:
+                  resume: bool = False, noise: NoiseSource | None = None) -> dict[str, Any]:
     """Run ``cfg.rounds`` rounds and return the run record (also written to ``record_path``).
 
     The record is rewritten after every round; a checkpoint beside it (the sampling
@@ -237,6 +241,10 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
     :func:`checkpoint_path`) lets ``resume`` continue an unfinished run with the same
     configuration from its last completed round. A resumed reproducible run equals an
     uninterrupted one; a private run's noise is fresh either way.
+
+    ``noise`` replaces the aggregator's noise source for every round (default:
+    :func:`round_noise`); the privacy audit's replica takes it, so that a test can feed
+    the audit a broken mechanism through the same code a run uses.
 
     Raises:
         RunError: too few pods connected in time, no current version to start from, or a
@@ -275,7 +283,7 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
     size = Adapter.from_bytes(adapter_bytes).num_parameters
     record: dict[str, Any] = previous or {
         "run_id": run_id, "started_at": _now(), "config": cfg.to_dict(),
-        "mechanism": dp.statement(), "randomness": _randomness(cfg),
+        "mechanism": dp.statement(), "randomness": _randomness(cfg, noise),
         "population": population, "rounds": [], "start_version": current,
     }
 
@@ -289,7 +297,7 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
         t0 = time.monotonic()
         connected = sorted(transport.node_ids())
         round_seed = ratchet.advance()
-        noise = round_noise(cfg, round_seed)
+        round_source = noise or round_noise(cfg, round_seed)
         sampled = poisson_sample(connected, dp.sample_rate, round_seed)
         round_dp = DPConfig(dp.mode, dp.noise_multiplier, clip, dp.sample_rate, dp.delta,
                             dp.accountant, None)
@@ -301,8 +309,8 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
         updates = [PodUpdate(r.node_id, r.values, r.examples, r.version, r.clipped,
                              r.user_token)
                    for r in replies if not r.refusal and r.values is not None]
-        result = aggregate(updates, size, version.id, round_dp, max(expected, 1e-9), noise,
-                           noise_multiplier=update_z)
+        result = aggregate(updates, size, version.id, round_dp, max(expected, 1e-9),
+                           round_source, noise_multiplier=update_z)
         stats: dict[str, Any] = {
             "round": rnd, "connected": len(connected), "sampled": len(sampled),
             "replied": len(replies), "accepted": result.accepted,
@@ -333,7 +341,7 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
                                 f"{cfg.min_pods} required")
         if adaptive and dp.private:
             clip = adaptive.next_clip(clip, result.unclipped, result.accepted,
-                                      max(expected, 1e-9), noise)
+                                      max(expected, 1e-9), round_source)
         eps = run_epsilon(cfg, rnd)
         stats["epsilon"] = eps if math.isfinite(eps) else None
         stats["seconds"] = round(time.monotonic() - t0, 3)

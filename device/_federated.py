@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from covey.models import Adapter, ChatTokenizer, Example, TinyLM
     from covey.models._finetune import FinetuneConfig
 
-__all__ = ["ClientUpdate", "noise_only_update", "train_update", "train_updates"]
+__all__ = ["ClientUpdate", "noise_only_update", "release_update", "train_update",
+           "train_updates"]
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,18 @@ def train_updates(model: TinyLM, tok: ChatTokenizer,
     start = global_adapter.flat()
     updates = []
     for result, (_, _, noise) in zip(results, pods, strict=True):
-        clipped, norm = clip_update(result.adapter.flat() - start, dp.clip_norm)
-        if dp.mode == "local":
-            clipped = add_gaussian_noise(clipped, dp.noise_multiplier * dp.clip_norm, noise)
-        updates.append(ClientUpdate(clipped, norm, norm > dp.clip_norm, result.examples,
+        released, norm = release_update(result.adapter.flat() - start, dp, noise)
+        updates.append(ClientUpdate(released, norm, norm > dp.clip_norm, result.examples,
                                     result.tokens, result.loss_before, result.loss_after))
     return updates
+
+
+def release_update(delta: np.ndarray, dp: DPConfig, noise: NoiseSource | None = None
+                   ) -> tuple[np.ndarray, float]:
+    """What leaves the pod for a trained ``delta``: clipped to ``dp.clip_norm`` and, in
+    ``local`` mode, noised with N(0, (z C)^2) from ``noise``; and the norm before clipping.
+    The privacy audit's canary clients send their crafted updates through it too."""
+    clipped, norm = clip_update(delta, dp.clip_norm)
+    if dp.mode == "local":
+        clipped = add_gaussian_noise(clipped, dp.noise_multiplier * dp.clip_norm, noise)
+    return clipped, norm

@@ -14,14 +14,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from covey.errors import InvalidInputError
 from covey.privacy._accounting import epsilon_spent
-from covey.privacy._dp import DPConfig
+from covey.privacy._dp import AdaptiveClipping, DPConfig
+from covey.privacy._noise import NoiseSource
 from covey.privacy._report import Figure, flag, new_report, section, table
 
-__all__ = ["AGREEMENT", "find_record", "run_report"]
+__all__ = ["AGREEMENT", "find_record", "noise_norm_floor", "run_report"]
 
 AGREEMENT = 0.05  # accountants agreeing within 5 % need no explanation
+
+#: The released-noise check flags a correct run with at most this probability.
+RELEASED_NOISE_TAIL = 1e-9
 
 Progress = Callable[[str, int, int], None]
 
@@ -52,7 +58,10 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def _dp(record: dict[str, Any]) -> DPConfig:
-    return DPConfig(**{k: v for k, v in record["config"]["dp"].items() if k != "adaptive"})
+    """The run's mechanism as its record states it, adaptive clipping included."""
+    stated = dict(record["config"]["dp"])
+    adaptive = stated.pop("adaptive", None)
+    return DPConfig(**stated, adaptive=AdaptiveClipping(**adaptive) if adaptive else None)
 
 
 def _mechanism(record: dict[str, Any], report: dict[str, Any]) -> None:
@@ -155,6 +164,100 @@ def _randomness(record: dict[str, Any], report: dict[str, Any]) -> None:
              "reproducible run gives no privacy guarantee")
 
 
+def noise_norm_floor(size: int, tail: float) -> float:
+    """The norm a standard normal vector of ``size`` coordinates reaches, except with
+    probability ``tail``.
+
+    Its norm is 1-Lipschitz, so P(|X| <= E|X| - u) <= exp(-u^2 / 2) (Gaussian
+    concentration, Boucheron, Lugosi, Massart 2013, Theorem 5.6), and
+    E|X| >= d / sqrt(d + 1); u = sqrt(2 ln(1 / tail)).
+    """
+    if not 0 < tail < 1 or size < 1:
+        raise ValueError("tail must be in (0, 1) and size at least 1")
+    return size / math.sqrt(size + 1) - math.sqrt(2 * math.log(1 / tail))
+
+
+def _released_deltas(record: dict[str, Any], record_path: Path
+                     ) -> list[tuple[dict[str, Any], np.ndarray]] | None:
+    """Each released round's stats and delta (the version minus its parent), read from
+    the registry beside ``runs/``; None when it is not there."""
+    from covey.aggregator._registry import Registry
+    from covey.models import Adapter
+
+    folder = record_path.parent.parent / "registry"
+    if not (folder / "signing.key").exists():  # Registry() would create one
+        return None
+    registry = Registry(folder)
+    out = []
+    try:
+        for stats in record["rounds"]:
+            if "version" not in stats:
+                continue
+            version, data, _ = registry.get(stats["version"])
+            if version.parent is None:
+                continue
+            parent = Adapter.from_bytes(registry.get(version.parent)[1]).flat()
+            delta = Adapter.from_bytes(data).flat().astype(np.float64) - parent
+            out.append((stats, delta))
+    except (OSError, ValueError, KeyError):
+        return None
+    return out
+
+
+def _released_noise(record: dict[str, Any], record_path: Path, report: dict[str, Any]
+                    ) -> None:
+    """Whether each version the run released carries the noise its mechanism claims.
+
+    Round t releases (S_t + N_t) / E: S_t the sum of n_t updates clipped to C_t, so
+    |S_t| <= n_t C_t, N_t the noise (std s_t per coordinate: z C_t on the sum, z
+    shared with adaptive clipping; local mode sqrt(n_t) z C_t), E = q N. Then |N_t| <=
+    E |delta_t| + n_t C_t, while a correct mechanism's |N_t| >= s_t * floor
+    (:func:`noise_norm_floor`, all rounds together failing with probability at most
+    ``RELEASED_NOISE_TAIL``). A release below that holds less noise than claimed.
+    """
+    dp = _dp(record)
+    if not dp.private or not record["rounds"]:
+        return
+    sec = section(report, "released-noise", "Noise in the released versions")
+    released = _released_deltas(record, record_path)
+    if not released:
+        sec["notes"].append("The run's registry (beside runs/) is not there or holds no "
+                            "release of this run: the released noise was not checked.")
+        return
+    expected = dp.sample_rate * int(record.get("population") or 0)
+    if expected <= 0:
+        return
+    z = dp.noise_multiplier
+    if dp.adaptive is not None:
+        z = dp.adaptive.update_noise_multiplier(z, expected)
+    size = len(released[0][1])
+    floor = noise_norm_floor(size, RELEASED_NOISE_TAIL / len(released))
+    rows, short = [], []
+    for stats, delta in released:
+        n, clip = int(stats["accepted"]), float(stats["clip_norm"])
+        std = z * clip * (math.sqrt(n) if dp.mode == "local" else 1.0)
+        # the most noise this release can hold, in units of the claimed noise's norm
+        ratio = (expected * float(np.linalg.norm(delta)) + n * clip) / (std * math.sqrt(size))
+        rows.append([stats["round"], n, std, ratio])
+        if ratio * math.sqrt(size) < floor:
+            short.append((stats["round"], ratio))
+    need = floor / math.sqrt(size)
+    table(sec, ["round", "updates", "claimed noise std on the sum",
+                "most noise the release can hold / claimed"], rows)
+    sec["notes"].append(
+        f"A release holds at most (q N |delta| + n C) of noise, q N = {expected:.4g}; the "
+        f"claimed noise has norm at least {need:.3f} times its expectation in all "
+        f"{len(released)} rounds except with probability {RELEASED_NOISE_TAIL:g}. Less "
+        "than that: the run released less noise than its mechanism claims. The check sees "
+        "what was published, so it catches a broken run, not only broken code; it cannot "
+        "see a shortfall hidden by n C, when a round's updates outweigh the noise.")
+    if short:
+        worst = min(short, key=lambda item: item[1])
+        flag(report, "released_noise_below_claim",
+             f"{len(short)} of {len(released)} released versions hold less noise than the "
+             f"mechanism claims (round {worst[0]}: at most {worst[1]:.3g} of it)")
+
+
 def _utility(record: dict[str, Any], report: dict[str, Any]) -> None:
     rounds = [r for r in record["rounds"] if "perplexity" in r]
     if not rounds:
@@ -170,8 +273,15 @@ def _utility(record: dict[str, Any], report: dict[str, Any]) -> None:
 
 
 def run_report(path: Path, empirical: bool = False, progress: Progress | None = None,
-               canary_config: Any = None) -> dict[str, Any]:
-    """The report of the run record at ``path`` (a file, or a folder holding ``runs/``)."""
+               canary_config: Any = None, noise: NoiseSource | None = None
+               ) -> dict[str, Any]:
+    """The report of the run record at ``path`` (a file, or a folder holding ``runs/``).
+
+    ``empirical`` adds the tests on a replica of the run's mechanism, sized by
+    ``canary_config`` (an :class:`~covey.privacy._empirical.EmpiricalConfig`), with
+    ``noise`` as its noise source if given (see
+    :func:`~covey.privacy._empirical.add_empirical`).
+    """
     record_path = find_record(path)
     record = _load(record_path)
     report = new_report("run", f"Privacy audit of run {record['run_id']}")
@@ -179,9 +289,11 @@ def run_report(path: Path, empirical: bool = False, progress: Progress | None = 
     _mechanism(record, report)
     _epsilons(record, report)
     _randomness(record, report)
+    _released_noise(record, record_path, report)
     _utility(record, report)
     if empirical:
         from covey.privacy._empirical import EmpiricalConfig, add_empirical
 
-        add_empirical(report, _dp(record), canary_config or EmpiricalConfig(), progress)
+        add_empirical(report, _dp(record), canary_config or EmpiricalConfig(), progress,
+                      noise)
     return report

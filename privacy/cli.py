@@ -43,8 +43,9 @@ def audit(
     home: Annotated[Path | None, typer.Option(
         "--home", envvar="COVEY_HOME", help="Pod home folder (with --pod).")] = None,
     empirical: Annotated[bool, typer.Option(
-        help="With --run: canary exposure and membership inference on a simulated replica "
-             "of the run's mechanism (a few minutes).")] = True,
+        help="With --run: canary clients (a one-run epsilon estimate), secret exposure and "
+             "membership inference on a simulated replica of the run's mechanism, its own "
+             "sampling and clipping (a few minutes).")] = True,
     strict: Annotated[bool, typer.Option(
         help="Exit non-zero (10) when the report raises any red flag.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,

@@ -27,12 +27,13 @@ from covey._files import write_atomic
 from covey.aggregator._rounds import PodReply, RoundPayload, RunConfig, run_federated
 from covey.errors import InvalidInputError
 from covey.models import resolve_precision
-from covey.privacy import DPConfig, NoiseSource, SecureNoise, SeededNoise
+from covey.privacy import AdaptiveClipping, DPConfig, NoiseSource, SecureNoise, SeededNoise
 
 if TYPE_CHECKING:
     from covey.device._federated import ClientUpdate
     from covey.device._participation import RoundRequest
     from covey.models._evaluate import Tally
+    from covey.simulations._canaries import CanaryClients
 
 __all__ = ["SimulationConfig", "eval_sample", "personalized", "population",
            "population_summary", "simulate", "train_pods"]
@@ -66,6 +67,11 @@ class SimulationConfig:
     encrypted_pods: bool = False  # each pod keeps its data in a real encrypted store
     noise_multiplier: float | None = None  # set: this z (0: no DP) instead of the target's
     precision: str = "auto"  # of the pods' training; auto: bf16 where the CPU has it natively
+    #: The Poisson sampling rate q of pods (0: clients_per_round / pods): the privacy
+    #: audit's replica runs at the audited run's own q.
+    sample_rate: float = 0.0
+    adaptive: AdaptiveClipping | None = None  # quantile-based adaptive clipping (central)
+    personalize: bool = True  # measure personal fine-tuning at the end (the audit skips it)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -88,6 +94,11 @@ class SimulationConfig:
             raise InvalidInputError(str(exc)) from None
         if self.seed is not None and self.seed < 0:
             raise InvalidInputError("seed must be >= 0")
+        if not 0.0 <= self.sample_rate <= 1.0:
+            raise InvalidInputError("sample rate must be in (0, 1] (0: clients per round / "
+                                    "pods)")
+        if self.adaptive is not None and self.mode != "central":
+            raise InvalidInputError("adaptive clipping needs central mode")
         if self.encrypted_pods and math.isinf(self.target_epsilon):
             raise InvalidInputError("--encrypted-pods needs a private run: real pods refuse "
                                     "rounds without DP")
@@ -171,15 +182,20 @@ POD_GROUP = 16
 BATCHES_PER_WORKER = 3
 
 
-def pod_noise(noise_seed: int | None, round: int, node: int) -> NoiseSource:
+def pod_noise(noise_seed: int | None, round: int, node: int,
+              given: NoiseSource | None = None) -> NoiseSource:
     """A simulated pod's local-mode noise: the OS's CSPRNG, or, in a run with an explicit
     seed, a generator of (seed, round, pod) alone, so the result does not depend on which
-    process or engine trains the pod."""
+    process or engine trains the pod; ``given``, when set, replaces both (see
+    :func:`simulate`)."""
+    if given is not None:
+        return given
     return SecureNoise() if noise_seed is None else SeededNoise([noise_seed, round, node])
 
 
 def _pod_job(users: Sequence[Any], node: int, request: RoundPayload | RoundRequest,
-             noise_seed: int | None) -> tuple[Any, Any, NoiseSource]:
+             noise_seed: int | None, noise: NoiseSource | None = None
+             ) -> tuple[Any, Any, NoiseSource]:
     """Pod ``node``'s examples, training settings and noise source for a round.
 
     The pod's training seed derives from the round's seed and the pod's index alone.
@@ -190,15 +206,15 @@ def _pod_job(users: Sequence[Any], node: int, request: RoundPayload | RoundReque
                            max_examples=request.max_examples,
                            seed=request.seed * 100_003 + node, measure_loss=False,
                            precision=request.precision)
-    return users[node - 1].train, train, pod_noise(noise_seed, request.round, node)
+    return users[node - 1].train, train, pod_noise(noise_seed, request.round, node, noise)
 
 
 def train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
-               request: RoundPayload | RoundRequest, noise_seed: int | None = None
-               ) -> list[ClientUpdate]:
+               request: RoundPayload | RoundRequest, noise_seed: int | None = None,
+               noise: NoiseSource | None = None) -> list[ClientUpdate]:
     """Pods ``nodes`` (1-based into ``users``) run the client training function; the
     fast engine trains them ``POD_GROUP`` at a time, batched, with the same results.
-    ``noise_seed``: see :func:`pod_noise`."""
+    ``noise_seed``, ``noise``: see :func:`pod_noise`."""
     from covey.device._federated import train_updates
     from covey.models import Adapter
 
@@ -208,16 +224,18 @@ def train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
     updates: list[ClientUpdate | None] = [None] * len(nodes)
     for at in range(0, len(order), POD_GROUP):
         group = order[at:at + POD_GROUP]
-        trained = train_updates(model, tok, [_pod_job(users, nodes[i], request, noise_seed)
-                                             for i in group], adapter, request.dp)
+        trained = train_updates(model, tok, [_pod_job(users, nodes[i], request, noise_seed,
+                                                      noise) for i in group],
+                                adapter, request.dp)
         for i, update in zip(group, trained, strict=True):
             updates[i] = update
     return [u for u in updates if u is not None]
 
 
 def _train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
-                payload: RoundPayload, noise_seed: int | None) -> list[PodReply]:
-    updates = train_pods(users, model, tok, nodes, payload, noise_seed)
+                payload: RoundPayload, noise_seed: int | None,
+                noise: NoiseSource | None = None) -> list[PodReply]:
+    updates = train_pods(users, model, tok, nodes, payload, noise_seed, noise)
     return [PodReply(node, values=update.delta, version=str(payload.version["id"]),
                      **update.reported(payload.dp))  # type: ignore[arg-type]
             for node, update in zip(nodes, updates, strict=True)]
@@ -273,10 +291,10 @@ def _worker_allocator() -> str:
     return "tcmalloc" if maps.exists() and "tcmalloc" in maps.read_text() else "glibc"
 
 
-def _worker_train(nodes: Sequence[int], payload: RoundPayload, noise_seed: int | None
-                  ) -> list[PodReply]:
+def _worker_train(nodes: Sequence[int], payload: RoundPayload, noise_seed: int | None,
+                  noise: NoiseSource | None = None) -> list[PodReply]:
     return _train_pods(_WORKER["users"], _WORKER["model"], _WORKER["tok"], nodes, payload,
-                       noise_seed)
+                       noise_seed, noise)
 
 
 class _MemoryPods:
@@ -284,9 +302,10 @@ class _MemoryPods:
     process or spread over worker processes (each holding the model and the users)."""
 
     def __init__(self, users: Sequence[Any], model: Any, tok: Any, cfg: SimulationConfig,
-                 workers: int, given: bool = False) -> None:
+                 workers: int, given: bool = False, noise: NoiseSource | None = None
+                 ) -> None:
         self.users, self.model, self.tok = list(users), model, tok
-        self.noise_seed = cfg.seed
+        self.noise_seed, self.noise = cfg.seed, noise
         self.pool = None
         if workers > 1:
             import multiprocessing
@@ -313,8 +332,8 @@ class _MemoryPods:
               ) -> list[PodReply]:
         if self.pool is None or len(nodes) < 2:
             return _train_pods(self.users, self.model, self.tok, nodes, payload,
-                               self.noise_seed)
-        futures = [self.pool.submit(_worker_train, group, payload, self.noise_seed)
+                               self.noise_seed, self.noise)
+        futures = [self.pool.submit(_worker_train, group, payload, self.noise_seed, self.noise)
                    for group in self._groups(nodes, payload.max_examples)]
         replies = [r for f in futures for r in f.result(timeout=timeout)]
         return sorted(replies, key=lambda r: r.node_id)
@@ -366,17 +385,17 @@ def _store_pods(users: Sequence[Any], model: Any, tok: Any, out: Path, key: byte
 
 
 def _dp(cfg: SimulationConfig, pods: int) -> DPConfig:
-    q = min(1.0, cfg.clients_per_round / pods)
+    q = cfg.sample_rate or min(1.0, cfg.clients_per_round / pods)
     delta = cfg.delta or 0.1 / pods
     if cfg.noise_multiplier:
         return DPConfig(mode=cfg.mode, noise_multiplier=cfg.noise_multiplier,  # type: ignore[arg-type]
                         clip_norm=cfg.clip_norm, sample_rate=q, delta=delta,
-                        accountant=cfg.accountant)
+                        accountant=cfg.accountant, adaptive=cfg.adaptive)
     if math.isinf(cfg.target_epsilon) or cfg.noise_multiplier == 0:
         return DPConfig(mode="central", noise_multiplier=0.0, clip_norm=math.inf,
                         sample_rate=q, delta=delta, accountant=cfg.accountant)
     dp = DPConfig(mode=cfg.mode, clip_norm=cfg.clip_norm, sample_rate=q,  # type: ignore[arg-type]
-                  delta=delta, accountant=cfg.accountant)
+                  delta=delta, accountant=cfg.accountant, adaptive=cfg.adaptive)
     try:
         return dp.solved(cfg.target_epsilon, cfg.rounds)
     except ValueError as exc:
@@ -467,13 +486,19 @@ def _unfinished(out: Path) -> str | None:
 
 def simulate(cfg: SimulationConfig, out: Path,
              on_round: Callable[[dict[str, Any]], None] | None = None,
-             resume: bool = False, users: Sequence[Any] | None = None) -> dict[str, Any]:
+             resume: bool = False, users: Sequence[Any] | None = None,
+             noise: NoiseSource | None = None, canaries: CanaryClients | None = None
+             ) -> dict[str, Any]:
     """Run a simulation; writes population.json, the registry and the run record to ``out``.
 
     Every round is checkpointed in the run record; ``resume`` continues an interrupted
     run in ``out`` (same configuration), giving the same result as an uninterrupted one.
-    ``users`` replaces the dataset's population (the privacy audit plants canaries in
-    some users' data this way); it runs on the fast engine.
+    ``users`` replaces the dataset's population (the privacy audit plants secrets in
+    some users' data this way); ``noise`` replaces every noise source of the run, the
+    aggregator's and the pods' (it must hold no state a copy would repeat: worker
+    processes get copies); ``canaries`` adds canary clients to the pods (see
+    :mod:`covey.simulations._canaries`). The three run on the fast engine, for the
+    privacy audit's replica of a run's mechanism.
 
     Raises:
         InvalidInputError: an impossible configuration (before any work), or nothing to
@@ -488,18 +513,21 @@ def simulate(cfg: SimulationConfig, out: Path,
     if cfg.clients_per_round > len(users):
         raise InvalidInputError(f"{cfg.clients_per_round} clients per round but only "
                                 f"{len(users)} pods")
-    if given and cfg.engine == "flower":
-        raise InvalidInputError("a given population runs on the fast engine")
+    if (given or noise is not None or canaries is not None) and \
+            (cfg.engine != "fast" or cfg.encrypted_pods):
+        raise InvalidInputError("a given population, noise or canaries run on the fast "
+                                "engine's in-memory pods")
     dp = _dp(cfg, len(users))
     workers = cfg.workers or (os.cpu_count() or 1)
     check_memory(cfg, workers)
     model, tok, _ = load_model()
     # The fast engine's workers start now: they load while this process sets up, and
     # evaluate every version as well as train the pods.
-    pods = (_MemoryPods(users, model, tok, cfg, workers, given)
+    pods = (_MemoryPods(users, model, tok, cfg, workers, given, noise)
             if cfg.engine == "fast" and not cfg.encrypted_pods else None)
     try:
-        return _simulate(cfg, out, users, dp, workers, model, tok, pods, on_round, resume)
+        return _simulate(cfg, out, users, dp, workers, model, tok, pods, on_round, resume,
+                         noise, canaries)
     finally:
         if pods is not None:
             pods.close()
@@ -507,7 +535,8 @@ def simulate(cfg: SimulationConfig, out: Path,
 
 def _simulate(cfg: SimulationConfig, out: Path, users: Sequence[Any], dp: DPConfig,
               workers: int, model: Any, tok: Any, pods: _MemoryPods | None,
-              on_round: Callable[[dict[str, Any]], None] | None, resume: bool
+              on_round: Callable[[dict[str, Any]], None] | None, resume: bool,
+              noise: NoiseSource | None = None, canaries: CanaryClients | None = None
               ) -> dict[str, Any]:
     from covey.aggregator._evaluation import AdapterEvaluator
     from covey.aggregator._registry import Registry
@@ -544,7 +573,7 @@ def _simulate(cfg: SimulationConfig, out: Path, users: Sequence[Any], dp: DPConf
     def rounds(transport: Any) -> dict[str, Any]:
         return run_federated(transport, registry, run, run_id, evaluator,
                              out / "runs" / f"{run_id}.json", on_round=on_round,
-                             resume=resume)
+                             resume=resume, noise=noise)
 
     if cfg.engine == "flower":
         from covey.simulations._flower import run_flower
@@ -553,11 +582,15 @@ def _simulate(cfg: SimulationConfig, out: Path, users: Sequence[Any], dp: DPConf
     elif cfg.encrypted_pods:
         record = rounds(_store_pods(users, model, tok, out, registry.public_key, workers,
                                     (cfg.target_epsilon, dp.delta)))
+    elif canaries is not None and pods is not None:
+        record = rounds(canaries.around(pods, lambda rnd, node: pod_noise(cfg.seed, rnd, node,
+                                                                          noise)))
     else:
         record = rounds(pods)
     seconds = time.perf_counter() - started
     # The fast engine's workers, still up, share the personal fine-tuning.
-    personal = personalized(cfg, users, registry.get(record["final_version"])[1], pool)
+    personal = (personalized(cfg, users, registry.get(record["final_version"])[1], pool)
+                if cfg.personalize else None)
     updates = sum(r["accepted"] for r in record["rounds"])
     final = registry.get(record["final_version"])[0]
     record.update(simulation={**asdict(cfg), "precision": run.precision,

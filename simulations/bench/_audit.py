@@ -3,8 +3,9 @@
 The pod report (counts, encryption, a plaintext scan of every file covey wrote, the
 ledger, egress, the chain) is timed on a pod holding ``memories`` memories and as many
 messages, against ``covey pod status`` on the same pod in the same run; the run
-report's empirical tests (two replica trainings, canary exposure, membership inference)
-are timed with their default size against the 10-minute aim.
+report's empirical tests (two replica trainings, the second with 1,000 canary clients;
+secret exposure; membership inference) are timed with their default size against the
+10-minute aim.
 """
 
 from __future__ import annotations
@@ -64,15 +65,28 @@ def run(quick: bool = False) -> dict[str, Any]:
         report = run_report(out, empirical=True, canary_config=empirical)
         run_s = time.perf_counter() - t0
         found = report["summary"]["empirical"]
+        canary = found["dp"]["canary"]
         results["run_report"] = {"seconds": round(run_s, 1), "aim_seconds": 600.0,
                                  "exposure_no_dp": round(found["no_dp"]["mean_exposure"], 2),
                                  "exposure_dp": round(found["dp"]["mean_exposure"], 2),
                                  "auc_no_dp": round(found["no_dp"]["auc"], 3),
-                                 "auc_dp": round(found["dp"]["auc"], 3)}
+                                 "auc_dp": round(found["dp"]["auc"], 3),
+                                 "membership_bound_no_dp": round(
+                                     found["no_dp"]["epsilon_lower_bound"], 3),
+                                 "membership_provable": round(
+                                     found["membership_provable_bound"], 3),
+                                 "epsilon_theory": round(found["dp"]["epsilon_theory"], 3),
+                                 "canary_epsilon": canary["epsilon"],
+                                 "canary_threshold": round(canary["threshold"], 3),
+                                 "red_flags": [f["code"] for f in report["red_flags"]]}
     p, r = results["pod_report"], results["run_report"]
     summary = [f"pod report on {memories} memories: {p['seconds']:.2f} s "
                f"({p['ratio_to_status']:.1f}x `pod status`; aim 5 s)",
-               f"run report with empirical tests: {r['seconds']:.0f} s (aim 600 s); canary "
-               f"exposure {r['exposure_no_dp']} bits without DP, {r['exposure_dp']} with DP"]
+               f"run report with empirical tests: {r['seconds']:.0f} s (aim 600 s); secret "
+               f"exposure {r['exposure_no_dp']} bits without DP, {r['exposure_dp']} with DP; "
+               f"canary-client epsilon {r['canary_epsilon']} against the replica's theory "
+               f"{r['epsilon_theory']} (flag above {r['canary_threshold']}); membership "
+               f"bound {r['membership_bound_no_dp']} without DP (at most "
+               f"{r['membership_provable']} at this size)"]
     return {"config": {"memories": memories, "quick": quick}, "results": results,
             "summary": summary}

@@ -197,12 +197,50 @@ def test_audit_cli_refuses_unclear_requests(covey: Covey, tmp_path: Path) -> Non
     assert corrupt.returncode == 2 and "not a readable run record" in corrupt.stderr
 
 
+def test_a_record_claiming_more_noise_than_its_versions_hold_is_flagged(
+        simulated_run: Path, tmp_path: Path) -> None:
+    # The run's own published versions are checked against the noise its record claims:
+    # a record that says z is ten times what the versions were noised with is caught.
+    record = json.loads(next((simulated_run / "runs").glob("*.json")).read_text())
+    record["config"]["dp"]["noise_multiplier"] *= 10
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "claimed.json").write_text(json.dumps(record))
+    (tmp_path / "registry").symlink_to(simulated_run / "registry")
+    report = run_report(tmp_path)
+    assert [f["code"] for f in report["red_flags"]] == ["released_noise_below_claim"]
+    # and the honest record passes the same check
+    honest = run_report(simulated_run)
+    rows = next(s for s in honest["sections"] if s["id"] == "released-noise")["tables"][0]["rows"]
+    assert len(rows) == 2 and all(0.97 < row[-1] < 1.5 for row in rows)
+
+
+@pytest.mark.slow
+def test_covey_audit_flags_a_broken_run_and_not_a_correct_one(
+        simulated_run: Path, tmp_path: Path, covey: Covey) -> None:
+    from covey.simulations._simulate import SimulationConfig, simulate
+    from tests.privacy.broken_noise import ScaledNoise
+
+    # A run whose noise source draws a tenth of what its configuration claims, and says
+    # nothing about it: the broken build a user could be running.
+    broken = tmp_path / "broken"
+    simulate(SimulationConfig(pods=6, rounds=2, clients_per_round=3, target_epsilon=4.0,
+                              eval_examples=20), broken, noise=ScaledNoise(0.1))
+    result = covey("audit", "--run", str(broken), "--no-empirical", "--strict",
+                   "--out", str(tmp_path / "broken.html"))
+    assert result.returncode == 10, result.stderr
+    assert "released_noise_below_claim" in result.stderr + result.stdout
+    fine = covey("audit", "--run", str(simulated_run), "--no-empirical", "--strict",
+                 "--out", str(tmp_path / "fine.html"))
+    assert fine.returncode == 0, fine.stderr + fine.stdout
+    assert "no red flags" in fine.stdout
+
+
 @pytest.mark.slow
 def test_canary_exposure_is_high_without_dp_and_falls_with_dp(simulated_run: Path) -> None:
     from covey.privacy._empirical import EmpiricalConfig
 
     report = run_report(simulated_run, empirical=True,
-                        canary_config=EmpiricalConfig(candidates=500))
+                        canary_config=EmpiricalConfig(members=8, candidates=500))
     check_schema(report)
     found = report["summary"]["empirical"]
     no_dp, dp = found["no_dp"], found["dp"]
@@ -210,7 +248,8 @@ def test_canary_exposure_is_high_without_dp_and_falls_with_dp(simulated_run: Pat
     # top sixteenth of the candidates; they leaked.
     assert no_dp["mean_exposure"] > 4
     assert dp["mean_exposure"] < no_dp["mean_exposure"] - 3  # DP hides them
-    assert dp["epsilon_lower_bound"] <= dp["epsilon_theory"]
+    assert dp["epsilon_lower_bound"] <= found["membership_provable_bound"] < dp["epsilon_theory"]
     assert no_dp["auc"] > 0.5
+    assert dp["canary"]["epsilon"] < dp["canary"]["threshold"]  # a correct mechanism
     assert report["red_flags"] == []
-    assert "empirical" in [s["id"] for s in report["sections"]]
+    assert {"empirical", "canary-clients"} <= {s["id"] for s in report["sections"]}
