@@ -54,6 +54,13 @@ def set_budget_policy(pod: Pod, max_epsilon: float, delta: float | None = None) 
     return policy
 
 
+def row_entry(row: Any) -> LedgerEntry:
+    """A stored ledger row (body, prev_hash, hash, signature) as an entry."""
+    body, prev, digest, signature = row
+    return LedgerEntry.from_dict({**json.loads(body), "prev_hash": prev, "hash": digest,
+                                  "signature": bytes(signature).hex()})
+
+
 class PodLedgerStorage:
     """:class:`covey.privacy.LedgerStorage` over a pod's store and home."""
 
@@ -69,9 +76,7 @@ class PodLedgerStorage:
     def entries(self) -> list[LedgerEntry]:
         rows = self.pod.store.query("SELECT body, prev_hash, hash, signature FROM"
                                     " privacy_ledger ORDER BY device_id, seq")
-        return [LedgerEntry.from_dict({**json.loads(body), "prev_hash": prev, "hash": digest,
-                                       "signature": bytes(signature).hex()})
-                for body, prev, digest, signature in rows]
+        return [row_entry(row) for row in rows]
 
     def append(self, entry: LedgerEntry) -> None:
         self.pod.store.conn.execute(

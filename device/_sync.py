@@ -56,7 +56,7 @@ from covey.device._participation import (
 from covey.device._profile import PROFILE_FIELDS, validate
 from covey.device._store import set_meta
 from covey.errors import InvalidInputError, SyncError
-from covey.protocols._crdt import Entry, MergeResult, Refused, Replica, lww
+from covey.protocols._crdt import Entry, MergeResult, Refused, Replica, grow_only, lww
 from covey.protocols._hlc import HLC
 from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, b64, device_id_of
 from covey.protocols._trust import UserTrust, user_schema, user_trust
@@ -223,10 +223,26 @@ def _verify_profile(entry: Entry, trust: Any, current: Entry | None) -> None:
         validate(entry.key, entry.value)
 
 
-#: What a user's pods share, with the pod's own checks of the profile and budget policy.
-#: A new collection is one more argument here (e.g. ``grow_only("ledger", verify=...)``).
+def _verify_ledger_entry(entry: Entry, trust: Any, current: Entry | None) -> None:
+    """A ledger entry is a well-formed, chained entry of the device that wrote it into the
+    replica, signed by that device's key (as the entry itself was): a pod can publish its
+    own spend, never another device's, and nobody can change one."""
+    from covey.privacy import LedgerEntry, verify_signature
+
+    row = LedgerEntry.from_dict(entry.value)
+    if row.device_id != entry.origin:
+        raise Refused("foreign_ledger", "a ledger entry published by another device")
+    key = trust.device_key(row.device_id)
+    if key is None or row.digest() != row.hash or \
+            not verify_signature(key, row.signature, bytes.fromhex(row.hash)):
+        raise ValueError("a ledger entry that its device did not sign")
+
+
+#: What a user's pods share, with the pod's own checks of the profile and budget policy,
+#: and every pod's privacy ledger (the user's budget is composed over all of them).
 POD_SCHEMA = user_schema(lww("budget_policy", verify=_verify_budget),
-                         lww("profile", verify=_verify_profile))
+                         lww("profile", verify=_verify_profile),
+                         grow_only("ledger", verify=_verify_ledger_entry))
 
 
 class PodState:
@@ -387,6 +403,9 @@ class PodState:
             # Consents first: whether memories are applied depends on them.
             for entry in sorted(remote, key=lambda e: e.collection != "consents"):
                 self._apply(conn, entry)
+            # Ledger entries whatever their origin: this pod's own come back from the
+            # user's other pods after its store was rolled back.
+            self._apply_ledger(conn, [e for e in changed if e.collection == "ledger"])
             if result.refused.get("budget_raise"):
                 self._reassert_budget(conn, peer, result.refused["budget_raise"])
         if self._erased:  # forgotten memories leave the file pages too, as with a local forget
@@ -424,6 +443,11 @@ class PodState:
             for (collection, key), value in view.items():
                 if replica.get(collection, key) != value:
                     written.append(replica.set(collection, key, value))
+            shared = {json.dumps(v, sort_keys=True)
+                      for v in replica.items("ledger").values()}
+            for row in self._own_ledger(conn):  # grow-only: added, never replaced
+                if json.dumps(row, sort_keys=True) not in shared:
+                    written.append(replica.add("ledger", row))
             for (collection, name), entry in list(replica.entries.items()):
                 # Memories are never deleted by omission: only an explicit forget deletes.
                 if (not entry.deleted and collection in ("profile", "preferences", "consents",
@@ -434,6 +458,32 @@ class PodState:
                 _save(conn, written)
                 _save_vector(conn, replica.vector)
         return written
+
+    def _own_ledger(self, conn: sqlite.Connection) -> list[dict[str, Any]]:
+        """This device's ledger entries, as they are shared."""
+        from covey.device._budget import row_entry
+
+        return [row_entry(row).to_dict() for row in conn.execute(
+            "SELECT body, prev_hash, hash, signature FROM privacy_ledger WHERE device_id = ?"
+            " ORDER BY seq", (self.node,))]
+
+    def _apply_ledger(self, conn: sqlite.Connection, entries: list[Entry]) -> None:
+        """Keep the user's other pods' ledger entries (checked on merge), and the keys
+        they verify against, so this pod's budget counts every pod's spend."""
+        from covey.privacy import LedgerEntry
+
+        if not entries:
+            return
+        for device in self.devices():  # revoked ones too: their spend still counts
+            conn.execute("INSERT OR IGNORE INTO ledger_keys (device_id, public_key)"
+                         " VALUES (?, ?)", (device.device_id, device.public_key))
+        for entry in entries:
+            row = LedgerEntry.from_dict(entry.value)
+            conn.execute(
+                "INSERT OR IGNORE INTO privacy_ledger (device_id, seq, created_at, body,"
+                " prev_hash, hash, signature) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (row.device_id, row.seq, row.created_at, row.body().decode(), row.prev_hash,
+                 row.hash, row.signature))
 
     def _apply(self, conn: sqlite.Connection, entry: Entry) -> None:
         c, value = entry.collection, entry.value

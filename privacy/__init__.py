@@ -42,6 +42,7 @@ from covey.privacy._ledger import (
     LedgerTampered,
     Release,
     RunChanged,
+    verify_signature,
 )
 from covey.privacy._noise import (
     NoiseSource,
@@ -85,5 +86,6 @@ __all__ = [
     "poisson_sample",
     "redact",
     "run_report",
+    "verify_signature",
     "write_report",
 ]

@@ -11,9 +11,10 @@ import pytest
 
 from covey.aggregator._strategy import PodUpdate, aggregate
 from covey.device import Pod
+from covey.device._budget import pod_ledger
 from covey.device._participation import round_identity
 from covey.device._sync import PodState
-from covey.privacy import DPConfig, poisson_sample
+from covey.privacy import BudgetExceeded, DPConfig, Release, poisson_sample
 from tests.conftest import FAST_CONFIG, PASSPHRASE
 
 
@@ -87,3 +88,53 @@ def test_the_aggregator_takes_one_update_per_user_per_round() -> None:
                PodUpdate(4, ones, 0, "v1")]  # no token: counted as its own user
     result = aggregate(updates, 16, "v1", dp, expected_pods=3.0)
     assert result.accepted == 3 and result.rejected == {"duplicate_user": 1}
+
+
+def _sync(source: Pod, target: Pod) -> dict[str, int]:
+    """One direction of a sync session, in-process: what ``source`` publishes, merged by
+    ``target`` with ``source`` as the authenticated peer. Returns what was refused."""
+    peer = source.identity.device_id
+    sender = PodState(source)
+    sender.publish()
+    state = PodState(target)
+    replica = state.replica()
+    result = replica.merge(sender.replica().delta_for({}), peer)
+    state.merged(replica, result, peer)
+    return dict(result.refused)
+
+
+def _release(run: str, mode: str = "local", z: float = 2.0) -> Release:
+    sensitivity = 2.0 if mode == "local" else 1.0
+    return Release("federated_update", run, 1, mode, z, 1.0, sensitivity, 1.0, 1, 1, 1e-6)
+
+
+def test_a_users_budget_counts_every_one_of_their_pods(trio: list[Pod]) -> None:
+    # The attack: one person spends their maximum on each of their pods. Once the pods
+    # have synced, each pod composes the others' spend and refuses past the maximum.
+    phone, laptop, _ = trio
+    mine = pod_ledger(phone)
+    for run in ("run-1", "run-2", "run-3"):
+        mine.spend(_release(run))  # 9.01 of the default maximum of 10; a fourth: 10.73
+    assert _sync(phone, laptop) == {}
+    theirs = pod_ledger(laptop)
+    assert theirs.spent() == pytest.approx(mine.spent())
+    check = theirs.verify()
+    assert check.ok and check.unverified == []  # the phone's entries verify by its key
+    with pytest.raises(BudgetExceeded):
+        theirs.spend(_release("run-4"))
+    assert len(theirs.history()) == 3
+
+
+def test_a_pod_cannot_publish_or_change_another_pods_spend(trio: list[Pod]) -> None:
+    phone, laptop, speaker = trio
+    pod_ledger(phone).spend(_release("run-1"))
+    _sync(phone, laptop)
+    entry = pod_ledger(laptop).history()[0].to_dict()
+    # the laptop publishes the phone's entry, changed to charge nothing, as its own
+    forged = {**entry, "release": {**entry["release"], "rounds": 0}}
+    PodState(laptop).edit(lambda r: [r.add("ledger", forged)])
+    assert _sync(laptop, speaker) == {"foreign_ledger": 1}
+    # the phone itself cannot rewrite its own entry either: the row's hash and signature
+    PodState(phone).edit(lambda r: [r.add("ledger", forged)])
+    assert sum(_sync(phone, speaker).values()) == 1
+    assert [e.release.rounds for e in pod_ledger(speaker).history()] == [1]
