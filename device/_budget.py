@@ -44,13 +44,21 @@ def budget_policy(pod: Pod) -> BudgetPolicy:
 
 
 def set_budget_policy(pod: Pod, max_epsilon: float, delta: float | None = None) -> BudgetPolicy:
-    """Set the user's maximum epsilon (audited); it applies to every later release."""
+    """Set the user's maximum epsilon (audited); it applies to every later release.
+
+    The policy is also sealed into the ledger's signed head, so a maximum raised in the
+    store with the data key alone shows (unless the ledger already did not verify: a
+    change made now must not bless an earlier tampering).
+    """
     policy = BudgetPolicy(max_epsilon, budget_policy(pod).delta if delta is None else delta)
+    intact = pod_ledger(pod).verify().ok
     with pod.store.transaction() as c:
         for key, value in ((MAX_EPS_KEY, policy.max_epsilon), (DELTA_KEY, policy.delta)):
             set_meta(c, key, repr(value))
         _audit.append(c, "budget_policy", detail={"max_epsilon": policy.max_epsilon,
                                                   "delta": policy.delta})
+    if intact:
+        pod_ledger(pod).seal()
     return policy
 
 
@@ -74,8 +82,9 @@ class PodLedgerStorage:
             yield c
 
     def entries(self) -> list[LedgerEntry]:
-        rows = self.pod.store.query("SELECT body, prev_hash, hash, signature FROM"
-                                    " privacy_ledger ORDER BY device_id, seq")
+        rows = self.pod.store.query(
+            "SELECT body, prev_hash, hash, signature FROM (SELECT * FROM privacy_ledger"
+            " UNION ALL SELECT * FROM ledger_forks) ORDER BY device_id, seq, hash")
         return [row_entry(row) for row in rows]
 
     def append(self, entry: LedgerEntry) -> None:

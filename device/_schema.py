@@ -295,7 +295,29 @@ DELETE FROM sync_vector;
 DELETE FROM user_identity;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
+# v9: a second entry that another pod of the user hands over for a (device, number)
+# already held is kept beside the first, not dropped: a device that spent again after its
+# store was put back to an earlier copy shows as a fork, and both branches count.
+_V9 = """
+CREATE TABLE ledger_forks (
+    device_id  TEXT NOT NULL,
+    seq        INTEGER NOT NULL CHECK (seq >= 1),
+    created_at TEXT NOT NULL,
+    body       TEXT NOT NULL,
+    prev_hash  TEXT NOT NULL,
+    hash       TEXT NOT NULL,
+    signature  BLOB NOT NULL,
+    PRIMARY KEY (device_id, hash)
+) STRICT;
+CREATE TRIGGER ledger_forks_no_update BEFORE UPDATE ON ledger_forks BEGIN
+    SELECT RAISE (ABORT, 'the privacy ledger is append-only');
+END;
+CREATE TRIGGER ledger_forks_no_delete BEFORE DELETE ON ledger_forks BEGIN
+    SELECT RAISE (ABORT, 'the privacy ledger is append-only');
+END;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Tables holding the user's data, in an order that satisfies foreign keys on insert.

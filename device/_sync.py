@@ -394,8 +394,14 @@ class PodState:
         return self.edit(lambda r: [r.add("devices", c) for c in certificates])
 
     def merged(self, replica: Replica, result: MergeResult, peer: str) -> None:
-        """Store what a peer's delta changed, and apply it to the pod's tables."""
+        """Store what a peer's delta changed, and apply it to the pod's tables; the
+        ledger's signed head then covers the entries and the policy received (unless it
+        did not verify before: received state never blesses an earlier tampering)."""
+        from covey.device._budget import pod_ledger
+
         changed = result.changed
+        sealing = any(e.collection in ("ledger", "budget_policy") for e in changed) and \
+            pod_ledger(self.pod).verify().ok
         with self._writing() as (conn, _):
             _save(conn, changed)
             _save_vector(conn, replica.vector)
@@ -408,6 +414,8 @@ class PodState:
             self._apply_ledger(conn, [e for e in changed if e.collection == "ledger"])
             if result.refused.get("budget_raise"):
                 self._reassert_budget(conn, peer, result.refused["budget_raise"])
+        if sealing:
+            pod_ledger(self.pod).seal()
         if self._erased:  # forgotten memories leave the file pages too, as with a local forget
             self._erased = False
             self.pod.store.checkpoint()
@@ -479,8 +487,15 @@ class PodState:
                          " VALUES (?, ?)", (device.device_id, device.public_key))
         for entry in entries:
             row = LedgerEntry.from_dict(entry.value)
+            held = conn.execute("SELECT hash FROM privacy_ledger WHERE device_id = ? AND"
+                                " seq = ?", (row.device_id, row.seq)).fetchone()
+            if held is not None and held[0] == row.hash:
+                continue
+            # A second entry for a number already held is a fork (a store put back and
+            # spent again): kept, so that both branches count and the fork shows.
+            table = "privacy_ledger" if held is None else "ledger_forks"
             conn.execute(
-                "INSERT OR IGNORE INTO privacy_ledger (device_id, seq, created_at, body,"
+                f"INSERT OR IGNORE INTO {table} (device_id, seq, created_at, body,"  # noqa: S608
                 " prev_hash, hash, signature) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (row.device_id, row.seq, row.created_at, row.body().decode(), row.prev_hash,
                  row.hash, row.signature))

@@ -223,10 +223,6 @@ def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
     return True
 
 
-def _head_bytes(device_id: str, seq: int, digest: str) -> bytes:
-    return _HEAD_CONTEXT + f"{device_id}:{seq}:{digest}".encode()
-
-
 class LedgerStorage(Protocol):
     """Where a ledger lives; the pod implements it over its encrypted store."""
 
@@ -272,6 +268,7 @@ class LedgerCheck:
     entries: int
     reason: str = ""
     unverified: list[str] = field(default_factory=list)  # other devices with no known key
+    forked: list[str] = field(default_factory=list)  # other devices that spent twice over
 
 
 def _now() -> str:
@@ -292,29 +289,40 @@ class Ledger:
         return sorted(self.storage.entries(), key=lambda e: (e.created_at, e.device_id, e.seq))
 
     def spent(self, extra: Release | None = None) -> float:
-        """The user's epsilon at the user's delta (plus ``extra``); inf after any release
-        without noise."""
-        return self._compose([e.release for e in self.storage.entries()]
-                             + ([extra] if extra else []))
+        """The user's epsilon at the user's delta (plus ``extra``, a release of this
+        device); inf after any release without noise."""
+        items = [(e.device_id, e.release) for e in self.storage.entries()]
+        return self._compose(items + ([(self.storage.device_id, extra)] if extra else []))
 
     def totals(self) -> list[float]:
         """The user's epsilon after each entry of :meth:`history`, recomposed now."""
-        releases = [e.release for e in self.history()]
-        return [self._compose(releases[:i + 1]) for i in range(len(releases))]
+        items = [(e.device_id, e.release) for e in self.history()]
+        return [self._compose(items[:i + 1]) for i in range(len(items))]
 
-    def _compose(self, releases: Sequence[Release]) -> float:
+    def _compose(self, items: Sequence[tuple[str, Release]]) -> float:
+        """Compose (device, release) pairs: each central run once per user, at the
+        sensitivity of the most of the user's pods that answered one of its rounds (two
+        pods holding different user keys while a new one spreads may both answer: the
+        user then moved the sum by 2C, not C); every other release on its own."""
         central: dict[str, GaussianRounds] = {}
+        answered: dict[tuple[str, int], set[str]] = {}
         segments: list[GaussianRounds] = []
-        for r in releases:
+        for device, r in items:
+            if r.mode == "central" and r.kind == "federated_update":
+                answered.setdefault((r.run_id, r.round), set()).add(device)
+        for _, r in items:
             segment = r.segment()
             if segment is None:
                 continue
             if not r.private:
                 return math.inf
             if r.mode == "central" and r.kind == "federated_update":
-                # one charge per user and run, whichever of the user's pods wrote it
+                pods = max(len(d) for (run, _), d in answered.items() if run == r.run_id)
+                segment = GaussianRounds(segment.noise_multiplier / pods,
+                                         segment.sample_rate, segment.rounds)
                 key = r.run_id + _canonical(r.pins()).decode()
-                if key not in central or segment.rounds > central[key].rounds:
+                if key not in central or (segment.rounds, -segment.noise_multiplier) > (
+                        central[key].rounds, -central[key].noise_multiplier):
                     central[key] = segment
             else:
                 segments.append(segment)
@@ -388,15 +396,30 @@ class Ledger:
         own = [e for e in self.storage.entries() if e.device_id == self.storage.device_id]
         if own:
             raise LedgerTampered("entries exist but the signed chain head is missing")
-        self.storage.write_head({"device_id": self.storage.device_id, "seq": 0,
-                                 "hash": GENESIS, "signature": self.storage.sign(
-                                     _head_bytes(self.storage.device_id, 0, GENESIS)).hex()})
+        self.seal()
+
+    def seal(self) -> None:
+        """Sign what the ledger holds now and keep it outside the store: this device's
+        chain head, the newest entry held of every other device of the user, and the
+        user's budget policy. Call it after a change the pod itself made (a spend, a
+        policy the user set, entries received from the user's pods), never to bless a
+        ledger that did not verify before the change."""
+        own: LedgerEntry | None = None
+        others: dict[str, dict[str, Any]] = {}
+        for e in self.storage.entries():
+            if e.device_id == self.storage.device_id:
+                own = e if own is None or e.seq > own.seq else own
+            elif e.device_id not in others or e.seq > others[e.device_id]["seq"]:
+                others[e.device_id] = {"seq": e.seq, "hash": e.hash}
+        head = {"device_id": self.storage.device_id, "seq": own.seq if own else 0,
+                "hash": own.hash if own else GENESIS, "others": others,
+                "policy": {"max_epsilon": self.policy.max_epsilon, "delta": self.policy.delta,
+                           "accountant": self.policy.accountant}}
+        self.storage.write_head({**head, "signature": self.storage.sign(
+            _HEAD_CONTEXT + _canonical(head)).hex()})
 
     def _write_head(self, entry: LedgerEntry) -> None:
-        self.storage.write_head({
-            "device_id": entry.device_id, "seq": entry.seq, "hash": entry.hash,
-            "signature": self.storage.sign(_head_bytes(entry.device_id, entry.seq,
-                                                       entry.hash)).hex()})
+        self.seal()
 
     # -- checking ------------------------------------------------------------------
 
@@ -407,6 +430,8 @@ class Ledger:
         for e in self.storage.entries():
             by_device.setdefault(e.device_id, []).append(e)
         unverified = []
+        forked = [d for d, chain in by_device.items() if d != self.storage.device_id
+                  and len({e.seq for e in chain}) != len(chain)]
         count = 0
         for device, chain in by_device.items():
             key = self.storage.public_key(device)
@@ -417,12 +442,13 @@ class Ledger:
             if reason:
                 return LedgerCheck(False, count, f"device {device}: {reason}")
             count += len(chain)
-        reason = self._check_head(by_device.get(self.storage.device_id, []))
+        reason = self._check_head(by_device)
         if reason:
             return LedgerCheck(False, count, reason)
-        return LedgerCheck(True, count, unverified=unverified)
+        return LedgerCheck(True, count, unverified=unverified, forked=forked)
 
-    def _check_head(self, own: list[LedgerEntry]) -> str:
+    def _check_head(self, by_device: dict[str, list[LedgerEntry]]) -> str:
+        own = by_device.get(self.storage.device_id, [])
         head = self.storage.read_head()
         key = self.storage.public_key(self.storage.device_id)
         if head is None:  # a pod signs an empty chain's head when it is made
@@ -430,29 +456,51 @@ class Ledger:
         try:
             seq, digest = int(head["seq"]), str(head["hash"])
             signature = bytes.fromhex(str(head["signature"]))
-        except (KeyError, TypeError, ValueError):
+            body = {k: v for k, v in head.items() if k != "signature"}
+        except (KeyError, TypeError, ValueError, AttributeError):
             return "the signed chain head is unreadable"
         if key is None or head.get("device_id") != self.storage.device_id or \
-                not verify_signature(key, signature,
-                                     _head_bytes(self.storage.device_id, seq, digest)):
+                not verify_signature(key, signature, _HEAD_CONTEXT + _canonical(body)):
             return "the chain head is not signed by this device"
         if len(own) < seq:
             return f"entries after {len(own)} were removed (the signed head is at {seq})"
         if (own[seq - 1].hash if seq else GENESIS) != digest:
             return f"entry {seq} differs from the signed head"
+        for device, newest in dict(head.get("others", {})).items():
+            held = {(e.seq, e.hash) for e in by_device.get(device, [])}
+            if (newest.get("seq"), newest.get("hash")) not in held:
+                return f"entries of the user's device {device} were removed"
+        policy = head.get("policy")
+        if policy is not None and (
+                policy.get("max_epsilon") != self.policy.max_epsilon
+                or policy.get("delta") != self.policy.delta
+                or policy.get("accountant") != self.policy.accountant):
+            return "the budget policy was changed outside the pod"
         return ""
 
 
 def _check_chain(chain: list[LedgerEntry], key: bytes | None, strict: bool) -> str:
-    prev, prev_seq = GENESIS, 0
-    for e in chain:
-        if strict and e.seq != prev_seq + 1:
-            return f"entry {prev_seq + 1} is missing"
-        if e.seq == prev_seq + 1 and e.prev_hash != prev:
+    """Why ``chain`` (one device's entries, by sequence number) does not verify, or "".
+
+    Every entry must match its hash and its device's signature. ``strict`` (this
+    device's own chain): numbered 1, 2, 3... without a gap, each linked to the one before,
+    and never two different entries with one number (a store put back to an earlier
+    copy and spent again). Another device's chain may still be arriving, and a fork of
+    it is counted whole, so neither is an error there.
+    """
+    seqs = [e.seq for e in chain]
+    if strict and len(set(seqs)) != len(seqs):
+        fork = next(n for n in seqs if seqs.count(n) > 1)
+        return f"two different entries {fork}: the store was rolled back and spent again"
+    prev = GENESIS
+    for number, e in enumerate(chain, start=1):
+        if strict and e.seq != number:
+            return f"entry {number} is missing"
+        if strict and e.prev_hash != prev:
             return f"entry {e.seq} does not link to the entry before it"
         if e.digest() != e.hash:
             return f"entry {e.seq} does not match its hash"
         if key is not None and not verify_signature(key, e.signature, bytes.fromhex(e.hash)):
             return f"entry {e.seq} is not signed by its device"
-        prev, prev_seq = e.hash, e.seq
+        prev = e.hash
     return ""

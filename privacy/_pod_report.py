@@ -154,6 +154,9 @@ def _ledger(pod: Any, report: dict[str, Any]) -> None:
                                      policy.max_epsilon).to_dict())
     if not check.ok:
         flag(report, "broken_chain", f"the privacy ledger does not verify: {check.reason}")
+    for device in check.forked:
+        flag(report, "broken_chain", f"the user's device {device} spent again after its store "
+                                     "was put back to an earlier copy (both branches count)")
     if non_private:
         flag(report, "non_private_release", f"{non_private} ledger rows released "
                                             "information without noise")

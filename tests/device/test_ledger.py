@@ -203,24 +203,33 @@ def test_a_restored_pod_keeps_the_users_spend(tmp_path: Path) -> None:
         assert [e.seq for e in ledger.history() if e.device_id == twin_id] == [1]
 
 
-def test_one_central_run_is_charged_once_per_user_whichever_pods_wrote_it(
-        tmp_path: Path) -> None:
-    # Two pods of one user both took part in run-1 before they synced: one charge.
+def _round(run: str, rnd: int, rounds: int) -> Release:
+    return Release("federated_update", run, rnd, "central", 2.0, 1.0, 1.0, 0.5, 3, rounds,
+                   1e-6)
+
+
+@pytest.mark.parametrize(("rounds_b", "pods"), [(2, 1), (1, 2)])
+def test_a_central_run_is_charged_once_per_user_at_the_pods_that_answered_a_round(
+        tmp_path: Path, rounds_b: int, pods: int) -> None:
+    # Pod a answered run-1's round 1 and charged the run; pod b, not yet synced, charges it
+    # again when it answers. Round 2 (the designated device, as it should be): one charge
+    # at z. Round 1 too (two pods holding different user keys while a new one spread):
+    # the user sent two updates to one round, 2C, so the run is charged at z / 2.
     with Pod.create(tmp_path / "a", PASSPHRASE, config=FAST_CONFIG) as a:
-        pod_ledger(a).spend(_central("run-1"))
+        pod_ledger(a).spend(_round("run-1", 1, 3))
         document = a.export()
     with Pod.create(tmp_path / "b", PASSPHRASE, config=FAST_CONFIG) as b:
         b.restore(document)  # stands in for sync: a's signed entries reach b
         ledger = pod_ledger(b)
-        ledger.spend(_central("run-1"))
+        ledger.spend(_round("run-1", rounds_b, 3))
         assert len(ledger.history()) == 2
-        assert ledger.spent() == pytest.approx(
-            epsilon_spent([GaussianRounds(1.0, 0.5, 3)], ledger.policy.delta))
+        run = GaussianRounds(2.0 / pods, 0.5, 3)
+        assert ledger.spent() == pytest.approx(epsilon_spent([run], ledger.policy.delta))
         # local releases are each a release of the user's data: both count
-        ledger.spend(_local("run-2"))
-        ledger.spend(_local("run-3"))
+        ledger.spend(_local("run-2", z=8.0))
+        ledger.spend(_local("run-3", z=8.0))
         assert ledger.spent() == pytest.approx(epsilon_spent(
-            [GaussianRounds(1.0, 0.5, 3), GaussianRounds(1.0, 1.0, 2)], ledger.policy.delta))
+            [run, GaussianRounds(4.0, 1.0, 2)], ledger.policy.delta))
 
 
 def test_budget_policy_is_validated() -> None:

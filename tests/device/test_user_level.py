@@ -4,6 +4,7 @@ times as often, nor contribute three updates to a round."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,15 @@ from covey.device import Pod
 from covey.device._budget import pod_ledger
 from covey.device._participation import round_identity
 from covey.device._sync import PodState
-from covey.privacy import BudgetExceeded, DPConfig, Release, poisson_sample
+from covey.privacy import (
+    BudgetExceeded,
+    DPConfig,
+    GaussianRounds,
+    LedgerTampered,
+    Release,
+    epsilon_spent,
+    poisson_sample,
+)
 from tests.conftest import FAST_CONFIG, PASSPHRASE
 
 
@@ -138,3 +147,65 @@ def test_a_pod_cannot_publish_or_change_another_pods_spend(trio: list[Pod]) -> N
     PodState(phone).edit(lambda r: [r.add("ledger", forged)])
     assert sum(_sync(phone, speaker).values()) == 1
     assert [e.release.rounds for e in pod_ledger(speaker).history()] == [1]
+
+
+def test_a_pod_put_back_to_an_earlier_copy_and_spent_again_is_caught(
+        tmp_path: Path) -> None:
+    # The attacker keeps a copy of the phone's home (store and signed head), spends the
+    # budget, puts the copy back and spends it again. The laptop, which holds the first
+    # spend, gives it back at the next sync: both branches count, and the phone's own
+    # ledger no longer verifies, so it releases nothing more.
+    phone, laptop = _one_users_pods(tmp_path, 2)
+    home = phone.home
+    phone.close()
+    shutil.copytree(home, tmp_path / "copy")
+    phone = Pod.open(home, PASSPHRASE, config=FAST_CONFIG)
+    for run in ("run-1", "run-2", "run-3"):
+        pod_ledger(phone).spend(_release(run))  # 9.01 of 10
+    _sync(phone, laptop)
+    phone.close()
+    shutil.rmtree(home)
+    shutil.copytree(tmp_path / "copy", home)
+    phone = Pod.open(home, PASSPHRASE, config=FAST_CONFIG)
+    try:
+        assert pod_ledger(phone).verify().ok  # a whole earlier copy: nothing shows yet
+        for run in ("run-4", "run-5", "run-6"):
+            pod_ledger(phone).spend(_release(run))
+        _sync(laptop, phone)
+        _sync(phone, laptop)
+        six = epsilon_spent([GaussianRounds(1.0, 1.0, 6)], 1e-5)  # 13.78
+        for pod in (phone, laptop):
+            assert pod_ledger(pod).spent() == pytest.approx(six)
+        check = pod_ledger(phone).verify()
+        assert not check.ok and "rolled back" in check.reason
+        assert pod_ledger(laptop).verify().forked == [phone.identity.device_id]
+        with pytest.raises(LedgerTampered):
+            pod_ledger(phone).spend(_release("run-7", z=100.0))
+    finally:
+        phone.close()
+        laptop.close()
+
+
+def test_the_data_key_alone_cannot_drop_other_pods_spend_or_raise_the_maximum(
+        tmp_path: Path) -> None:
+    from tests.device.test_ledger import _as_attacker
+
+    phone, laptop = _one_users_pods(tmp_path, 2)
+    for run in ("run-1", "run-2", "run-3"):
+        pod_ledger(phone).spend(_release(run))
+    _sync(phone, laptop)
+    home = laptop.home
+    laptop.close()
+    phone.close()
+    other = phone.identity.device_id
+    for attack in (f"DELETE FROM privacy_ledger WHERE device_id = '{other}'",
+                   "INSERT OR REPLACE INTO meta (key, value) VALUES ('privacy.max_epsilon',"
+                   " '1000.0')"):
+        shutil.copytree(home, tmp_path / "attacked", dirs_exist_ok=False)
+        _as_attacker(tmp_path / "attacked", attack)
+        with Pod.open(tmp_path / "attacked", PASSPHRASE, config=FAST_CONFIG) as pod:
+            check = pod_ledger(pod).verify()
+            assert not check.ok, attack
+            with pytest.raises(LedgerTampered):
+                pod_ledger(pod).spend(_release("run-4"))
+        shutil.rmtree(tmp_path / "attacked")
