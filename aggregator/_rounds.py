@@ -128,7 +128,13 @@ class PodReply:
 
 
 class Transport(Protocol):
-    """How the aggregator reaches pods."""
+    """How the aggregator reaches pods.
+
+    A transport to pods that keep a privacy ledger also has ``announce(nodes, payload,
+    timeout) -> list[PodReply]``: the run's first round payload, sent to every connected
+    pod before the run starts (see :func:`run_federated`). Simulated pods keep no ledger
+    and need none.
+    """
 
     def node_ids(self) -> list[int]:
         """The pods connected now."""
@@ -230,6 +236,17 @@ def round_noise(cfg: RunConfig, round_seed: bytes) -> NoiseSource:
                                       "big"))
 
 
+def _payload(cfg: RunConfig, run_id: str, rnd: int, clip: float, version: Any,
+             signature: bytes, adapter_bytes: bytes) -> RoundPayload:
+    """What every pod sampled in round ``rnd`` receives."""
+    dp = cfg.dp
+    round_dp = DPConfig(dp.mode, dp.noise_multiplier, clip, dp.sample_rate, dp.delta,
+                        dp.accountant, None)
+    return RoundPayload(run_id, rnd, cfg.rounds, round_dp, json.loads(version.canonical()),
+                        signature, adapter_bytes, cfg.local_epochs, cfg.lr, cfg.max_examples,
+                        cfg.seed + rnd, cfg.precision, dp.adaptive is not None)
+
+
 def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_id: str,
                   evaluator: Evaluator, record_path: Path,
                   on_round: Callable[[dict[str, Any]], None] | None = None,
@@ -293,17 +310,24 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
         write_atomic(record_path, (json.dumps(record, indent=2) + "\n").encode())
 
     save("running")
+    announce = getattr(transport, "announce", None)
+    if first_round == 1 and dp.private and dp.mode == "central" and announce is not None:
+        # Amplification by sampling is a guarantee over the draw: a user's loss is the
+        # whole run's (z, q, T) whether or not the user is ever sampled. So every pod that
+        # could be sampled is told of the run first and charges it then, not only those
+        # the draw picks (which would count the sampling discount twice).
+        first = _payload(cfg, run_id, 1, clip, version, signature, adapter_bytes)
+        told = announce(nodes, first, cfg.round_timeout)
+        record["announced"] = {"pods": len(nodes), "charged": sum(not r.refusal for r in told),
+                               "refused": dict(Counter(r.refusal for r in told if r.refusal))}
     for rnd in range(first_round, cfg.rounds + 1):
         t0 = time.monotonic()
         connected = sorted(transport.node_ids())
         round_seed = ratchet.advance()
         round_source = noise or round_noise(cfg, round_seed)
         sampled = poisson_sample(connected, dp.sample_rate, round_seed)
-        round_dp = DPConfig(dp.mode, dp.noise_multiplier, clip, dp.sample_rate, dp.delta,
-                            dp.accountant, None)
-        payload = RoundPayload(run_id, rnd, cfg.rounds, round_dp, json.loads(
-            version.canonical()), signature, adapter_bytes, cfg.local_epochs, cfg.lr,
-            cfg.max_examples, cfg.seed + rnd, cfg.precision, dp.adaptive is not None)
+        payload = _payload(cfg, run_id, rnd, clip, version, signature, adapter_bytes)
+        round_dp = payload.dp
         replies = transport.train(sampled, payload, cfg.round_timeout) if sampled else []
         refused = Counter(r.refusal for r in replies if r.refusal)
         updates = [PodUpdate(r.node_id, r.values, r.examples, r.version, r.clipped,

@@ -103,6 +103,16 @@ class FlowerTransport:
         replies = self.grid.send_and_receive(messages, timeout=timeout)
         return [_reply(m, str(payload.version.get("id"))) for m in replies]
 
+    def announce(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+                 ) -> list[PodReply]:
+        """Tell every pod of the run before its first round, so each charges it."""
+        content = payload_record(payload)
+        messages = [Message(content, dst_node_id=n, message_type="query",
+                            group_id=f"{payload.run_id}:announce") for n in nodes]
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        return [PodReply(int(m.metadata.src_node_id),
+                         refusal=_refusal(m)[0] if m.has_error() else "") for m in replies]
+
 
 def _usage_reply(msg: Message) -> tuple[str, list[float] | None, float]:
     """(refusal code or "", the noisy histogram, the epsilon of that release alone)."""

@@ -107,6 +107,8 @@ def answer(msg: Message, open_pod: Callable[[], Any], aggregator_key: bytes,
     kind = msg.metadata.message_type.split(".")[0]
     if kind == "train":
         return _train(msg, open_pod, aggregator_key, peer)
+    if kind == "query" and "round" in msg.content.config_records:
+        return _announced(msg, open_pod, aggregator_key, peer)
     if kind == "query":
         return _query(msg, open_pod, peer)
     return _refuse(msg, "malformed", "refused: unknown message type")
@@ -125,8 +127,33 @@ def _train(msg: Message, open_pod: Callable[[], Any], key: bytes, peer: str) -> 
     except RoundRefused as exc:
         return _refuse(msg, exc.code, str(exc))
     except (CoveyError, OSError, KeyError) as exc:
-        return _refuse(msg, "pod_error", f"refused: {exc}")
+        return _refuse(msg, "pod_error", _pod_error(exc))
     return reply_message(msg, update, request.dp, str(request.version.get("id")))
+
+
+def _announced(msg: Message, open_pod: Callable[[], Any], key: bytes, peer: str) -> Message:
+    """Charge the run the aggregator announced (its first round's message, as a query),
+    or refuse it; nothing about the pod's data is sent back."""
+    from covey.device._participation import join_run
+
+    try:
+        request = request_from(dict(msg.content.config_records["round"]), peer)
+    except (KeyError, TypeError, ValueError) as exc:
+        return _refuse(msg, "malformed", f"refused: malformed run message ({type(exc).__name__})")
+    try:
+        with open_pod() as pod:
+            join_run(pod, request, key)
+    except RoundRefused as exc:
+        return _refuse(msg, exc.code, str(exc))
+    except (CoveyError, OSError, KeyError) as exc:
+        return _refuse(msg, "pod_error", _pod_error(exc))
+    return Message(RecordDict({"run": ConfigRecord({"charged": True})}), reply_to=msg)
+
+
+def _pod_error(exc: BaseException) -> str:
+    """A failure's message for the aggregator: its kind only (an error's text can name
+    paths in the user's home, so it stays in the pod's own log)."""
+    return f"refused: the pod could not answer ({type(exc).__name__})"
 
 
 def reply_message(msg: Message, update: Any, dp: DPConfig, version_id: str) -> Message:
@@ -165,7 +192,7 @@ def _query(msg: Message, open_pod: Callable[[], Any], peer: str) -> Message:
     except RoundRefused as exc:
         return _refuse(msg, exc.code, str(exc))
     except (CoveyError, OSError, KeyError) as exc:
-        return _refuse(msg, "pod_error", f"refused: {exc}")
+        return _refuse(msg, "pod_error", _pod_error(exc))
     return Message(RecordDict({
         "hours": ArrayRecord([np.asarray(release.hours, dtype=np.float64)]),
         "metrics": MetricRecord({"epsilon": release.release_epsilon, "delta": release.delta,

@@ -73,6 +73,7 @@ __all__ = [
     "RoundRequest",
     "budget_policy",
     "import_examples",
+    "join_run",
     "set_budget_policy",
     "spent",
     "take_part",
@@ -193,10 +194,10 @@ def _check_version(request: RoundRequest, aggregator_key: bytes) -> None:
         raise RoundRefused("bad_signature", f"refused: {exc}") from None
 
 
-def check_round(pod: Pod, request: RoundRequest, aggregator_key: bytes
-                ) -> tuple[Ledger, Release]:
-    """Every check before training; returns the ledger and the charge. Raises
-    RoundRefused."""
+def check_round(pod: Pod, request: RoundRequest, aggregator_key: bytes,
+                announced: bool = False) -> tuple[Ledger, Release]:
+    """Every check before training (or, ``announced``, before charging a run the pod was
+    told of); returns the ledger and the charge. Raises RoundRefused."""
     if is_stopped(pod.home):
         raise RoundRefused("stopped", "refused: the pod was stopped with `covey stop`")
     if not consented(pod, TRAINING_CONSENT):
@@ -206,7 +207,7 @@ def check_round(pod: Pod, request: RoundRequest, aggregator_key: bytes
     if not request.dp.private:
         raise RoundRefused("not_private", "refused: the round has no noise or no clipping, "
                                           "so it gives the user no privacy guarantee")
-    if not round_identity(pod, request.run_id, request.round)[0]:
+    if not announced and not round_identity(pod, request.run_id, request.round)[0]:
         raise RoundRefused("other_device", "refused: another of the user's devices answers "
                                            "this round for them")
     ledger = pod_ledger(pod)
@@ -288,6 +289,38 @@ def take_part(pod: Pod, request: RoundRequest, model: TinyLM, tok: ChatTokenizer
         raise refusal(exc) from None
     token = round_identity(pod, request.run_id, request.round)[1]
     return replace(update, user_token=token), entry.epsilon
+
+
+def join_run(pod: Pod, request: RoundRequest, aggregator_key: bytes) -> float:
+    """Charge a central run the aggregator announced before its first round; returns the
+    user's epsilon.
+
+    Sampling amplifies privacy only as a guarantee over the draw: the user's loss is the
+    run's (z, q, T) whether or not this pod is ever sampled, so every pod that could be
+    sampled charges it now, not only the pods the draw picks. Nothing is trained or
+    sent. A pod that was not told (it connected later) charges the run at its first
+    round, as before.
+
+    Raises:
+        RoundRefused: the same checks as a round (consent, signature, privacy, pinned
+            parameters, budget); the pod then refuses the run's rounds too.
+    """
+    from covey.device import _audit
+
+    if request.dp.mode != "central":
+        raise RoundRefused("malformed", "refused: only central runs are announced")
+    ledger, release = check_round(pod, request, aggregator_key, announced=True)
+    if not release.rounds:
+        return ledger.spent()
+
+    def audit(c: Any, entry: Any) -> None:
+        _audit.append(c, "federated_run", peer=request.peer, epsilon=entry.epsilon,
+                      detail={"run_id": request.run_id, "rounds_charged": release.rounds})
+
+    try:
+        return ledger.spend(release, audit).epsilon
+    except (BudgetExceeded, RunChanged, LedgerTampered) as exc:
+        raise refusal(exc) from None
 
 
 def refusal_detail(exc: RoundRefused) -> str:

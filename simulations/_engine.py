@@ -46,6 +46,19 @@ def answer(home: Path, passphrase: str, model: Any, tok: Any, aggregator_key: by
                     **update.reported(payload.dp))  # type: ignore[arg-type]
 
 
+def charge(home: Path, passphrase: str, aggregator_key: bytes, node_id: int,
+           payload: RoundPayload) -> PodReply:
+    """Pod ``home`` charges a run announced to it (see :func:`join_run`), or refuses."""
+    from covey.device._participation import join_run
+
+    try:
+        with Pod.open(home, passphrase) as pod:
+            join_run(pod, request_for(payload), aggregator_key)
+    except RoundRefused as exc:
+        return PodReply(node_id, refusal=exc.code, message=str(exc))
+    return PodReply(node_id)
+
+
 class PodClient:
     """One pod answering rounds in-process with a model of its own."""
 
@@ -58,6 +71,9 @@ class PodClient:
     def __call__(self, node_id: int, payload: RoundPayload) -> PodReply:
         return answer(self.home, self.passphrase, self.model, self.tok, self.aggregator_key,
                       node_id, payload)
+
+    def announce(self, node_id: int, payload: RoundPayload) -> PodReply:
+        return charge(self.home, self.passphrase, self.aggregator_key, node_id, payload)
 
 
 class StorePods:
@@ -92,6 +108,13 @@ class StorePods:
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(pool.map(lambda n: self._one(n, payload), nodes, timeout=timeout))
 
+    def announce(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+                 ) -> list[PodReply]:
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return list(pool.map(lambda n: charge(self.homes[n - 1], self.passphrase,
+                                                  self.aggregator_key, n, payload),
+                                 nodes, timeout=timeout))
+
 
 class InProcessTransport:
     """Delivers rounds to in-process pods by node id."""
@@ -101,6 +124,12 @@ class InProcessTransport:
 
     def node_ids(self) -> list[int]:
         return sorted(self.pods)
+
+    def announce(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+                 ) -> list[PodReply]:
+        """Pods that keep a ledger (``PodClient``) charge the run; others need nothing."""
+        return [self.pods[n].announce(n, payload) for n in nodes  # type: ignore[attr-defined]
+                if hasattr(self.pods[n], "announce")]
 
     def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
               ) -> list[PodReply]:

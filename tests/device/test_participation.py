@@ -307,3 +307,23 @@ def test_a_run_that_changes_its_noise_is_refused(
             take_part(pod, more_rounds, *lm, registry.public_key)
         assert info.value.code == "run_changed"
         assert len(pod_ledger(pod).history()) == 1
+
+
+def test_every_pod_that_could_be_sampled_is_charged_the_run(
+        tmp_path: Path, lm: tuple[Any, Any], users: list[Any], registry: Registry) -> None:
+    # Amplification by sampling holds over the draw: a pod the draw never picks still
+    # carries the run's (z, q, T). Charging only the sampled ones would count the sampling
+    # discount twice (10,000 one-round runs at q = 0.01, z = 1: 6.71 true, 1.21 charged).
+    clients = _clients(tmp_path, lm, users, registry, 4)
+    dp = DPConfig(mode="central", noise_multiplier=1.0, clip_norm=0.5, sample_rate=0.05)
+    cfg = RunConfig(rounds=2, dp=dp, min_pods=1, round_timeout=60.0)
+    record = run_federated(InProcessTransport(clients), registry, cfg, "run-q",
+                           _evaluator([]), tmp_path / "run.json")
+    assert record["announced"] == {"pods": 4, "charged": 4, "refused": {}}
+    run = epsilon_spent([GaussianRounds(1.0, 0.05, 2)], 1e-5)
+    for client in clients.values():
+        with Pod.open(client.home, PASSPHRASE) as pod:
+            assert _segments(pod) == [GaussianRounds(1.0, 0.05, 2)]  # once, sampled or not
+            assert spent(pod) == pytest.approx(run)
+    sampled = sum(r["sampled"] for r in record["rounds"])
+    assert sampled < 8  # most pods were never picked, and paid all the same

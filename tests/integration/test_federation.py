@@ -125,13 +125,17 @@ def test_federated_rounds_on_a_real_superlink(federation: Federation) -> None:
     assert central["epsilon"] == pytest.approx(_google_rdp([(z, 1.0, 2)], 1e-5), rel=1e-6)
     assert central["epsilon_check"]["epsilon"] <= central["epsilon"] + 0.02  # PRV is tighter
     assert central["mechanism"]["mode"] == "central"
+    assert central["announced"] == {"pods": 3, "charged": 3, "refused": {}}
 
     local = fed.ok("train", *agg, "--rounds", "1", "--noise-multiplier", "4", "--mode",
                    "local", "--min-pods", "3")
     assert local["rounds"][0]["accepted"] == 3
     for home in admitted:
         budget = fed.budget(home)
-        assert [r["mode"] for r in budget["ledger"]] == ["central", "central", "local"]
+        # the central run, charged when it was announced (before any round), then its
+        # two rounds (charging nothing more), then the local release
+        assert [(r["mode"], r["rounds"]) for r in budget["ledger"]] == [
+            ("central", 2), ("central", 0), ("central", 0), ("local", 1)]
         # the local release at its replace-one sensitivity 2C: noise 4C is 2 sensitivities
         assert budget["epsilon_spent"] == pytest.approx(
             _google_rdp([(z, 1.0, 2), (2.0, 1.0, 1)], 1e-5), rel=1e-6)
@@ -145,7 +149,7 @@ def test_federated_rounds_on_a_real_superlink(federation: Federation) -> None:
                    "local", "--min-pods", "2")
     assert after["rounds"][0]["accepted"] == 2
     assert after["rounds"][0]["refused"] == {"budget_exhausted": 1}
-    assert len(fed.budget(admitted[2])["ledger"]) == 3
+    assert len(fed.budget(admitted[2])["ledger"]) == 4
 
     status = fed.ok("aggregator", "status", *agg)
     versions = fed.ok("aggregator", "versions", *agg)
@@ -173,7 +177,7 @@ def test_federated_rounds_on_a_real_superlink(federation: Federation) -> None:
         assert (last["mode"], last["noise_multiplier"]) == ("local", 8.0)
         assert last["clip_norm"] == pytest.approx(math.sqrt(2))
         assert budget["epsilon_spent"] > spent_before
-    assert len(fed.budget(admitted[2])["ledger"]) == 3  # it refused: nothing charged
+    assert len(fed.budget(admitted[2])["ledger"]) == 4  # it refused: nothing charged
 
     fed.ok("pod", "leave", "--home", str(admitted[0]))
     stopped = fed.ok("aggregator", "stop", *agg)["stopped"]
