@@ -23,6 +23,7 @@ import secrets
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -110,6 +111,12 @@ class Registry:
         version, _, _ = self.get(version_id)
         write_atomic(self.folder / "current", version_id.encode() + b"\n")
         return version
+
+    def sign_round(self, settings: dict[str, Any]) -> bytes:
+        """Sign a round's settings (see :mod:`covey.protocols._round`)."""
+        from covey.protocols import round_bytes
+
+        return self._key.sign(round_bytes(settings))
 
     def sign_app(self, fab: bytes) -> dict[str, str | int]:
         """Sign a Flower app bundle as Flower's trusted-entities check expects it.

@@ -111,6 +111,7 @@ class RoundPayload:
     seed: int
     precision: str = "fp32"
     adaptive_clipping: bool = False  # C moves between rounds (pods then pin all but C)
+    round_signature: bytes = b""  # the aggregator's, over round_settings(self)
 
 
 @dataclass(frozen=True)
@@ -236,15 +237,21 @@ def round_noise(cfg: RunConfig, round_seed: bytes) -> NoiseSource:
                                       "big"))
 
 
-def _payload(cfg: RunConfig, run_id: str, rnd: int, clip: float, version: Any,
-             signature: bytes, adapter_bytes: bytes) -> RoundPayload:
-    """What every pod sampled in round ``rnd`` receives."""
+def _payload(cfg: RunConfig, registry: Registry, run_id: str, rnd: int, clip: float,
+             version: Any, signature: bytes, adapter_bytes: bytes) -> RoundPayload:
+    """What every pod sampled in round ``rnd`` receives, its settings signed."""
+    from dataclasses import replace
+
+    from covey.protocols import round_settings
+
     dp = cfg.dp
     round_dp = DPConfig(dp.mode, dp.noise_multiplier, clip, dp.sample_rate, dp.delta,
                         dp.accountant, None)
-    return RoundPayload(run_id, rnd, cfg.rounds, round_dp, json.loads(version.canonical()),
-                        signature, adapter_bytes, cfg.local_epochs, cfg.lr, cfg.max_examples,
-                        cfg.seed + rnd, cfg.precision, dp.adaptive is not None)
+    payload = RoundPayload(run_id, rnd, cfg.rounds, round_dp, json.loads(version.canonical()),
+                           signature, adapter_bytes, cfg.local_epochs, cfg.lr,
+                           cfg.max_examples, cfg.seed + rnd, cfg.precision,
+                           dp.adaptive is not None)
+    return replace(payload, round_signature=registry.sign_round(round_settings(payload)))
 
 
 def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_id: str,
@@ -316,7 +323,7 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
         # whole run's (z, q, T) whether or not the user is ever sampled. So every pod that
         # could be sampled is told of the run first and charges it then, not only those
         # the draw picks (which would count the sampling discount twice).
-        first = _payload(cfg, run_id, 1, clip, version, signature, adapter_bytes)
+        first = _payload(cfg, registry, run_id, 1, clip, version, signature, adapter_bytes)
         told = announce(nodes, first, cfg.round_timeout)
         record["announced"] = {"pods": len(nodes), "charged": sum(not r.refusal for r in told),
                                "refused": dict(Counter(r.refusal for r in told if r.refusal))}
@@ -326,7 +333,8 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
         round_seed = ratchet.advance()
         round_source = noise or round_noise(cfg, round_seed)
         sampled = poisson_sample(connected, dp.sample_rate, round_seed)
-        payload = _payload(cfg, run_id, rnd, clip, version, signature, adapter_bytes)
+        payload = _payload(cfg, registry, run_id, rnd, clip, version, signature,
+                           adapter_bytes)
         round_dp = payload.dp
         replies = transport.train(sampled, payload, cfg.round_timeout) if sampled else []
         refused = Counter(r.refusal for r in replies if r.refusal)

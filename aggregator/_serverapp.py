@@ -53,7 +53,7 @@ def payload_record(p: RoundPayload) -> RecordDict:
         "accountant": p.dp.accountant, "version": json.dumps(p.version),
         "signature": p.signature, "adapter": p.adapter, "local-epochs": p.local_epochs,
         "lr": p.lr, "max-examples": p.max_examples, "seed": p.seed, "precision": p.precision,
-        "adaptive-clipping": p.adaptive_clipping,
+        "adaptive-clipping": p.adaptive_clipping, "round-signature": p.round_signature,
     })})
 
 

@@ -44,7 +44,8 @@ def request_from(cfg: Mapping[str, Any], peer: str) -> RoundRequest:
         local_epochs=int(cfg["local-epochs"]), lr=float(cfg["lr"]),
         max_examples=int(cfg["max-examples"]), seed=int(cfg["seed"]),
         precision=str(cfg.get("precision", "fp32")), peer=peer,
-        adaptive_clipping=bool(cfg.get("adaptive-clipping", False)))
+        adaptive_clipping=bool(cfg.get("adaptive-clipping", False)),
+        round_signature=bytes(cfg.get("round-signature", b"")))
 
 
 def _model() -> tuple[Any, Any]:

@@ -59,7 +59,13 @@ from covey.privacy import (
     Release,
     RunChanged,
 )
-from covey.protocols import ModelVersion, SignatureError, verify_version
+from covey.protocols import (
+    ModelVersion,
+    SignatureError,
+    round_settings,
+    verify_round,
+    verify_version,
+)
 
 if TYPE_CHECKING:
     from covey.device._federated import ClientUpdate
@@ -111,6 +117,7 @@ class RoundRequest:
     precision: str = "fp32"
     peer: str = ""
     adaptive_clipping: bool = False  # the run moves C (so C is not pinned)
+    round_signature: bytes = b""  # the aggregator's, over round_settings(self)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -192,6 +199,19 @@ def _check_version(request: RoundRequest, aggregator_key: bytes) -> None:
         verify_version(version, request.adapter, request.signature, aggregator_key)
     except (ValueError, SignatureError) as exc:
         raise RoundRefused("bad_signature", f"refused: {exc}") from None
+    if not verify_round(round_settings(request), request.round_signature, aggregator_key):
+        raise RoundRefused("bad_signature", "refused: the round's settings are not signed by "
+                                            "the aggregator")
+
+
+def _check_not_answered(ledger: Ledger, request: RoundRequest, device_id: str) -> None:
+    """A pod answers each round of a run once: a replayed round (a captured message sent
+    again, or one a local process got hold of) would give out another update, or another
+    noised one to average, for nothing."""
+    if any(e.device_id == device_id and e.release.run_id == request.run_id
+           and e.release.round == request.round and e.release.kind == "federated_update"
+           for e in ledger.history()):
+        raise RoundRefused("replayed", "refused: this pod already answered this round")
 
 
 def check_round(pod: Pod, request: RoundRequest, aggregator_key: bytes,
@@ -212,6 +232,10 @@ def check_round(pod: Pod, request: RoundRequest, aggregator_key: bytes,
                                            "this round for them")
     ledger = pod_ledger(pod)
     release = round_release(request, ledger)
+    if announced:
+        release = replace(release, round=0)  # a charge, not an answer to round 1
+    else:
+        _check_not_answered(ledger, request, pod.identity.device_id)
     try:
         ledger.check(release)
     except (BudgetExceeded, RunChanged, LedgerTampered) as exc:

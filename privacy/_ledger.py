@@ -308,7 +308,8 @@ class Ledger:
         answered: dict[tuple[str, int], set[str]] = {}
         segments: list[GaussianRounds] = []
         for device, r in items:
-            if r.mode == "central" and r.kind == "federated_update":
+            if r.mode == "central" and r.kind == "federated_update" and r.round >= 1:
+                # round 0: the run's charge when it was announced, to all the user's pods
                 answered.setdefault((r.run_id, r.round), set()).add(device)
         for _, r in items:
             segment = r.segment()
@@ -317,7 +318,8 @@ class Ledger:
             if not r.private:
                 return math.inf
             if r.mode == "central" and r.kind == "federated_update":
-                pods = max(len(d) for (run, _), d in answered.items() if run == r.run_id)
+                pods = max((len(d) for (run, _), d in answered.items() if run == r.run_id),
+                           default=1)
                 segment = GaussianRounds(segment.noise_multiplier / pods,
                                          segment.sample_rate, segment.rounds)
                 key = r.run_id + _canonical(r.pins()).decode()

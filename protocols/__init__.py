@@ -4,6 +4,8 @@ discovery, pairing and the sync channel follow.
 
 Public surface:
     ModelVersion     a signed global adapter version (the record pods verify)
+    round_settings, round_bytes, verify_round   a round's privacy settings, signed by
+                     the aggregator and checked by pods
     verify_version   check a version's signature and the hash of its adapter bytes
     SignatureError   raised when either check fails
     make_node_key    the key pair a pod's SuperNode authenticates with
@@ -36,6 +38,7 @@ from covey.protocols._hlc import HLC, HybridClock
 from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, pairing_codes
 from covey.protocols._model_version import ModelVersion, SignatureError, verify_version
 from covey.protocols._node_key import make_node_key
+from covey.protocols._round import round_bytes, round_settings, verify_round
 from covey.protocols._session import SyncServer, SyncStats, sync_with
 from covey.protocols._trust import USER_SCHEMA, UserTrust, user_schema, user_trust
 
@@ -43,5 +46,6 @@ __all__ = ["HLC", "USER_SCHEMA", "Announcer", "ChannelError", "Collection", "Del
            "DeviceCertificate", "Entry", "Handshake", "HybridClock", "MergeResult",
            "ModelVersion", "Peer", "Replica", "Revocation", "Schema", "SecureChannel",
            "SignatureError", "SyncServer", "SyncStats", "UserKey", "UserTrust", "discover",
-           "grow_only", "lww", "make_node_key", "pairing_codes", "sync_with",
-           "user_schema", "user_trust", "verify_version"]
+           "grow_only", "lww", "make_node_key", "pairing_codes", "round_bytes",
+           "round_settings", "sync_with", "user_schema", "user_trust", "verify_round",
+           "verify_version"]

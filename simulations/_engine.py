@@ -30,7 +30,8 @@ def request_for(payload: RoundPayload, peer: str = "in-process") -> RoundRequest
         dp=payload.dp, version=payload.version, signature=payload.signature,
         adapter=payload.adapter, local_epochs=payload.local_epochs, lr=payload.lr,
         max_examples=payload.max_examples, seed=payload.seed, precision=payload.precision,
-        peer=peer, adaptive_clipping=payload.adaptive_clipping)
+        peer=peer, adaptive_clipping=payload.adaptive_clipping,
+        round_signature=payload.round_signature)
 
 
 def answer(home: Path, passphrase: str, model: Any, tok: Any, aggregator_key: bytes,

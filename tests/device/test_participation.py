@@ -69,9 +69,15 @@ def _pod(tmp_path: Path, name: str, examples: list[Any], consent: bool = True) -
 
 def _payload(registry: Registry, dp: DPConfig, rnd: int = 1, planned: int = 3,
              run_id: str = "run-a") -> RoundPayload:
+    """A round as the aggregator sends it: the version and the settings signed."""
+    from dataclasses import replace
+
+    from covey.protocols import round_settings
+
     version, data, signature = registry.get(str(registry.current_id))
-    return RoundPayload(run_id, rnd, planned, dp, json.loads(version.canonical()), signature,
-                        data, 1, 5e-3, 16, rnd)
+    payload = RoundPayload(run_id, rnd, planned, dp, json.loads(version.canonical()),
+                           signature, data, 1, 5e-3, 16, rnd)
+    return replace(payload, round_signature=registry.sign_round(round_settings(payload)))
 
 
 CENTRAL = DPConfig(mode="central", noise_multiplier=1.0, clip_norm=0.5, sample_rate=0.5)
@@ -327,3 +333,29 @@ def test_every_pod_that_could_be_sampled_is_charged_the_run(
             assert spent(pod) == pytest.approx(run)
     sampled = sum(r["sampled"] for r in record["rounds"])
     assert sampled < 8  # most pods were never picked, and paid all the same
+
+
+def test_a_round_is_answered_once_and_only_as_the_aggregator_signed_it(
+        tmp_path: Path, lm: tuple[Any, Any], users: list[Any], registry: Registry) -> None:
+    # A process of the same user at the round socket (or anyone replaying a captured
+    # message) holds a validly signed model version. It asks for a round whose noise is
+    # huge and sampling tiny (charged at almost nothing), and replays a real round.
+    from dataclasses import replace
+
+    home = _pod(tmp_path, "pod", users[0].train)
+    with Pod.open(home, PASSPHRASE) as pod:
+        genuine = _payload(registry, CENTRAL, 1)
+        take_part(pod, request_for(genuine), *lm, registry.public_key)
+        with pytest.raises(RoundRefused) as info:
+            take_part(pod, request_for(genuine), *lm, registry.public_key)
+        assert info.value.code == "replayed"
+        cheap = replace(genuine, run_id="run-cheap", dp=DPConfig(
+            mode="central", noise_multiplier=1000.0, clip_norm=10.0, sample_rate=1e-6))
+        with pytest.raises(RoundRefused) as info:
+            take_part(pod, request_for(cheap), *lm, registry.public_key)
+        assert info.value.code == "bad_signature" and "settings" in str(info.value)
+        unsigned = replace(genuine, round=2, round_signature=b"")
+        with pytest.raises(RoundRefused) as info:
+            take_part(pod, request_for(unsigned), *lm, registry.public_key)
+        assert info.value.code == "bad_signature"
+        assert len(pod_ledger(pod).history()) == 1

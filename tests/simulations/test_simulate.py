@@ -173,9 +173,15 @@ def test_encrypted_pods_train_from_real_stores(tmp_path: Path) -> None:
     assert record["rounds"][0]["accepted"] == record["rounds"][0]["sampled"] > 0
     secret = tmp_path / "pods" / "passphrase"
     assert secret.stat().st_mode & 0o777 == 0o600
-    # each pod that took part charged its own ledger, as a real pod does
-    charged = 0
+    # every pod charged the run when it was announced, and recorded each round it
+    # answered, in its own ledger, as a real pod does
+    from covey.device._budget import pod_ledger
+
+    charged, answered = 0, 0
     for home in sorted((tmp_path / "pods").glob("pod*")):
         with Pod.open(home, secret.read_text()) as pod:
-            charged += pod.store.query("SELECT COUNT(*) FROM privacy_ledger")[0][0]
-    assert charged == record["rounds"][0]["accepted"]
+            releases = [e.release for e in pod_ledger(pod).history()]
+            charged += sum(r.rounds for r in releases if r.round == 0)
+            answered += sum(1 for r in releases if r.round >= 1)
+    assert charged == 3 * cfg.rounds
+    assert answered == record["rounds"][0]["accepted"]
