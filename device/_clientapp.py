@@ -61,6 +61,20 @@ def _refuse(msg: Message, code: str, text: str) -> Message:
                    reply_to=msg)
 
 
+def _refused(msg: Message, open_pod: Callable[[], Any], exc: RoundRefused, peer: str
+             ) -> Message:
+    """A pod's refusal, which leaves the pod too: recorded in its audit log (the code and
+    the bytes sent) before it is handed over."""
+    reply = _refuse(msg, exc.code, str(exc))
+    try:
+        with open_pod() as pod:
+            pod.audit("round_refused", peer=peer, nbytes=len(str(reply.error.reason)),
+                      detail={"code": exc.code, "message_type": msg.metadata.message_type})
+    except (CoveyError, OSError):
+        pass  # the pod could not be opened to record it: the refusal says nothing of it
+    return reply
+
+
 app = ClientApp()
 
 
@@ -126,7 +140,7 @@ def _train(msg: Message, open_pod: Callable[[], Any], key: bytes, peer: str) -> 
             model, tok = _model()
             update, _ = take_part(pod, request, model, tok, key)
     except RoundRefused as exc:
-        return _refuse(msg, exc.code, str(exc))
+        return _refused(msg, open_pod, exc, peer)
     except (CoveyError, OSError, KeyError) as exc:
         return _refuse(msg, "pod_error", _pod_error(exc))
     return reply_message(msg, update, request.dp, str(request.version.get("id")))
@@ -145,7 +159,7 @@ def _announced(msg: Message, open_pod: Callable[[], Any], key: bytes, peer: str)
         with open_pod() as pod:
             join_run(pod, request, key)
     except RoundRefused as exc:
-        return _refuse(msg, exc.code, str(exc))
+        return _refused(msg, open_pod, exc, peer)
     except (CoveyError, OSError, KeyError) as exc:
         return _refuse(msg, "pod_error", _pod_error(exc))
     return Message(RecordDict({"run": ConfigRecord({"charged": True})}), reply_to=msg)
@@ -191,7 +205,7 @@ def _query(msg: Message, open_pod: Callable[[], Any], peer: str) -> Message:
         with open_pod() as pod:
             release = usage_histogram(pod, z, run_id, peer)
     except RoundRefused as exc:
-        return _refuse(msg, exc.code, str(exc))
+        return _refused(msg, open_pod, exc, peer)
     except (CoveyError, OSError, KeyError) as exc:
         return _refuse(msg, "pod_error", _pod_error(exc))
     return Message(RecordDict({

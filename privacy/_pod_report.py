@@ -21,6 +21,7 @@ RECENT = 500  # the most recent rows of each kind of user text the scan looks fo
 
 # Where each kind of audited event sends data.
 _DESTINATIONS = {"federated_update": "aggregator", "context_stats": "aggregator",
+                 "round_refused": "aggregator",
                  "api.response": "local API client",
                  "export": "user (export file)", "sync": "paired device",
                  "generator.request": "model server"}

@@ -20,12 +20,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from covey._processes import alive, descendants
 from covey.aggregator._registry import Registry
-from covey.device import Pod, _join
+from covey.device import Pod, _audit, _join
 from covey.device._context import enable, record_usage
 from covey.device._participation import spent
 from covey.device._round_agent import MAX_FRAME, ask
 from covey.protocols._trusted_app import trusted_entities
-from tests.conftest import PASSPHRASE
+from tests.conftest import FAST_CONFIG, PASSPHRASE
 from tests.device.test_join import _certs, _serve
 
 
@@ -111,3 +111,29 @@ def test_the_key_goes_to_the_round_agent_alone(pod: Pod, home: Path, tmp_path: P
     assert not alive(agent) and not socket.exists()
     assert not any(alive(p) for p in workers)
     assert os.environ["COVEY_PASSPHRASE"] == PASSPHRASE  # the caller's own is untouched
+
+
+def test_a_refusal_leaves_the_pod_audited(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A refusal goes to the aggregator too: what, to whom and how many bytes are in the
+    # audit log, as for every egress (and in the pod report's egress table).
+    from covey.device._clientapp import answer
+    from covey.privacy import pod_report
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a SuperNode's message carries
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    home = tmp_path / "pod"
+    Pod.create(home, PASSPHRASE, config=FAST_CONFIG).close()
+    keys = Pod.keys(home, PASSPHRASE)
+    msg = Message(RecordDict({"stats": ConfigRecord({"kind": "usage_hours", "run-id": "s",
+                                                     "noise-multiplier": 4.0})}),
+                  dst_node_id=0, message_type="query")
+    reply = answer(msg, lambda: Pod.open_with_keys(home, *keys), b"\0" * 32, "agg:9443")
+    assert reply.has_error() and "routine" in reply.error.reason
+    with Pod.open(home, PASSPHRASE) as pod:
+        refusals = [e for e in _audit.entries(pod.store.conn) if e.kind == "round_refused"]
+        assert [(e.peer, e.detail["code"]) for e in refusals] == [("agg:9443", "no_consent")]
+        assert refusals[0].bytes == len(reply.error.reason)
+        egress = pod_report(pod)["summary"]["egress_bytes"]
+        assert egress["aggregator"] == refusals[0].bytes
