@@ -26,6 +26,11 @@ certificate and that device's entries together.
 For a fixed trust, merge is commutative, associative and idempotent (tests/protocols/
 test_crdt.py checks this with Hypothesis, adversarial entries included): replicas that
 received the same entries hold the same state whatever the order, repetition or grouping.
+When a merge brings a revocation, the entries the trust now voids (:meth:`Trust.void`)
+are dropped, and the replica forgets its version vector so that whatever they had
+overwritten comes again: once everything has come again, the state is the same as if
+the revocation had come first (tests/protocols/test_trust.py checks this with
+Hypothesis, a back-dating revoked device included).
 
 Sync is incremental. Each replica keeps a version vector: per origin, the largest
 timestamp it has merged from that origin. A delta for a peer holds every entry newer than
@@ -117,6 +122,10 @@ class Trust(Protocol):
 
     def may_sync(self, node: str) -> bool:
         """Whether device ``node`` may send entries at all."""
+
+    def void(self, entry: Entry) -> bool:
+        """Whether a held entry no longer counts (its writer was revoked since, and the
+        revocation did not keep it): the replica drops it."""
 
 
 class Refused(ValueError):
@@ -222,10 +231,12 @@ class Delta:
 
 @dataclass
 class MergeResult:
-    """What a merge did: the entries that changed here, and the refused ones by reason."""
+    """What a merge did: the entries that changed here, the refused ones by reason, and
+    the held ones it dropped (void under the trust it brought)."""
 
     changed: list[Entry] = field(default_factory=list)
     refused: Counter[str] = field(default_factory=Counter)
+    dropped: list[Entry] = field(default_factory=list)
     unchecked: set[str] = field(default_factory=set)  # origins with entries not checkable yet
     trust_changed: bool = False
 
@@ -337,6 +348,8 @@ class Replica:
         if delta.entries:
             self.clock.check(max(e.stamp for e in delta.entries))
         result = self.merge_entries(delta.entries, peer)
+        if result.dropped:
+            return result  # everything comes again (see _drop_void): take no vector
         for node, stamp in delta.vector.items():
             if node in result.unchecked:
                 continue  # entries we could not check yet must come again
@@ -369,9 +382,29 @@ class Replica:
                 result.changed.append(entry)
                 if spec.trust:
                     result.trust_changed = True
+        if result.trust_changed:
+            self._drop_void(result)
         if result.changed:
             self.clock.observe(max(e.stamp for e in result.changed))
         return result
+
+    def _drop_void(self, result: MergeResult) -> None:
+        """Drop the held entries the new trust voids (a revoked device's entries that its
+        revocation did not keep). One of them may have overwritten an entry that still
+        counts, which this replica no longer has: it forgets its version vector (but its
+        own node's), so that every peer sends it everything again."""
+        trust = self.trust()
+        if trust is None:
+            return
+        for key, entry in list(self.entries.items()):
+            if trust.void(entry):
+                del self.entries[key]
+                result.dropped.append(entry)
+        if result.dropped:
+            self.vector = {n: t for n, t in self.vector.items() if n == self.node}
+            gone = {(e.collection, e.key, e.stamp) for e in result.dropped}
+            result.changed = [e for e in result.changed
+                              if (e.collection, e.key, e.stamp) not in gone]
 
     def _is_trust(self, entry: Entry) -> bool:
         spec = self.schema.get(entry.collection)
@@ -388,7 +421,10 @@ class Replica:
         if spec.grow_only:
             if entry.deleted:
                 return "tombstone"
-            if spec.key_of is None or entry.key != spec.key_of(entry.value):
+            try:
+                if spec.key_of is None or entry.key != spec.key_of(entry.value):
+                    return "wrong_key"
+            except (KeyError, TypeError, ValueError):  # not even the shape its key needs
                 return "wrong_key"
             if current is not None and (current.deleted or current.value != entry.value):
                 return "overwrite"

@@ -34,6 +34,11 @@ def _synced() -> Household:
     return home
 
 
+def _revocation(rotation: list[Entry]) -> Entry:
+    """The revocation among what a rotation wrote (kept lists, revocation, certificates)."""
+    return next(e for e in rotation if e.collection == "revocations")
+
+
 def _attacks(home: Household, revocation: Entry, counter: bool) -> dict[str, Entry]:
     """What the speaker, revoked by the phone, sends the laptop (it holds the old user
     key and its own device key)."""
@@ -70,7 +75,8 @@ def test_a_revoked_device_can_undo_nothing_whatever_the_order(
     order and grouping; the revoked speaker then also revokes the phone with the old key."""
     home = _synced()
     rotation = home.revoke("phone", "speaker", "lost in a taxi")
-    attacks = _attacks(home, rotation[0], counter)
+    revocation = _revocation(rotation)
+    attacks = _attacks(home, revocation, counter)
     rogue_key = attacks.pop("rogue_key").value
     late = [attacks.pop("counter")] if counter else []
     sent = list(attacks.values()) + rotation
@@ -89,7 +95,7 @@ def test_a_revoked_device_can_undo_nothing_whatever_the_order(
     rogue = device_id_of(base64.b64decode(rogue_key))
     assert rogue not in trust.current and trust.device_key(rogue) is None
     held = laptop.state()
-    assert held[("revocations", rotation[0].key)] == (rotation[0].value, False)
+    assert held[("revocations", revocation.key)] == (revocation.value, False)
     assert ("consents", "federated_training") not in held  # the forged write
     assert refused["tombstone"] == refused["wrong_key"] == refused["bad_signature"] == 2
     # The key moved on: the new one is the head, and the old one certified nothing.
@@ -101,24 +107,32 @@ def test_a_revoked_device_can_undo_nothing_whatever_the_order(
 
 def test_once_the_rotation_is_known_the_old_key_certifies_nothing() -> None:
     home = _synced()
+    # Before it is revoked, the speaker certifies a tv with the user key; only the phone
+    # gets the certificate, so the revocation keeps it.
+    tv = Ed25519PrivateKey.generate()
+    early = home["speaker"].add("devices", home.user.certify(public(tv), "tv").to_dict())
+    assert not home["phone"].merge_entries([early]).refused
     rotation = home.revoke("phone", "speaker")
     laptop = home["laptop"]
     assert not laptop.merge_entries(rotation).refused  # the laptop hears of it first
-    attacks = _attacks(home, rotation[0], counter=True)
+    attacks = _attacks(home, _revocation(rotation), counter=True)
     attacks.pop("rogue_key")
     result = laptop.merge_entries(list(attacks.values()))
     assert not result.changed
     # Everything the speaker wrote afterwards, in its own name or a new key's.
     assert result.refused == {"revoked_origin": 3, "unknown_origin": 1, "tombstone": 1,
                               "wrong_key": 1, "bad_signature": 1}
-    # Backdated to before the revocation (so not refused as a revoked device's write), a
-    # statement signed by the retired key is still refused: its writer is not current.
-    tv = Ed25519PrivateKey.generate()
-    stale = home.old_user.certify(public(tv), "tv")
-    relayed = Entry("devices", USER_SCHEMA["devices"].key_of(stale.to_dict()),  # type: ignore[misc]
-                    stale.to_dict(), HLC(1, 0, home.ids["speaker"])).signed_by(
-                        home.keys["speaker"])
-    assert laptop.merge_entries([relayed]).refused == {"superseded_key": 1}
+    # Back-dated to the start of time, a statement signed by the retired key is refused
+    # all the same: the revocation did not keep it.
+    stale = home.old_user.certify(public(Ed25519PrivateKey.generate()), "radio")
+    backdated = Entry("devices", USER_SCHEMA["devices"].key_of(stale.to_dict()),  # type: ignore[misc]
+                      stale.to_dict(), HLC(1, 0, home.ids["speaker"])).signed_by(
+                          home.keys["speaker"])
+    assert laptop.merge_entries([backdated]).refused == {"revoked_origin": 1}
+    # One it kept, relayed late, is still refused: its writer is not current, and the key
+    # that signed it is no longer the head.
+    assert laptop.merge_entries([early], peer=home.ids["phone"]).refused == {
+        "superseded_key": 1}
 
 
 def test_two_pods_revoking_at_once_converge_on_one_chain() -> None:
