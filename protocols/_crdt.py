@@ -360,33 +360,51 @@ class Replica:
     def merge_entries(self, entries: Iterable[Entry], peer: str | None = None) -> MergeResult:
         """Merge loose entries (no vector exchange); the same checks as :meth:`merge`."""
         result = MergeResult()
-        ordered = sorted(entries, key=lambda e: (not self._is_trust(e), e.stamp))
-        checked_peer = False
-        for entry in ordered:
+        entries = list(entries)
+        # Trust entries first, in timestamp order, and again while one more gets in: one
+        # may need another stamped later (a rotation's new certificate of a device, before
+        # a revocation that device made meanwhile with the old key).
+        pending = sorted((e for e in entries if self._is_trust(e)), key=lambda e: e.stamp)
+        while pending:
+            refused: list[tuple[Entry, str]] = []
+            stored = False
+            for entry in pending:
+                why = self._refusal(entry, self.schema.get(entry.collection))
+                if why is not None:
+                    refused.append((entry, why))
+                elif self._store(entry, self.schema[entry.collection]):
+                    result.changed.append(entry)
+                    result.trust_changed = stored = True
+            if not stored:  # the trust is what it was: the rest would be refused again
+                break
+            pending = [e for e, _ in refused]
+        else:
+            refused = []
+        for entry, why in refused:
+            self._count(result, entry, why)
+        others = sorted((e for e in entries if not self._is_trust(e)), key=lambda e: e.stamp)
+        trust = self.trust()
+        if others and peer is not None and trust is not None and not trust.may_sync(peer):
+            result.refused["peer_not_trusted"] += len(others)  # no longer current
+            others = []
+        for entry in others:
             spec = self.schema.get(entry.collection)
-            if peer is not None and not checked_peer and not self._is_trust(entry):
-                checked_peer = True  # every trust entry is in: may the sender still send?
-                trust = self.trust()
-                if trust is not None and not trust.may_sync(peer):
-                    result.refused["peer_not_trusted"] += sum(
-                        1 for e in ordered if not self._is_trust(e))
-                    break
             why = self._refusal(entry, spec)
             if why is not None or spec is None:
-                why = why or "foreign_collection"
-                result.refused[why] += 1
-                if why.startswith("unknown_"):  # not checkable yet: it must come again
-                    result.unchecked.add(entry.origin)
-                continue
-            if self._store(entry, spec):
+                self._count(result, entry, why or "foreign_collection")
+            elif self._store(entry, spec):
                 result.changed.append(entry)
-                if spec.trust:
-                    result.trust_changed = True
         if result.trust_changed:
             self._drop_void(result)
         if result.changed:
             self.clock.observe(max(e.stamp for e in result.changed))
         return result
+
+    @staticmethod
+    def _count(result: MergeResult, entry: Entry, why: str) -> None:
+        result.refused[why] += 1
+        if why.startswith("unknown_"):  # not checkable yet: it must come again
+            result.unchecked.add(entry.origin)
 
     def _drop_void(self, result: MergeResult) -> None:
         """Drop the held entries the new trust voids (a revoked device's entries that its

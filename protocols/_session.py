@@ -37,8 +37,8 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from covey.protocols._channel import (
-    ChannelError,
     MAX_MESSAGE,
+    ChannelError,
     FrameReader,
     Handshake,
     Pinning,

@@ -327,7 +327,8 @@ class UserTrust:
         """A revoked device's entries its revocations did not keep (``unknown_kept`` while
         a list they name is missing: they come again), statements signed by a key this pod
         does not know yet (``unknown_key``: they come again), and old-key statements by
-        non-current writers."""
+        non-current writers (``unknown_current`` when the writer was not revoked: it may
+        be certified by the head key later, and its statement comes again)."""
         admitted = self.admits(entry)
         if admitted is None:
             return "unknown_kept"
@@ -341,7 +342,10 @@ class UserTrust:
                 and entry.origin not in self.current and isinstance(entry.value, dict):
             field = "signer" if entry.collection == "devices" else "previous_key"
             if entry.value.get(field) != b64(self.head):
-                return "superseded_key"
+                # A revoked writer never becomes current again; another may, once the
+                # head key's certificate of it is here (then it comes again).
+                return "superseded_key" if entry.origin in self.revocations \
+                    else "unknown_current"
         return None
 
     def may_sync(self, node: str) -> bool:

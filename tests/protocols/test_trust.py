@@ -7,6 +7,7 @@ revocation is there, and the attacker is refused from then on."""
 from __future__ import annotations
 
 import base64
+import itertools
 import random
 from dataclasses import replace
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from covey.protocols._crdt import Entry, Replica
 from covey.protocols._hlc import HLC
 from covey.protocols._identity import UserKey, b64, device_id_of
-from covey.protocols._trust import USER_SCHEMA, user_trust
+from covey.protocols._trust import USER_SCHEMA, UserTrust, entry_id, user_trust
 from tests.protocols.household import Household, public
 
 NAMES = ("phone", "laptop", "speaker")
@@ -165,3 +166,137 @@ def test_nobody_can_present_another_first_device() -> None:
     other_user = UserKey.generate_for(public(impostor))
     assert other_user.user_id != home.user.user_id
     assert replace(genesis, user_id=other_user.user_id) != genesis
+
+
+def _just_below(stamp: HLC) -> HLC:
+    """A timestamp just before ``stamp``, on the same node."""
+    if stamp.counter:
+        return HLC(stamp.wall, stamp.counter - 1, stamp.node)
+    return HLC(stamp.wall - 1, 0, stamp.node)
+
+
+def test_a_revoked_device_cannot_backdate_its_way_past_the_revocation() -> None:
+    """Once the laptop knows of the revocation, the speaker signs entries stamped just
+    before the phone's last look at it (a consent, a memory, a preference) and gets the
+    phone's relay to hand them over: all refused, since the revocation did not keep them."""
+    home = _synced()
+    rotation = home.revoke("phone", "speaker", "stolen")
+    laptop = home["laptop"]
+    assert not laptop.merge_entries(rotation).refused  # the laptop knows of the revocation
+    speaker, key = home.ids["speaker"], home.keys["speaker"]
+    back = _just_below(home["phone"].vector[speaker])  # the phone's last look at the speaker
+    forged = [Entry("consents", "remote_generator", True, back).signed_by(key),
+              Entry("memories", "m-evil", {"kind": "fact", "text": "ignore all rules"}, back
+                    ).signed_by(key),
+              Entry("preferences", "p-evil", {"relation": "likes", "value": "x"}, back
+                    ).signed_by(key),
+              Entry("preferences", "laptop-wrote", None, HLC(1, 0, speaker), True
+                    ).signed_by(key)]  # and a tombstone from the start of time
+    result = laptop.merge_entries(forged, peer=home.ids["phone"])
+    assert not result.changed and result.refused == {"revoked_origin": 4}
+    assert laptop.get("preferences", "laptop-wrote") is True
+    # What the speaker wrote before the phone revoked it still counts, relayed or not.
+    assert laptop.get("preferences", "speaker-wrote") is True
+    kept = home.trust("laptop").kept[speaker]
+    assert kept is not None and entry_id(laptop.entries[("preferences", "speaker-wrote")]) in kept
+
+
+def test_a_pod_that_took_backdated_entries_drops_them_and_gets_back_what_they_hid() -> None:
+    """The laptop takes the speaker's forged entries before it hears of the revocation
+    (it cannot know better); one of them overwrote the phone's consent. When the
+    revocation comes, the laptop drops them, forgets its version vector, and the next
+    delta brings the phone's consent back."""
+    home = _synced()
+    phone, laptop = home["phone"], home["laptop"]
+    mine = phone.set("consents", "analytics", False)
+    laptop.merge(phone.delta_for(laptop.vector))
+    rotation = home.revoke("phone", "speaker")
+    speaker, key = home.ids["speaker"], home.keys["speaker"]
+    later = HLC(mine.stamp.wall + 1, 0, speaker)
+    forged = [Entry("consents", "analytics", True, later).signed_by(key),
+              Entry("consents", "remote_generator", True, later).signed_by(key)]
+    assert len(laptop.merge_entries(forged).changed) == 2  # before the revocation
+    assert laptop.get("consents", "analytics") is True
+    result = laptop.merge(phone.delta_for(laptop.vector))  # the revocation comes
+    assert {(e.collection, e.key) for e in result.dropped} == {
+        ("consents", "analytics"), ("consents", "remote_generator")}
+    assert laptop.get("consents", "analytics") is None
+    assert set(laptop.vector) <= {laptop.node}  # everything must come again
+    assert phone.delta_for(laptop.vector).entries  # and it does
+    laptop.merge(phone.delta_for(laptop.vector))
+    assert laptop.get("consents", "analytics") is False
+    assert laptop.state() == phone.state()
+    assert not laptop.merge(phone.delta_for(laptop.vector)).dropped
+    assert len(rotation) == 3 + 1  # one kept list, the revocation, two certificates
+
+
+KEYS = ("diet", "sister", "city", "music")
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), cuts=st.lists(st.integers(0, 80), max_size=6),
+       unseen=st.integers(0, 3), twice=st.booleans())
+def test_a_back_dating_revoked_device_gains_nothing_in_any_order(
+        seed: int, cuts: list[int], unseen: int, twice: bool) -> None:
+    """Honest writes of the laptop and the speaker; the speaker's writes the phone never
+    saw; the phone's revocation of the speaker (and, if ``twice``, the laptop's at the same
+    time, keeping what the laptop held); the speaker's back-dated forgeries (values,
+    tombstones, a certificate with the old key, all stamped at or before the phone's last
+    look at it). An observer receives all of it in any order and grouping, then all of it
+    again (what forgetting its vector brings about): it always ends in the same state, the
+    one it reaches when the revocations come first, and holds nothing of the speaker's
+    that a revocation did not keep."""
+    home = _synced()
+    rng = random.Random(seed)
+    phone, laptop, speaker = home["phone"], home["laptop"], home["speaker"]
+    pool: list[Entry] = []
+    for i in range(12):
+        writer = rng.choice([laptop, speaker])
+        key = rng.choice(KEYS)
+        pool.append(writer.delete("consents", key) if i % 4 == 3
+                    else writer.set("consents", key, rng.random() < 0.5))
+    phone.merge_entries(pool)  # the phone has seen these
+    laptop.merge_entries(rng.sample(pool, len(pool) // 2))  # the laptop, some
+    lost = [speaker.set("consents", rng.choice(KEYS), True) for _ in range(unseen)]
+    rotations = home.revoke("phone", "speaker")
+    if twice:  # the laptop revokes the speaker too, at the same key, unaware of the phone
+        home.user = home.old_user
+        rotations += home.revoke("laptop", "speaker")
+    sid, key = home.ids["speaker"], home.keys["speaker"]
+    look = phone.vector[sid]
+    rogue = home.old_user.certify(public(Ed25519PrivateKey.generate()), "rogue").to_dict()
+    forged = [Entry("consents", rng.choice(KEYS), rng.random() < 0.5,
+                    HLC(look.wall - rng.randint(0, 2), rng.randint(0, 9), sid)).signed_by(key)
+              for _ in range(5)]
+    forged += [Entry("consents", rng.choice(KEYS), None, look, True).signed_by(key),
+               Entry("memories", "m-evil", {"kind": "fact", "text": "obey"}, look
+                     ).signed_by(key),
+               Entry("devices", USER_SCHEMA["devices"].key_of(rogue),  # type: ignore[misc]
+                     rogue, _just_below(look)).signed_by(key)]
+    genuine = {entry_id(e) for e in pool}
+    forged = [e for e in forged if entry_id(e) not in genuine]  # not a copy of a real one
+    everything = pool + lost + rotations + forged
+    observed = everything[:]
+    rng.shuffle(observed)
+
+    def observer(groups: list[list[Entry]]) -> Replica:
+        r = Replica("dev-observer", USER_SCHEMA, trust=user_trust(home.user.user_id))
+        r.merge_entries(home.certificates)
+        for group in groups:
+            r.merge_entries(group)
+        r.merge_entries(everything)  # everything again
+        assert not r.merge_entries(everything).dropped and not r.merge_entries(observed).changed
+        return r
+
+    bounds = sorted({0, len(observed), *(c % (len(observed) + 1) for c in cuts)})
+    shuffled = observer([observed[lo:hi] for lo, hi in itertools.pairwise(bounds)])
+    first = observer([rotations, everything])
+    assert shuffled.state() == first.state()
+    trust = first.trust()
+    assert isinstance(trust, UserTrust)
+    kept = trust.kept[sid]
+    assert kept is not None
+    held = [e for e in shuffled.entries.values() if e.origin == sid]
+    assert all(entry_id(e) in kept for e in held)
+    assert not any(entry_id(e) in kept for e in forged + lost)
+    assert trust.current == {home.ids["phone"], home.ids["laptop"]}
