@@ -10,9 +10,10 @@ What is shared, and where it lives on the pod:
 - ``budget_policy``: the user's maximum epsilon and delta (key ``policy``); a received
   one is validated, audited when it changes the budget, and a raise is taken only from a
   current device (else refused, and this pod's own policy written again);
-- ``devices`` and ``revocations``: only in the replicated state, grow-only: certificates
-  and revocations signed by user keys, from which :class:`UserTrust` derives the key
-  chain, the current devices and the revoked ones;
+- ``devices``, ``revocations`` and ``kept_entries``: only in the replicated state,
+  grow-only: certificates and revocations signed by user keys, and the lists of a revoked
+  device's entries its revocation keeps, from which :class:`UserTrust` derives the key
+  chain, the current devices, the revoked ones and what of theirs still counts;
 - ``memories``: only while the user grants the ``sync_memories`` consent, keyed by a
   hash of kind and text. Forgetting a memory that was shared writes a tombstone at
   once, whatever the consent, so a forget reaches every pod.
@@ -21,7 +22,8 @@ Every entry is signed by the device that wrote it (this pod's own with its devic
 Local edits are found by comparing the pod's tables with the replicated state each time
 a session begins (:meth:`PodState.begin`): no other code path needs to know about sync.
 Entries received from a peer are checked (see :mod:`covey.protocols._crdt`) and applied
-to the pod's tables in the same transaction that stores them.
+to the pod's tables in the same transaction that stores them; entries a revocation that
+just arrived did not keep are dropped and undone there too (:meth:`PodState.merged`).
 
 The user key is held in ``user_identity`` with the user id, which never changes; a
 revocation replaces the key (:meth:`PodState.revoke`), and the new one arrives from
@@ -401,7 +403,8 @@ class PodState:
         return self.edit(lambda r: [r.add("devices", c) for c in certificates])
 
     def merged(self, replica: Replica, result: MergeResult, peer: str) -> None:
-        """Store what a peer's delta changed, and apply it to the pod's tables."""
+        """Store what a peer's delta changed, and apply it to the pod's tables (and undo
+        there what it dropped)."""
         changed = result.changed
         with self._writing() as (conn, _):
             _save(conn, changed)
@@ -734,7 +737,9 @@ class PodState:
     def revoke(self, which: str, reason: str = "") -> Device:
         """Revoke a device of the user (by id, id prefix or name), for good, and replace the
         user key: the other current devices are certified again by the new key, which
-        reaches them (and only them) at their next sync.
+        reaches them (and only them) at their next sync. The revocation keeps the
+        device's entries this pod holds now; nothing else the device signed counts on
+        any pod that hears of it.
 
         Raises:
             InvalidInputError: no such device, several match, or it is this one.

@@ -15,13 +15,14 @@ A :class:`Schema` names the collections and how each merges:
 
 A received entry is merged only when (1) its collection is in the schema, (2) the
 replica's :class:`Trust` knows its origin and the signature verifies by that device's
-key, (3) the trust has no objection (the origin was revoked before writing it, say),
-(4) a grow-only entry is not a tombstone or an overwrite and sits under its own key, and
-(5) the collection's ``verify`` function accepts it. Otherwise it is *refused*: counted by
-reason in the :class:`MergeResult`, never stored. Collections marked ``trust`` (the ones
-that say who may write: devices, revocations) are merged first, in timestamp order, and
-the trust is recomputed after each one that changes, so a delta may carry a new device's
-certificate and that device's entries together.
+key, (3) the trust has no objection (the origin was revoked, and its revocation did not
+keep the entry, say), (4) a grow-only entry is not a tombstone or an overwrite and sits
+under its own key, and (5) the collection's ``verify`` function accepts it. Otherwise it
+is *refused*: counted by reason in the :class:`MergeResult`, never stored. Collections
+marked ``trust`` (the ones that say who may write: devices, revocations, what
+revocations keep) are merged first, in timestamp order, and the trust is recomputed
+after each one that changes (the refused ones are tried again while one more gets in),
+so a delta may carry a new device's certificate and that device's entries together.
 
 For a fixed trust, merge is commutative, associative and idempotent (tests/protocols/
 test_crdt.py checks this with Hypothesis, adversarial entries included): replicas that
@@ -36,7 +37,8 @@ Sync is incremental. Each replica keeps a version vector: per origin, the larges
 timestamp it has merged from that origin. A delta for a peer holds every entry newer than
 the peer's vector says for its origin; after merging a whole delta the receiver takes the
 sender's vector too (entries the sender no longer holds were overwritten by ones it does
-hold), except for origins it could not yet check (their entries come again next time).
+hold), except for origins it could not yet check (their entries come again next time),
+and not at all after a merge that dropped entries.
 """
 
 from __future__ import annotations

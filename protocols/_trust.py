@@ -1,9 +1,9 @@
 """Who may write a user's replicated state: the user key chain, the devices, the
 revocations; and the schema of what a user's pods share.
 
-:class:`UserTrust` is derived, as a pure function, from the replica's two trust
-collections (``devices``: device certificates; ``revocations``) and the user id the pod
-holds (its anchor):
+:class:`UserTrust` is derived, as a pure function, from the replica's trust collections
+(``devices``: device certificates; ``revocations``; ``kept_entries``: what revocations
+keep) and the user id the pod holds (its anchor):
 
 - *The key chain.* The first user key K0 signs the *genesis* certificate: the one whose
   user id is ``user_id_of(K0, its device key)``, the anchor (nobody can make another).
@@ -19,14 +19,16 @@ holds (its anchor):
   nothing that arrives later removes a revocation or makes it count less.
 - *Valid certificates*: signed by a key of the tree for this user, written by a device
   that had a valid certificate at that depth or before (the genesis certificate is the
-  base case) and was not revoked at that depth or before. *Current* devices: validly
-  certified by the head key and not revoked. Only they may connect.
-
+  base case), was not revoked at an earlier depth and, if revoked at all, whose
+  revocations kept the certificate (below). *Current* devices: validly certified by the
+  head key and not revoked. Only they may connect.
 - *Kept entries*: each revocation names lists (``kept_entries``, content-addressed) of the
   revoked device's entries the revoking pod held when it revoked it, by :func:`entry_id`
   (a hash of everything the entry's signature covers). Of a revoked device's entries,
   only those on the lists of every revocation naming it count: a device sets its own
-  timestamps, so nothing it signs can be told apart by time, only by content.
+  timestamps, so nothing it signs can be told apart by time, only by content. The
+  intersection only shrinks as revocations arrive, so no pod ever has to take back an
+  entry it refused.
 
 :meth:`UserTrust.refusal` adds the rules that depend on what this pod already knows: an
 entry from a revoked device that its revocations did not keep is refused, whatever its
@@ -34,18 +36,19 @@ timestamp (``unknown_kept`` while a named list has not arrived: it comes again);
 certificate or revocation signed by a key other than the head is refused unless a
 current device wrote it (so a revoked device's copy of an old key certifies and revokes
 nothing here; an honest pod's statement made while another pod was rotating the key
-still counts). :meth:`UserTrust.void` names the entries a pod already holds that the
-revocation it just learned of did not keep: the replica drops them.
+still counts, and comes again, ``unknown_current``, until the head key's certificate of
+its writer is here). :meth:`UserTrust.void` names the entries a pod already holds that
+a revocation it just learned of did not keep: the replica drops them.
 
 What a revoked device can still do, and only at a pod it reaches before the revocation
 does (every other pod refuses it): have its edits accepted there until the revocation
-arrives (then they are dropped), certify devices with the key it holds (they stop
-counting as soon as the revocation arrives, since the key is no longer the head and
-their writer is revoked), and revoke the device that revoked it, which stops the key
-chain at that pod (both devices revoked there; a denial of service, never an
-un-revocation or a device of its own accepted). Its entries the revoking pod had not
-received when it revoked it are lost, genuine ones too: nothing can tell them from ones
-made afterwards.
+arrives (then those the revocation did not keep are dropped), certify devices with the
+key it holds (they stop counting as soon as the revocation arrives, since the key is no
+longer the head and their writer is revoked), and revoke the device that revoked it,
+which stops the key chain at that pod (both devices revoked there; a denial of service,
+never an un-revocation or a device of its own accepted). Its entries the revoking pod
+had not received when it revoked it are lost, genuine ones too: nothing can tell them
+from ones made afterwards.
 """
 
 from __future__ import annotations
