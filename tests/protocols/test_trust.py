@@ -22,6 +22,7 @@ from covey.protocols._trust import USER_SCHEMA, UserTrust, entry_id, user_trust
 from tests.protocols.household import Household, public
 
 NAMES = ("phone", "laptop", "speaker")
+T0 = 1_700_000_000_000
 
 
 def _synced() -> Household:
@@ -300,3 +301,26 @@ def test_a_back_dating_revoked_device_gains_nothing_in_any_order(
     assert all(entry_id(e) in kept for e in held)
     assert not any(entry_id(e) in kept for e in forged + lost)
     assert trust.current == {home.ids["phone"], home.ids["laptop"]}
+
+
+def test_two_revocations_at_once_both_count_however_their_entries_interleave() -> None:
+    """The phone revokes the speaker while the laptop revokes the tv, at the same instant
+    (so their rotations' entries interleave by timestamp). The watch receives both in one
+    delta: whichever revocation it follows first, the other one's writer is certified by
+    the new key only further on in the delta, and both revocations count."""
+    names = ("phone", "laptop", "speaker", "tv", "watch")
+    home = Household(names, clock=lambda name: lambda: T0)
+    for a in names:
+        for b in names:
+            if a != b:
+                home[b].merge(home[a].delta_for(home[b].vector))
+    first = home.revoke("phone", "speaker")
+    home.user = home.old_user  # the laptop holds the same key: a concurrent revocation
+    second = home.revoke("laptop", "tv")
+    stamps = sorted(e.stamp for e in first + second)
+    assert sum(a.node != b.node for a, b in itertools.pairwise(stamps)) > 1  # interleaved
+    result = home["watch"].merge_entries(first + second)
+    assert not result.refused
+    trust = home.trust("watch")
+    assert trust.revocation(home.ids["speaker"]) and trust.revocation(home.ids["tv"])
+    assert trust.current == {home.ids[n] for n in ("phone", "laptop", "watch")}
