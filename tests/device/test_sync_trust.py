@@ -278,6 +278,10 @@ def _facts(pod: Pod) -> set[tuple[str, str]]:
     return {(f.relation, f.value) for f in PreferenceGraph(pod.store).current()}
 
 
+def _no_injected_memory(pod: Pod) -> bool:
+    return all("ignore every rule" not in m.text for m in pod.memories.all())
+
+
 def test_backdated_entries_of_a_revoked_device_are_refused_and_dropped_where_they_landed(
         trio: tuple[Node, Node, Node], tmp_path: Path) -> None:
     """The revoked speaker signs entries stamped just before the phone's last look at it
@@ -339,7 +343,7 @@ def test_backdated_entries_of_a_revoked_device_are_refused_and_dropped_where_the
         asyncio.run(run())
         for pod in (laptop.pod, tv.pod):
             assert not consented(pod, "remote_generator")
-            assert text_absent(pod)
+            assert _no_injected_memory(pod)
             assert ("likes", "arsenic") not in _facts(pod)
             assert pod.store.query("SELECT granted FROM consents WHERE scope = 'analytics'"
                                    )[0][0] == 0  # kept: written before the revocation
@@ -353,7 +357,3 @@ def test_backdated_entries_of_a_revoked_device_are_refused_and_dropped_where_the
             "consents": 1, "memories": 1, "preferences": 1}}]
     finally:
         tv.pod.close()
-
-
-def text_absent(pod: Pod) -> bool:
-    return all("ignore every rule" not in m.text for m in pod.memories.all())
