@@ -10,9 +10,10 @@ What is shared, and where it lives on the pod:
 - ``budget_policy``: the user's maximum epsilon and delta (key ``policy``); a received
   one is validated, audited when it changes the budget, and a raise is taken only from a
   current device (else refused, and this pod's own policy written again);
-- ``devices`` and ``revocations``: only in the replicated state, grow-only: certificates
-  and revocations signed by user keys, from which :class:`UserTrust` derives the key
-  chain, the current devices and the revoked ones;
+- ``devices``, ``revocations`` and ``kept_entries``: only in the replicated state,
+  grow-only: certificates and revocations signed by user keys, and the lists of a revoked
+  device's entries its revocation keeps, from which :class:`UserTrust` derives the key
+  chain, the current devices, the revoked ones and what of theirs still counts;
 - ``memories``: only while the user grants the ``sync_memories`` consent, keyed by a
   hash of kind and text. Forgetting a memory that was shared writes a tombstone at
   once, whatever the consent, so a forget reaches every pod.
@@ -21,7 +22,8 @@ Every entry is signed by the device that wrote it (this pod's own with its devic
 Local edits are found by comparing the pod's tables with the replicated state each time
 a session begins (:meth:`PodState.begin`): no other code path needs to know about sync.
 Entries received from a peer are checked (see :mod:`covey.protocols._crdt`) and applied
-to the pod's tables in the same transaction that stores them.
+to the pod's tables in the same transaction that stores them; entries a revocation that
+just arrived did not keep are dropped and undone there too (:meth:`PodState.merged`).
 
 The user key is held in ``user_identity`` with the user id, which never changes; a
 revocation replaces the key (:meth:`PodState.revoke`), and the new one arrives from
@@ -35,7 +37,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -58,8 +60,15 @@ from covey.device._store import set_meta
 from covey.errors import InvalidInputError, SyncError
 from covey.protocols._crdt import Entry, MergeResult, Refused, Replica, grow_only, lww
 from covey.protocols._hlc import HLC
-from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, b64, device_id_of
-from covey.protocols._trust import UserTrust, user_schema, user_trust
+from covey.protocols._identity import (
+    DeviceCertificate,
+    Revocation,
+    UserKey,
+    b64,
+    device_id_of,
+    unb64,
+)
+from covey.protocols._trust import KEPT, UserTrust, revoke, user_schema, user_trust
 
 if TYPE_CHECKING:
     from covey.device._pod import Pod
@@ -394,16 +403,19 @@ class PodState:
         return self.edit(lambda r: [r.add("devices", c) for c in certificates])
 
     def merged(self, replica: Replica, result: MergeResult, peer: str) -> None:
-        """Store what a peer's delta changed, and apply it to the pod's tables; the
-        ledger's signed head then covers the entries and the policy received (unless it
-        did not verify before: received state never blesses an earlier tampering)."""
+        """Store what a peer's delta changed, and apply it to the pod's tables (and undo
+        there what it dropped); the ledger's signed head then covers the entries and the
+        policy received (unless it did not verify before: received state never blesses
+        an earlier tampering)."""
         from covey.device._budget import pod_ledger
 
         changed = result.changed
-        sealing = any(e.collection in ("ledger", "budget_policy") for e in changed) and \
-            pod_ledger(self.pod).verify().ok
+        sealing = (any(e.collection in ("ledger", "budget_policy") for e in changed)
+                   or bool(result.dropped)) and pod_ledger(self.pod).verify().ok
         with self._writing() as (conn, _):
             _save(conn, changed)
+            if result.dropped:
+                self._drop(conn, result.dropped, peer)
             _save_vector(conn, replica.vector)
             remote = [e for e in changed if e.stamp.node != self.node]
             # Consents first: whether memories are applied depends on them.
@@ -531,6 +543,72 @@ class PodState:
                 conn.execute("DELETE FROM meta WHERE key = ?", ("profile." + entry.key,))
             else:  # checked on merge (a bad value is refused there, and counted)
                 set_meta(conn, "profile." + entry.key, validate(entry.key, str(value)))
+
+    def _drop(self, conn: sqlite.Connection, dropped: list[Entry], peer: str) -> None:
+        """A revocation arrived that voids entries this pod took from the revoked device
+        before it knew (written after the revoking pod's last look at that device, or never
+        seen by it): forget them and undo what they did here, and take everything again
+        from the peers (the replica forgot its version vector), since what they overwrote
+        may still count. A key they set goes back to unset until an entry that counts
+        comes again; a budget policy they changed goes back to the lower of the value held
+        and the value before it (never a raise); their ledger entries stay in the ledger,
+        which is append-only and only counts more spend for them."""
+        conn.execute("DELETE FROM sync_vector WHERE node != ?", (self.node,))
+        for entry in dropped:
+            conn.execute("DELETE FROM sync_entries WHERE collection = ? AND key = ? AND"
+                         " stamp = ? AND signature = ?", (entry.collection, entry.key,
+                                                          entry.stamp.encode(), entry.signature))
+            c = entry.collection
+            if c == "budget_policy" and entry.key == "policy":
+                self._undo_budget(conn, entry)
+            elif entry.deleted:  # a value it erased comes again from a peer that holds one
+                continue
+            elif c in ("preferences", "profile", "consents"):
+                self._apply(conn, replace(entry, value=None, deleted=True))
+            elif c == "memories" and isinstance(entry.value, dict) and memory_key(
+                    str(entry.value.get("kind")), str(entry.value.get("text"))) == entry.key:
+                # Only the copy sync made: the user's own stays (and is shared again).
+                for (mid,) in conn.execute(
+                        "SELECT id FROM memories WHERE json_extract(provenance, '$.source')"
+                        " = 'sync' AND kind = ? AND text = ?",
+                        (entry.value["kind"], entry.value["text"])).fetchall():
+                    self.pod.memories.delete(conn, mid)
+        by_collection: dict[str, int] = {}
+        for entry in dropped:
+            by_collection[entry.collection] = by_collection.get(entry.collection, 0) + 1
+        _audit.append(conn, "sync.dropped", peer=peer, detail={
+            "entries": len(dropped), "collections": by_collection,
+            "writers": sorted({e.origin for e in dropped})})
+
+    def _undo_budget(self, conn: sqlite.Connection, entry: Entry) -> None:
+        """A revoked device's budget policy was dropped: keep the lower of the policy held
+        and the one before it (from the audit record of the change it made), and write it
+        as this pod's own, so that no pod keeps the dropped one."""
+        held = before = _held_policy(conn)
+        try:
+            dropped = _policy(entry)
+        except ValueError:
+            dropped = held
+        for (detail,) in conn.execute("SELECT detail FROM audit_log WHERE kind ="
+                                      " 'budget_policy' AND peer = ? ORDER BY seq DESC LIMIT 1",
+                                      (entry.origin,)):
+            change = json.loads(detail)
+            if change.get("max_epsilon") == dropped.max_epsilon and \
+                    change.get("delta") == dropped.delta and change.get("by") == "sync":
+                before = BudgetPolicy(float(change["previous_max_epsilon"]),
+                                      float(change["previous_delta"]))
+        policy = BudgetPolicy(min(held.max_epsilon, before.max_epsilon),
+                              min(held.delta, before.delta))
+        for key, number in ((_MAX_EPS_KEY, policy.max_epsilon), (_DELTA_KEY, policy.delta)):
+            set_meta(conn, key, repr(float(number)))
+        replica = self.replica()
+        written = replica.set("budget_policy", "policy", {"max_epsilon": policy.max_epsilon,
+                                                          "delta": policy.delta})
+        _save(conn, [written])
+        if policy != held:
+            _audit.append(conn, "budget_policy", peer=entry.origin, detail={
+                "max_epsilon": policy.max_epsilon, "delta": policy.delta, "by": "revocation",
+                "previous_max_epsilon": held.max_epsilon, "previous_delta": held.delta})
 
     def _reassert_budget(self, conn: sqlite.Connection, peer: str, refused: int) -> None:
         """A raise of the budget was refused: write this pod's own policy again, newer than
@@ -674,7 +752,9 @@ class PodState:
     def revoke(self, which: str, reason: str = "") -> Device:
         """Revoke a device of the user (by id, id prefix or name), for good, and replace the
         user key: the other current devices are certified again by the new key, which
-        reaches them (and only them) at their next sync.
+        reaches them (and only them) at their next sync. The revocation keeps the
+        device's entries this pod holds now; nothing else the device signed counts on
+        any pod that hears of it.
 
         Raises:
             InvalidInputError: no such device, several match, or it is this one.
@@ -704,20 +784,15 @@ class PodState:
         """Revoke ``device_id`` with ``key`` and move every other current device to the
         new key, in one transaction."""
         with self._writing() as (conn, replica):
-            trust = _user_trust(replica)
-            seen = replica.vector.get(device_id)
-            revocation, successor = key.revoke(device_id, reason, seen.encode() if seen else "")
-            written = [replica.add("revocations", revocation.to_dict())]
-            for other in sorted(trust.current - {device_id}):
-                cert = trust.latest(other)
-                written.append(replica.add("devices", successor.certify(
-                    cert.device_key, cert.name).to_dict()))
+            revocation, successor, written = revoke(replica, key, device_id, reason)
             _save(conn, written)
             _save_vector(conn, replica.vector)
             conn.execute("UPDATE user_identity SET private_key = ? WHERE id = 1",
                          (successor.private_bytes(),))
-            _audit.append(conn, "sync.revoke", peer=device_id,
-                          detail={"reason": reason, "recertified": len(written) - 1})
+            lists = [e for e in written if e.collection == KEPT]
+            _audit.append(conn, "sync.revoke", peer=device_id, detail={
+                "reason": reason, "recertified": len(written) - len(lists) - 1,
+                "kept": sum(len(unb64(e.value["ids"])) // 16 for e in lists)})
         return revocation
 
     def summary(self) -> dict[str, Any]:

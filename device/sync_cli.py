@@ -230,7 +230,8 @@ def sync_revoke(
         _emit_json(revoked.to_dict())
     else:
         out.print(f"Revoked {revoked.device_id} ({revoked.name}) and replaced the user key; "
-                  "your other devices learn it, and get the new key, at their next sync.")
+                  "your other devices learn it, and get the new key, at their next sync. "
+                  "Of what it wrote, only what this pod had received counts from now on.")
 
 
 @sync_app.command("run")

@@ -15,23 +15,30 @@ A :class:`Schema` names the collections and how each merges:
 
 A received entry is merged only when (1) its collection is in the schema, (2) the
 replica's :class:`Trust` knows its origin and the signature verifies by that device's
-key, (3) the trust has no objection (the origin was revoked before writing it, say),
-(4) a grow-only entry is not a tombstone or an overwrite and sits under its own key, and
-(5) the collection's ``verify`` function accepts it. Otherwise it is *refused*: counted by
-reason in the :class:`MergeResult`, never stored. Collections marked ``trust`` (the ones
-that say who may write: devices, revocations) are merged first, in timestamp order, and
-the trust is recomputed after each one that changes, so a delta may carry a new device's
-certificate and that device's entries together.
+key, (3) the trust has no objection (the origin was revoked, and its revocation did not
+keep the entry, say), (4) a grow-only entry is not a tombstone or an overwrite and sits
+under its own key, and (5) the collection's ``verify`` function accepts it. Otherwise it
+is *refused*: counted by reason in the :class:`MergeResult`, never stored. Collections
+marked ``trust`` (the ones that say who may write: devices, revocations, what
+revocations keep) are merged first, in timestamp order, and the trust is recomputed
+after each one that changes (the refused ones are tried again while one more gets in),
+so a delta may carry a new device's certificate and that device's entries together.
 
 For a fixed trust, merge is commutative, associative and idempotent (tests/protocols/
 test_crdt.py checks this with Hypothesis, adversarial entries included): replicas that
 received the same entries hold the same state whatever the order, repetition or grouping.
+When a merge brings a revocation, the entries the trust now voids (:meth:`Trust.void`)
+are dropped, and the replica forgets its version vector so that whatever they had
+overwritten comes again: once everything has come again, the state is the same as if
+the revocation had come first (tests/protocols/test_trust.py checks this with
+Hypothesis, a back-dating revoked device included).
 
 Sync is incremental. Each replica keeps a version vector: per origin, the largest
 timestamp it has merged from that origin. A delta for a peer holds every entry newer than
 the peer's vector says for its origin; after merging a whole delta the receiver takes the
 sender's vector too (entries the sender no longer holds were overwritten by ones it does
-hold), except for origins it could not yet check (their entries come again next time).
+hold), except for origins it could not yet check (their entries come again next time),
+and not at all after a merge that dropped entries.
 """
 
 from __future__ import annotations
@@ -117,6 +124,10 @@ class Trust(Protocol):
 
     def may_sync(self, node: str) -> bool:
         """Whether device ``node`` may send entries at all."""
+
+    def void(self, entry: Entry) -> bool:
+        """Whether a held entry no longer counts (its writer was revoked since, and the
+        revocation did not keep it): the replica drops it."""
 
 
 class Refused(ValueError):
@@ -222,10 +233,12 @@ class Delta:
 
 @dataclass
 class MergeResult:
-    """What a merge did: the entries that changed here, and the refused ones by reason."""
+    """What a merge did: the entries that changed here, the refused ones by reason, and
+    the held ones it dropped (void under the trust it brought)."""
 
     changed: list[Entry] = field(default_factory=list)
     refused: Counter[str] = field(default_factory=Counter)
+    dropped: list[Entry] = field(default_factory=list)
     unchecked: set[str] = field(default_factory=set)  # origins with entries not checkable yet
     trust_changed: bool = False
 
@@ -337,6 +350,8 @@ class Replica:
         if delta.entries:
             self.clock.check(max(e.stamp for e in delta.entries))
         result = self.merge_entries(delta.entries, peer)
+        if result.dropped:
+            return result  # everything comes again (see _drop_void): take no vector
         for node, stamp in delta.vector.items():
             if node in result.unchecked:
                 continue  # entries we could not check yet must come again
@@ -347,31 +362,69 @@ class Replica:
     def merge_entries(self, entries: Iterable[Entry], peer: str | None = None) -> MergeResult:
         """Merge loose entries (no vector exchange); the same checks as :meth:`merge`."""
         result = MergeResult()
-        ordered = sorted(entries, key=lambda e: (not self._is_trust(e), e.stamp))
-        checked_peer = False
-        for entry in ordered:
+        entries = list(entries)
+        # Trust entries first, in timestamp order, and again while one more gets in: one
+        # may need another stamped later (a rotation's new certificate of a device, before
+        # a revocation that device made meanwhile with the old key).
+        pending = sorted((e for e in entries if self._is_trust(e)), key=lambda e: e.stamp)
+        while pending:
+            refused: list[tuple[Entry, str]] = []
+            stored = False
+            for entry in pending:
+                why = self._refusal(entry, self.schema.get(entry.collection))
+                if why is not None:
+                    refused.append((entry, why))
+                elif self._store(entry, self.schema[entry.collection]):
+                    result.changed.append(entry)
+                    result.trust_changed = stored = True
+            if not stored:  # the trust is what it was: the rest would be refused again
+                break
+            pending = [e for e, _ in refused]
+        else:
+            refused = []
+        for entry, why in refused:
+            self._count(result, entry, why)
+        others = sorted((e for e in entries if not self._is_trust(e)), key=lambda e: e.stamp)
+        trust = self.trust()
+        if others and peer is not None and trust is not None and not trust.may_sync(peer):
+            result.refused["peer_not_trusted"] += len(others)  # no longer current
+            others = []
+        for entry in others:
             spec = self.schema.get(entry.collection)
-            if peer is not None and not checked_peer and not self._is_trust(entry):
-                checked_peer = True  # every trust entry is in: may the sender still send?
-                trust = self.trust()
-                if trust is not None and not trust.may_sync(peer):
-                    result.refused["peer_not_trusted"] += sum(
-                        1 for e in ordered if not self._is_trust(e))
-                    break
             why = self._refusal(entry, spec)
             if why is not None or spec is None:
-                why = why or "foreign_collection"
-                result.refused[why] += 1
-                if why.startswith("unknown_"):  # not checkable yet: it must come again
-                    result.unchecked.add(entry.origin)
-                continue
-            if self._store(entry, spec):
+                self._count(result, entry, why or "foreign_collection")
+            elif self._store(entry, spec):
                 result.changed.append(entry)
-                if spec.trust:
-                    result.trust_changed = True
+        if result.trust_changed:
+            self._drop_void(result)
         if result.changed:
             self.clock.observe(max(e.stamp for e in result.changed))
         return result
+
+    @staticmethod
+    def _count(result: MergeResult, entry: Entry, why: str) -> None:
+        result.refused[why] += 1
+        if why.startswith("unknown_"):  # not checkable yet: it must come again
+            result.unchecked.add(entry.origin)
+
+    def _drop_void(self, result: MergeResult) -> None:
+        """Drop the held entries the new trust voids (a revoked device's entries that its
+        revocation did not keep). One of them may have overwritten an entry that still
+        counts, which this replica no longer has: it forgets its version vector (but its
+        own node's), so that every peer sends it everything again."""
+        trust = self.trust()
+        if trust is None:
+            return
+        for key, entry in list(self.entries.items()):
+            if trust.void(entry):
+                del self.entries[key]
+                result.dropped.append(entry)
+        if result.dropped:
+            self.vector = {n: t for n, t in self.vector.items() if n == self.node}
+            gone = {(e.collection, e.key, e.stamp) for e in result.dropped}
+            result.changed = [e for e in result.changed
+                              if (e.collection, e.key, e.stamp) not in gone]
 
     def _is_trust(self, entry: Entry) -> bool:
         spec = self.schema.get(entry.collection)
@@ -388,7 +441,10 @@ class Replica:
         if spec.grow_only:
             if entry.deleted:
                 return "tombstone"
-            if spec.key_of is None or entry.key != spec.key_of(entry.value):
+            try:
+                if spec.key_of is None or entry.key != spec.key_of(entry.value):
+                    return "wrong_key"
+            except (KeyError, TypeError, ValueError):  # not even the shape its key needs
                 return "wrong_key"
             if current is not None and (current.deleted or current.value != entry.value):
                 return "overwrite"

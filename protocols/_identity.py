@@ -25,6 +25,7 @@ import binascii
 import functools
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ __all__ = ["DeviceCertificate", "Revocation", "UserKey", "b64", "commitment", "d
            "pairing_codes", "unb64", "user_id_of", "verify_signature"]
 
 _CONTEXT = b"covey-pair-v2"
+_KEPT = re.compile(r"[0-9a-f]{32}( [0-9a-f]{32})*")  # a revocation's ``kept``, when not ""
 _S = TypeVar("_S", bound="_Signed")
 
 
@@ -147,8 +149,9 @@ class DeviceCertificate(_Signed):
 class Revocation(_Signed):
     """A user key's statement that a device is no longer the user's; it retires that key.
 
-    ``seen`` is the revoking pod's last timestamp from the revoked device (its version
-    vector entry, or ""): writes of that device after it are void.
+    ``kept`` names (space-separated content keys of ``kept_entries`` entries) the lists of
+    the revoked device's entries the revoking pod held when it revoked it: those, and no
+    other entry that device signed, count from then on, whatever their timestamps say.
     """
 
     WHAT = "revocation"
@@ -156,13 +159,15 @@ class Revocation(_Signed):
     device_id: str
     reason: str
     revoked_at: str
-    seen: str
+    kept: str  # the keys of the lists of the device's entries that still count
     previous_key: str  # base64: the user key retired, which signs this
     next_key: str  # base64: the user key from now on
     signature: str = ""
 
     def verify(self) -> bytes:
-        """Check the signature; the retired key (raises ValueError)."""
+        """Check the form and the signature; the retired key (raises ValueError)."""
+        if self.kept and not _KEPT.fullmatch(self.kept):
+            raise ValueError("a revocation's kept lists are named by 32 hex digits each")
         previous = unb64(self.previous_key, 32)
         if unb64(self.next_key, 32) == previous:
             raise ValueError("a revocation must replace the user key")
@@ -211,11 +216,12 @@ class UserKey:
             self.user_id, device_id_of(device_public_key), b64(device_public_key), name,
             _now(), b64(self.public_key)))
 
-    def revoke(self, device_id: str, reason: str, seen: str = "") -> tuple[Revocation, UserKey]:
-        """Revoke a device for good; the revocation and the user key that replaces this one."""
+    def revoke(self, device_id: str, reason: str, kept: str = "") -> tuple[Revocation, UserKey]:
+        """Revoke a device for good, keeping only its entries listed by ``kept``; the
+        revocation and the user key that replaces this one."""
         successor = UserKey(Ed25519PrivateKey.generate(), self.user_id)
         revocation = self._sign(Revocation(
-            self.user_id, device_id, reason, _now(), seen, b64(self.public_key),
+            self.user_id, device_id, reason, _now(), kept, b64(self.public_key),
             b64(successor.public_key)))
         return revocation, successor
 

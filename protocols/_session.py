@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import os
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from covey.protocols._channel import (
+    MAX_MESSAGE,
     ChannelError,
     FrameReader,
     Handshake,
@@ -53,6 +55,9 @@ __all__ = ["HANDSHAKE_TIMEOUT", "MAX_ENTRIES", "MemoryState", "PairResult", "Pai
 HANDSHAKE_TIMEOUT = 10.0
 SESSION_TIMEOUT = 30.0  # the most a sync session may take once authenticated
 MAX_ENTRIES = 10_000  # entries in one delta message; larger deltas are split
+# Bytes of entries in one delta message: room left under MAX_MESSAGE for the envelope
+# and the version vector (a few hundred bytes per node).
+_CHUNK_BYTES = MAX_MESSAGE - (64 << 10)
 
 
 class RefusedError(ChannelError):
@@ -125,6 +130,7 @@ class SyncStats:
     bytes_out: int = 0
     received: int = 0  # entries received
     changed: int = 0  # entries that changed here
+    dropped: int = 0  # held entries dropped: a revocation that came did not keep them
     sent: int = 0
     collections: set[str] = field(default_factory=set)
     refused: Counter[str] = field(default_factory=Counter)  # received entries refused, by why
@@ -133,7 +139,8 @@ class SyncStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"peer": self.peer, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-                "received": self.received, "changed": self.changed, "sent": self.sent,
+                "received": self.received, "changed": self.changed,
+                "dropped": self.dropped, "sent": self.sent,
                 "collections": sorted(self.collections), "refused": dict(self.refused),
                 "sent_user_key": self.sent_user_key,
                 "received_user_key": self.received_user_key}
@@ -180,6 +187,21 @@ async def _tell(conn: _Conn, channel: SecureChannel, code: str, message: str) ->
         await conn.send(channel.seal({"type": "error", "code": code, "message": message}))
 
 
+def _chunks(entries: tuple[Entry, ...]) -> list[tuple[Entry, ...]]:
+    """A delta's entries in messages of at most MAX_ENTRIES entries and _CHUNK_BYTES bytes
+    (an entry's size as the channel writes it, and its comma), at least one each."""
+    chunks: list[tuple[Entry, ...]] = []
+    start, size = 0, 0
+    for i, entry in enumerate(entries):
+        length = len(json.dumps(entry.to_dict(), separators=(",", ":"))) + 1
+        if i > start and (i - start >= MAX_ENTRIES or size + length > _CHUNK_BYTES):
+            chunks.append(entries[start:i])
+            start, size = i, 0
+        size += length
+    chunks.append(entries[start:])
+    return chunks
+
+
 async def _exchange(conn: _Conn, channel: SecureChannel, state: SyncState) -> None:
     stats = conn.stats
     sender = device_id_of(channel.peer_key)
@@ -199,8 +221,7 @@ async def _exchange(conn: _Conn, channel: SecureChannel, state: SyncState) -> No
                 delta = replica.delta_for(peer)
                 stats.sent += len(delta.entries)
                 stats.collections.update(e.collection for e in delta.entries)
-                chunks = [delta.entries[i:i + MAX_ENTRIES]
-                          for i in range(0, len(delta.entries), MAX_ENTRIES)] or [()]
+                chunks = _chunks(delta.entries)
                 for i, chunk in enumerate(chunks):
                     last = i == len(chunks) - 1
                     body = Delta(chunk, delta.vector if last else {}).to_dict()
@@ -220,6 +241,7 @@ async def _exchange(conn: _Conn, channel: SecureChannel, state: SyncState) -> No
                 result = replica.merge(delta, peer=sender)
                 state.merged(replica, result, sender)
                 stats.changed += len(result.changed)
+                stats.dropped += len(result.dropped)
                 stats.refused.update(result.refused)
                 merged = True
                 ack: dict[str, Any] = {"type": "ack", "vector": {

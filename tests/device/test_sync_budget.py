@@ -91,13 +91,46 @@ def test_a_synced_budget_change_is_audited_with_who_and_what(nodes: tuple[Node, 
 
 def test_a_raise_from_a_device_that_is_not_current_is_refused_and_undone(
         nodes: tuple[Node, ...]) -> None:
-    """The revoked speaker backdates a raise to before its revocation (so it is not
-    refused as a revoked device's later write) and gets it to the tv, which has not heard
-    of the revocation. When the raise reaches the laptop, which has, the laptop refuses it
-    (the speaker is not a current device) and writes its own policy again, which then wins
-    on the tv too. (Honest pods do not relay an entry older than what the receiver's
-    version vector says it has; the laptop is handed the raise directly, as a relay that
-    ignores the vector would.)"""
+    """The speaker raises the budget while it is still a current device; the phone takes
+    the raise, then revokes the speaker (the revocation keeps the speaker's entries the
+    phone holds, the raise among them). When the raise reaches the laptop, which has heard
+    of the revocation, the laptop refuses it (the speaker is no longer a current device)
+    and writes its own policy again, which then wins on the phone and the tv too."""
+    phone, laptop, speaker, tv = nodes
+
+    async def run() -> None:
+        for joiner in (laptop, speaker, tv):
+            pair(phone, joiner)
+        for n in nodes:
+            n.port = await n.server.start()
+        set_budget_policy(phone.pod, 2.0)
+        await _mesh(nodes)
+        set_budget_policy(speaker.pod, 50.0)
+        await speaker.sync(phone)
+        assert budget_policy(phone.pod).max_epsilon == 50.0  # from a current device
+        phone.state.revoke("speaker")
+        stats = await laptop.sync(phone)  # the revocation, and the raise it kept
+        assert stats.refused == {"budget_raise": 1}
+        assert budget_policy(laptop.pod).max_epsilon == 2.0
+        await phone.sync(laptop)  # the laptop's policy, written again, wins on the phone
+        await tv.sync(laptop)
+        for n in nodes:
+            await n.server.stop()
+
+    asyncio.run(run())
+    assert [budget_policy(n.pod).max_epsilon for n in (phone, laptop, tv)] == [2.0] * 3
+    refused = _audit(laptop.pod, "sync.refused")
+    assert refused == [{"peer": phone.id, "what": "budget_raise", "entries": 1,
+                        "kept_max_epsilon": 2.0, "kept_delta": 1e-5}]
+    assert PodState(laptop.pod).replica().get("budget_policy", "policy")["max_epsilon"] == 2.0
+
+
+def test_a_backdated_raise_of_a_revoked_device_is_refused_and_dropped_where_it_landed(
+        nodes: tuple[Node, ...]) -> None:
+    """The revoked speaker backdates a raise to its last write the phone saw before
+    revoking it, and gets it to the tv, which has not heard of the revocation. The laptop,
+    which has, refuses it (the revocation did not keep it). When the revocation reaches
+    the tv, the tv drops the raise and goes back to the policy it held before it."""
     phone, laptop, speaker, tv = nodes
 
     async def run() -> None:
@@ -109,11 +142,10 @@ def test_a_raise_from_a_device_that_is_not_current_is_refused_and_undone(
         await _mesh(nodes)
         set_consent(speaker.pod, "analytics", False)  # a last write, seen by the phone only
         await speaker.sync(phone)
-        seen = phone.state.replica().vector[speaker.id]  # the revocation's cutoff
+        seen = phone.state.replica().vector[speaker.id]
         phone.state.revoke("speaker")
         await laptop.sync(phone)
         assert speaker.id not in laptop.state.trust().current
-        # Stamped as its last write the phone saw: not after the revocation's cutoff.
         replica = speaker.state.replica()
         raise_ = Entry("budget_policy", "policy", {"max_epsilon": 50.0, "delta": 1e-5},
                        HLC(seen.wall, seen.counter, speaker.id)).signed_by(
@@ -124,15 +156,20 @@ def test_a_raise_from_a_device_that_is_not_current_is_refused_and_undone(
         held = laptop.state.replica()
         result = held.merge_entries([raise_], peer=tv.id)
         laptop.state.merged(held, result, tv.id)
-        assert result.refused == {"budget_raise": 1}
+        assert result.refused == {"revoked_origin": 1}
         assert budget_policy(laptop.pod).max_epsilon == 2.0
-        await tv.sync(laptop)  # the laptop's policy, written again, comes back to the tv
+        stats = await tv.sync(laptop)  # the revocation reaches the tv
+        assert stats.dropped == 1
         for n in nodes:
             await n.server.stop()
 
     asyncio.run(run())
     assert budget_policy(tv.pod).max_epsilon == 2.0
-    refused = _audit(laptop.pod, "sync.refused")
-    assert refused == [{"peer": tv.id, "what": "budget_raise", "entries": 1,
-                        "kept_max_epsilon": 2.0, "kept_delta": 1e-5}]
-    assert PodState(laptop.pod).replica().get("budget_policy", "policy")["max_epsilon"] == 2.0
+    assert _audit(tv.pod, "sync.dropped") == [{"peer": laptop.id, "entries": 1,
+                                               "collections": {"budget_policy": 1},
+                                               "writers": [speaker.id]}]
+    undone = [a for a in _audit(tv.pod, "budget_policy") if a.get("by") == "revocation"]
+    assert undone == [{"peer": speaker.id, "max_epsilon": 2.0, "delta": 1e-5,
+                       "by": "revocation", "previous_max_epsilon": 50.0,
+                       "previous_delta": 1e-5}]
+    assert _audit(laptop.pod, "sync.refused") == []

@@ -209,3 +209,18 @@ def test_the_data_key_alone_cannot_drop_other_pods_spend_or_raise_the_maximum(
             with pytest.raises(LedgerTampered):
                 pod_ledger(pod).spend(_release("run-4"))
         shutil.rmtree(tmp_path / "attacked")
+
+
+def test_a_revoked_devices_spend_still_counts(trio: list[Pod]) -> None:
+    # The speaker spent, its entries reached only the laptop, then the phone (which had
+    # not seen them) revoked it. Dropping what the revocation did not keep would forget
+    # spend that happened: ledger entries are kept whatever the revocation lists.
+    phone, laptop, speaker = trio
+    pod_ledger(speaker).spend(_release("run-s", z=4.0))
+    spent = pod_ledger(speaker).spent()
+    _sync(speaker, laptop)
+    PodState(phone).revoke(speaker.identity.device_id, "lost")
+    _sync(phone, laptop)
+    _sync(laptop, phone)
+    for pod in (phone, laptop):
+        assert pod_ledger(pod).spent() == pytest.approx(spent)

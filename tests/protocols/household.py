@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from covey.protocols._crdt import Entry, Replica, Schema
 from covey.protocols._hlc import HybridClock
 from covey.protocols._identity import UserKey, device_id_of
-from covey.protocols._trust import USER_SCHEMA, UserTrust, user_trust
+from covey.protocols._trust import USER_SCHEMA, UserTrust, revoke, user_trust
 
 
 def public(key: Ed25519PrivateKey) -> bytes:
@@ -50,16 +50,8 @@ class Household:
 
     def revoke(self, by: str, victim: str, reason: str = "lost") -> list[Entry]:
         """``by`` revokes ``victim`` and moves the others to a new user key (what
-        PodState.revoke does); the entries it wrote."""
-        replica, trust = self.replicas[by], self.trust(by)
-        seen = replica.vector.get(self.ids[victim])
-        revocation, successor = self.user.revoke(self.ids[victim], reason,
-                                                 seen.encode() if seen else "")
-        written = [replica.add("revocations", revocation.to_dict())]
-        for device in sorted(trust.current - {self.ids[victim]}):
-            cert = trust.certificate(device)
-            assert cert is not None
-            written.append(replica.add("devices", successor.certify(
-                cert.device_key, cert.name).to_dict()))
+        PodState.revoke does); the entries it wrote (the kept lists, the revocation, the
+        certificates by the new key)."""
+        _, successor, written = revoke(self.replicas[by], self.user, self.ids[victim], reason)
         self.old_user, self.user = self.user, successor
         return written

@@ -46,7 +46,7 @@ def test_a_certificate_verifies_only_for_its_content_and_signer() -> None:
 
 def test_revoking_replaces_the_user_key_and_keeps_the_user_id() -> None:
     user = UserKey.generate_for(_device())
-    revocation, successor = user.revoke("dev-old", "lost", seen="")
+    revocation, successor = user.revoke("dev-old", "lost", kept="")
     assert revocation.verify() == user.public_key  # signed by the key it retires
     assert revocation.next_key == b64(successor.public_key) != revocation.previous_key
     assert successor.user_id == user.user_id  # the identity other parts key on stays

@@ -4,6 +4,7 @@ every entry received is checked against the device the channel authenticated."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from covey.protocols._channel import ChannelError
 from covey.protocols._crdt import Entry, Replica
 from covey.protocols._hlc import HLC
 from covey.protocols._session import SyncServer, SyncStats, sync_with
+from covey.protocols._trust import KEPT, MAX_KEPT
 from tests.protocols.household import Household, public
 
 NAMES = ("phone", "laptop", "speaker")
@@ -129,6 +131,35 @@ def test_a_paired_peer_cannot_pass_off_entries_as_another_devices() -> None:
         assert phone.replica.get("consents", "federated_training") is None
         assert phone.replica.get("consents", "analytics") is None
         assert phone.replica.get("preferences", "diet") == "vegan"
+        for p in (phone, laptop, speaker):
+            await p.server.stop()
+
+    asyncio.run(run())
+
+
+def test_a_revoked_device_with_many_entries_reaches_a_new_pod_whole() -> None:
+    """The speaker wrote 5,000 memories (more than one kept list holds, and more bytes
+    than one message); the phone revokes it. The laptop, which holds none of them yet, gets
+    everything in one session, split by size: the revocation, its two kept lists, and every
+    memory they keep."""
+    async def run() -> None:
+        phone, laptop, speaker = await _pods()
+        for i in range(5000):
+            speaker.replica.set("memories", f"m{i}", {"kind": "note",
+                                                      "text": f"note {i:05d} " + "x" * 150})
+        assert not phone.replica.merge_entries(speaker.replica.entries.values()).refused
+        rotation = phone.home.revoke("phone", "speaker")
+        lists = [len(base64.b64decode(e.value["ids"])) // 16
+                 for e in rotation if e.collection == KEPT]
+        assert sorted(lists) == [5000 - MAX_KEPT, MAX_KEPT]
+        stats = await laptop.sync(phone)
+        assert stats.received > 5000 and stats.bytes_in > 1 << 20 and not stats.refused
+        assert laptop.replica.items("memories") == phone.replica.items("memories")
+        assert len(laptop.replica.items("memories")) == 5000
+        trust = laptop.home.trust("laptop")
+        assert trust.revocation(speaker.replica.node) is not None
+        kept = trust.kept[speaker.replica.node]
+        assert kept is not None and len(kept) == 5000
         for p in (phone, laptop, speaker):
             await p.server.stop()
 
