@@ -28,15 +28,66 @@ _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # gets what it needs another way (the round agent's data key comes down a pipe).
 SECRET_ENV = ("COVEY_PASSPHRASE", "COVEY_NEW_PASSPHRASE")
 _taken: dict[str, str] = {}
+_PR_SET_DUMPABLE = 4
+# Fields 50 and 51 of /proc/<pid>/stat (Linux >= 3.5): where the kernel keeps the
+# environment block the process was started with, which /proc/<pid>/environ shows.
+_ENV_START_FIELD = 50
 
 
 def take_secrets() -> None:
-    """Move ``SECRET_ENV`` out of ``os.environ``, so that no child process inherits them
-    whoever starts it (the `covey` command does this first)."""
+    """Move ``SECRET_ENV`` out of this process's environment (the `covey` command does
+    this first), so that no child inherits them and no reader of /proc/<pid>/environ
+    finds them.
+
+    ``os.environ.pop`` alone is not enough: it only unlinks libc's pointer, while the
+    kernel keeps showing the block the process was started with. So, on Linux, the
+    entries are also overwritten in place in that block, and a process that took a
+    secret is made non-dumpable (``PR_SET_DUMPABLE`` 0), so that other processes of its
+    user cannot read its memory, where the secret now lives, or its environment through
+    /proc or ptrace (root still can).
+    """
     _taken.clear()
     for name in SECRET_ENV:
         if name in os.environ:
             _taken[name] = os.environ.pop(name)
+    if _taken and sys.platform.startswith("linux"):
+        _no_dumps()
+        _scrub_environ_block({name.encode() for name in SECRET_ENV})
+
+
+def _no_dumps() -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def _scrub_environ_block(names: set[bytes]) -> int:
+    """Zero every ``NAME=value`` of ``names`` in the environment block the kernel shows
+    as /proc/self/environ; returns the number of bytes zeroed.
+
+    The entries are no longer in libc's ``environ`` (``os.environ.pop`` unset them), so
+    nothing reads those bytes any more; the kernel reads them live from this process's
+    memory, as it does for ``setproctitle``'s rewritten command line.
+    """
+    import ctypes
+
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        fields = stat[stat.rfind(")") + 1:].split()  # from field 3 on
+        start = int(fields[_ENV_START_FIELD - 3])
+        end = int(fields[_ENV_START_FIELD - 2])
+    except (OSError, IndexError, ValueError):
+        return 0
+    if not 0 < start < end:
+        return 0
+    block = ctypes.string_at(start, end - start)
+    zeroed, offset = 0, 0
+    for entry in block.split(b"\0"):
+        if entry.partition(b"=")[0] in names:
+            ctypes.memset(start + offset, 0, len(entry))
+            zeroed += len(entry)
+        offset += len(entry) + 1
+    return zeroed
 
 
 def secret_from_env(name: str) -> str | None:
