@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SECRET_ENV", "ProcessRef", "alive", "child_env", "descendants", "flower_bin",
-           "flower_env", "free_port", "secret_from_env", "stop_process", "stop_processes",
-           "stop_refs", "stop_tree", "take_secrets"]
+__all__ = ["PRIVATE_UMASK", "SECRET_ENV", "ProcessRef", "alive", "child_env", "descendants",
+           "flower_bin", "flower_env", "free_port", "secret_from_env", "stop_process",
+           "stop_processes", "stop_refs", "stop_tree", "take_secrets"]
 
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -29,6 +29,9 @@ _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 SECRET_ENV = ("COVEY_PASSPHRASE", "COVEY_NEW_PASSPHRASE")
 _taken: dict[str, str] = {}
 _PR_SET_DUMPABLE = 4
+# The umask of the servers covey starts: whatever they create (Flower's state database,
+# which holds every update a SuperLink relays, its logs, apps) is their user's alone.
+PRIVATE_UMASK = 0o077
 # Fields 50 and 51 of /proc/<pid>/stat (Linux >= 3.5): where the kernel keeps the
 # environment block the process was started with, which /proc/<pid>/environ shows.
 _ENV_START_FIELD = 50
@@ -100,14 +103,27 @@ def flower_bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def _inherited(name: str) -> bool:
+    """Whether a variable of this process's environment may pass to a process covey
+    starts: not a secret, and no Flower setting but its log level. Flower reads dozens
+    of ``FLWR_*`` variables, some of which change what it exposes or where it fetches
+    apps from (``FLWR_INTERNAL_GRPC_CONTROL_API=1`` makes a SuperLink serve a second,
+    legacy gRPC Control API, by default on 0.0.0.0:9093; ``FLWR_SUPERGRID_*`` say
+    where apps come from); covey sets the ones it means (:func:`flower_env`)."""
+    if name in SECRET_ENV:
+        return False
+    return not name.startswith("FLWR_") or name == "FLWR_LOG_LEVEL"
+
+
 def child_env() -> dict[str, str]:
-    """This process's environment without the secrets in ``SECRET_ENV``."""
-    return {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    """This process's environment without the secrets in ``SECRET_ENV`` and without
+    inherited Flower settings (``FLWR_*``, but for ``FLWR_LOG_LEVEL``)."""
+    return {k: v for k, v in os.environ.items() if _inherited(k)}
 
 
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for Flower processes: our venv first, no network checks, no
-    secrets."""
+    secrets, and only the Flower settings covey chooses."""
     env = child_env()
     env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
                FLWR_HOME=str(flwr_home), FLWR_DISABLE_UPDATE_CHECK="1",
