@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ _HEAD_CONTEXT = b"covey-audit-head-v1\0"
 # Where covey before the signed head kept it, in the store (readable and writable with
 # the data key alone); read once, when such a pod adopts its chain.
 _LEGACY_HEAD_KEY = "audit_head"
+_log = logging.getLogger(__name__)
 _COLUMNS = "seq, created_at, kind, peer, bytes, epsilon, detail, prev_hash, hash"
 
 
@@ -212,6 +214,8 @@ class AuditHead:
                 self._write(seq + count, tip)
             elif failure is None:
                 self._signed = seq
+        except OSError as exc:  # the entries are committed; the next commit signs them
+            _log.warning("could not move the signed audit head: %s", exc.strerror)
         finally:
             conn.execute("ROLLBACK")
 

@@ -57,7 +57,7 @@ def _rewrite(home: Path, seq: int, peer: str, nbytes: int) -> None:
     """Change one entry and recompute its hash and every later one (the attacker knows
     the algorithm), and the head the store kept."""
     conn = _as_attacker(home)
-    rows = conn.execute(f"SELECT {_COLUMNS} FROM audit_log ORDER BY seq").fetchall()  # noqa: S608
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM audit_log ORDER BY seq").fetchall()
     prev = rows[seq - 2][8] if seq > 1 else "0" * 64
     for r in rows[seq - 1:]:
         r = list(r)
