@@ -18,6 +18,14 @@ what it accepts runs on the aggregator and may be sent to pods, so the SuperLink
 ever listens on the loopback: for another ``--host`` a Fleet-only gateway
 (``_gateway``) listens there. Runs are of covey's app alone, signed with the registry's
 key and handed to the SuperLink by ``_apphub``; pods run nothing else.
+
+The loopback is still open to every account on the machine, and an app submitted there
+runs as the operator, next to the registry's signing key: nothing within one machine's
+accounts closes that (see the README). What can be closed is: the home is 0700 and
+everything in it owner-only, the processes covey starts run with umask 077 (Flower's
+``state.db`` holds the updates the SuperLink relays), the legacy gRPC Control and Fleet
+APIs a SuperLink opens on 0.0.0.0 when told to by ``FLWR_INTERNAL_GRPC_*`` variables are
+pinned to the loopback, and no inherited ``FLWR_*`` setting reaches a Flower process.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import os
 import re
 import ssl
 import subprocess
@@ -35,7 +44,15 @@ from pathlib import Path
 from typing import Any
 
 from covey._files import write_atomic
-from covey._processes import ProcessRef, child_env, flower_bin, flower_env, free_port, stop_tree
+from covey._processes import (
+    PRIVATE_UMASK,
+    ProcessRef,
+    child_env,
+    flower_bin,
+    flower_env,
+    free_port,
+    stop_tree,
+)
 from covey.errors import CoveyError, InvalidInputError
 
 __all__ = ["AggregatorError", "AggregatorHome"]
@@ -80,6 +97,29 @@ def _check_names_loopback(server_cert: Path) -> None:
         raise AggregatorError(f"{server_cert} does not name 127.0.0.1, where covey reaches "
                               "the SuperLink's Control API: make new certificates with "
                               "`covey aggregator certs --force --host ...`")
+
+
+def _private_dir(path: Path) -> Path:
+    """``path`` as an owner-only folder (made so, or tightened if it was not)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _tighten(root: Path) -> None:
+    """Take every group and other permission off ``root`` and what is under it (a home
+    made by an older covey, or files a tool made with a looser umask)."""
+    for folder, dirs, files in os.walk(root):
+        for name in [folder, *(os.path.join(folder, n) for n in (*dirs, *files))]:
+            mode = os.lstat(name).st_mode
+            if mode & 0o077 and not os.path.islink(name):
+                os.chmod(name, mode & 0o7700)
+
+
+def _log_file(path: Path) -> int:
+    """An owner-only log file, opened for appending (a descriptor the caller closes)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
 class AggregatorHome:
@@ -140,13 +180,15 @@ class AggregatorHome:
                 .sign(ca_key, hashes.SHA256()))
         pem = serialization.Encoding.PEM
         pkcs8 = serialization.PrivateFormat.PKCS8
-        self.certs.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.path)
+        _private_dir(self.certs)
         write_atomic(self.certs / "ca.key",
                      ca_key.private_bytes(pem, pkcs8, serialization.NoEncryption()))
         write_atomic(self.certs / "server.key",
                      key.private_bytes(pem, pkcs8, serialization.NoEncryption()))
-        write_atomic(self.certs / "server.pem", cert.public_bytes(pem), mode=0o644)
-        write_atomic(self.root_cert, ca.public_bytes(pem), mode=0o644)
+        # Public, but 0600 like everything here: the operator hands copies to pods.
+        write_atomic(self.certs / "server.pem", cert.public_bytes(pem))
+        write_atomic(self.root_cert, ca.public_bytes(pem))
         return self.root_cert
 
     # -- state files -------------------------------------------------------------------
@@ -158,7 +200,7 @@ class AggregatorHome:
 
     def run_record(self, run_id: str) -> Path:
         """Where the record of run ``run_id`` is written."""
-        self.runs.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.runs)
         return self.runs / f"{run_id}.json"
 
     def _read(self, name: str, default: Any) -> Any:
@@ -214,7 +256,8 @@ class AggregatorHome:
     def _flwr(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
         result = subprocess.run([flower_bin("flwr"), *args, "--format", "json"],
                                 capture_output=True, text=True, env=flower_env(self.flwr_home),
-                                cwd=self.path, timeout=timeout, check=False)
+                                cwd=self.path, timeout=timeout, check=False,
+                                umask=PRIVATE_UMASK)
         out = result.stdout
         try:
             data: dict[str, Any] = json.loads(out[out.index("{"):])
@@ -244,8 +287,10 @@ class AggregatorHome:
         exposed = not _is_loopback(host)
         if exposed:
             _check_names_loopback(self.certs / "server.pem")
+        _private_dir(self.path)
+        _tighten(self.path)
         for d in (self.logs, self.flwr_home, self.runs):
-            d.mkdir(parents=True, exist_ok=True)
+            _private_dir(d)
         self.registry()  # creates the signing key on first start
         connect = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
         control = f"127.0.0.1:{free_port()}" if exposed else f"{connect}:{port}"
@@ -260,36 +305,50 @@ class AggregatorHome:
         env = flower_env(self.flwr_home,
                          {"FLWR_SUPERGRID_API_URL": f"http://127.0.0.1:{hub_port}"})
         link_host, link_port = control.rsplit(":", 1)
-        with open(self.logs / "superlink.log", "ab") as log:
+        log = _log_file(self.logs / "superlink.log")
+        try:
             link = subprocess.Popen(
                 [flower_bin("flower-superlink"), "--ssl-ca-certfile", str(self.root_cert),
                  "--ssl-certfile", str(self.certs / "server.pem"),
                  "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth",
                  "--host", link_host if exposed else host, "--port", link_port,
                  "--database", str(self.path / "state.db"),
-                 "--disable-runtime-dependency-installation"],
+                 "--disable-runtime-dependency-installation",
+                 # Flower's legacy gRPC Control and Fleet APIs start only when a
+                 # FLWR_INTERNAL_GRPC_* variable says so (flower_env removes them), and
+                 # then default to 0.0.0.0: should one start anyway, on the loopback.
+                 "--control-api-address", f"127.0.0.1:{free_port()}",
+                 "--fleet-api-address", f"127.0.0.1:{free_port()}"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.path,
-                start_new_session=True)
+                start_new_session=True, umask=PRIVATE_UMASK)
+        finally:
+            os.close(log)
         procs: dict[str, Any] = {"superlink": {"pid": link.pid, "port": port,
                                                "process": str(ProcessRef.of(link.pid))}}
         self._write("processes.json", procs)
         self._wait_healthy(control, link, "SuperLink", timeout)
         if exposed:
-            with open(self.logs / "gateway.log", "ab") as log:
+            log = _log_file(self.logs / "gateway.log")
+            try:
                 gateway = subprocess.Popen(
                     [sys.executable, "-m", "covey.aggregator._gateway", host, str(port),
                      control, str(self.certs)], stdout=log, stderr=subprocess.STDOUT,
-                    env=child_env(), start_new_session=True)
+                    env=child_env(), start_new_session=True, umask=PRIVATE_UMASK)
+            finally:
+                os.close(log)
             procs["gateway"] = {"pid": gateway.pid, "port": port,
                                 "process": str(ProcessRef.of(gateway.pid))}
             self._write("processes.json", procs)
             self._wait_healthy(f"{connect}:{port}", gateway, "Fleet gateway", timeout)
         metrics_port = metrics_port or free_port()
-        with open(self.logs / "metrics.log", "ab") as log:
+        log = _log_file(self.logs / "metrics.log")
+        try:
             metrics = subprocess.Popen(
                 [sys.executable, "-m", "covey.aggregator._metrics", str(self.path),
                  str(metrics_port)], stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-                start_new_session=True)
+                start_new_session=True, umask=PRIVATE_UMASK)
+        finally:
+            os.close(log)
         procs["metrics"] = {"pid": metrics.pid, "port": metrics_port,
                             "process": str(ProcessRef.of(metrics.pid))}
         self._write("processes.json", procs)

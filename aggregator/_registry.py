@@ -3,13 +3,13 @@
 Layout under the aggregator's home::
 
     registry/signing.key     Ed25519 private key
-    registry/signing.pub     its public key (raw 32 bytes, base64) - pods pin it (0644)
+    registry/signing.pub     its public key (raw 32 bytes, base64) - pods pin it
     registry/versions/ID.npz the adapter bytes
     registry/versions/ID.json  the version record (below) and its signature
     registry/current         the id of the active version
 
-Every file but the public key is 0600: a version's adapter is a DP release, but the
-operator decides whom to show it to.
+Every file is 0600 and every folder 0700, the public key too (the operator hands pods a
+copy): a version's adapter is a DP release, but the operator decides whom to show it to.
 
 Versions are :class:`covey.protocols.ModelVersion` records, signed as that protocol says.
 """
@@ -45,12 +45,11 @@ class Registry:
             self._key = Ed25519PrivateKey.from_private_bytes(
                 base64.b64decode(key_path.read_text().strip()))
         else:
-            self.versions_dir.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._key = Ed25519PrivateKey.generate()
             write_atomic(key_path, base64.b64encode(self._key.private_bytes_raw()) + b"\n")
-            write_atomic(folder / "signing.pub",
-                         base64.b64encode(self.public_key) + b"\n", mode=0o644)
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / "signing.pub", base64.b64encode(self.public_key) + b"\n")
+        self.versions_dir.mkdir(mode=0o700, exist_ok=True)
 
     @property
     def public_key(self) -> bytes:

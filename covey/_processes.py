@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SECRET_ENV", "ProcessRef", "alive", "child_env", "descendants", "flower_bin",
-           "flower_env", "free_port", "secret_from_env", "stop_process", "stop_processes",
-           "stop_refs", "stop_tree", "take_secrets"]
+__all__ = ["PRIVATE_UMASK", "SECRET_ENV", "ProcessRef", "alive", "child_env", "descendants",
+           "flower_bin", "flower_env", "free_port", "secret_from_env", "stop_process",
+           "stop_processes", "stop_refs", "stop_tree", "take_secrets"]
 
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -28,15 +28,69 @@ _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # gets what it needs another way (the round agent's data key comes down a pipe).
 SECRET_ENV = ("COVEY_PASSPHRASE", "COVEY_NEW_PASSPHRASE")
 _taken: dict[str, str] = {}
+_PR_SET_DUMPABLE = 4
+# The umask of the servers covey starts: whatever they create (Flower's state database,
+# which holds every update a SuperLink relays, its logs, apps) is their user's alone.
+PRIVATE_UMASK = 0o077
+# Fields 50 and 51 of /proc/<pid>/stat (Linux >= 3.5): where the kernel keeps the
+# environment block the process was started with, which /proc/<pid>/environ shows.
+_ENV_START_FIELD = 50
 
 
 def take_secrets() -> None:
-    """Move ``SECRET_ENV`` out of ``os.environ``, so that no child process inherits them
-    whoever starts it (the `covey` command does this first)."""
+    """Move ``SECRET_ENV`` out of this process's environment (the `covey` command does
+    this first), so that no child inherits them and no reader of /proc/<pid>/environ
+    finds them.
+
+    ``os.environ.pop`` alone is not enough: it only unlinks libc's pointer, while the
+    kernel keeps showing the block the process was started with. So, on Linux, the
+    entries are also overwritten in place in that block, and a process that took a
+    secret is made non-dumpable (``PR_SET_DUMPABLE`` 0), so that other processes of its
+    user cannot read its memory, where the secret now lives, or its environment through
+    /proc or ptrace (root still can).
+    """
     _taken.clear()
     for name in SECRET_ENV:
         if name in os.environ:
             _taken[name] = os.environ.pop(name)
+    if _taken and sys.platform.startswith("linux"):
+        _no_dumps()
+        _scrub_environ_block({name.encode() for name in SECRET_ENV})
+
+
+def _no_dumps() -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def _scrub_environ_block(names: set[bytes]) -> int:
+    """Zero every ``NAME=value`` of ``names`` in the environment block the kernel shows
+    as /proc/self/environ; returns the number of bytes zeroed.
+
+    The entries are no longer in libc's ``environ`` (``os.environ.pop`` unset them), so
+    nothing reads those bytes any more; the kernel reads them live from this process's
+    memory, as it does for ``setproctitle``'s rewritten command line.
+    """
+    import ctypes
+
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        fields = stat[stat.rfind(")") + 1:].split()  # from field 3 on
+        start = int(fields[_ENV_START_FIELD - 3])
+        end = int(fields[_ENV_START_FIELD - 2])
+    except (OSError, IndexError, ValueError):
+        return 0
+    if not 0 < start < end:
+        return 0
+    block = ctypes.string_at(start, end - start)
+    zeroed, offset = 0, 0
+    for entry in block.split(b"\0"):
+        if entry.partition(b"=")[0] in names:
+            ctypes.memset(start + offset, 0, len(entry))
+            zeroed += len(entry)
+        offset += len(entry) + 1
+    return zeroed
 
 
 def secret_from_env(name: str) -> str | None:
@@ -49,14 +103,27 @@ def flower_bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def _inherited(name: str) -> bool:
+    """Whether a variable of this process's environment may pass to a process covey
+    starts: not a secret, and no Flower setting but its log level. Flower reads dozens
+    of ``FLWR_*`` variables, some of which change what it exposes or where it fetches
+    apps from (``FLWR_INTERNAL_GRPC_CONTROL_API=1`` makes a SuperLink serve a second,
+    legacy gRPC Control API, by default on 0.0.0.0:9093; ``FLWR_SUPERGRID_*`` say
+    where apps come from); covey sets the ones it means (:func:`flower_env`)."""
+    if name in SECRET_ENV:
+        return False
+    return not name.startswith("FLWR_") or name == "FLWR_LOG_LEVEL"
+
+
 def child_env() -> dict[str, str]:
-    """This process's environment without the secrets in ``SECRET_ENV``."""
-    return {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    """This process's environment without the secrets in ``SECRET_ENV`` and without
+    inherited Flower settings (``FLWR_*``, but for ``FLWR_LOG_LEVEL``)."""
+    return {k: v for k, v in os.environ.items() if _inherited(k)}
 
 
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for Flower processes: our venv first, no network checks, no
-    secrets."""
+    secrets, and only the Flower settings covey chooses."""
     env = child_env()
     env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
                FLWR_HOME=str(flwr_home), FLWR_DISABLE_UPDATE_CHECK="1",

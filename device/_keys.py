@@ -9,7 +9,10 @@ Changing the passphrase rewraps the DEK; the store itself is not touched.
 The device's Ed25519 private key is wrapped in the same file under the same
 key-encryption key (its own nonce and associated data), not kept in the store: whoever
 holds only the data key can read and rewrite the store but cannot sign as the device,
-so the ledger's signed chain head (kept outside the store) shows such a rewrite.
+so the ledger's and the audit log's signed chain heads (kept outside the store) show
+such a rewrite. The key file also says (bound into the data key's associated data) that
+the pod keeps a signed audit head, so that the mark cannot be taken out to make the pod
+adopt a rewritten audit chain as a pod from before the signed head does once.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import base64
 import json
 import os
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,10 @@ _DEVICE_AAD = b"covey pod device key v1"
 # A key file that holds the device key wraps the data key with this instead: removing the
 # device key from the file (to make the pod take one from the store) breaks the unwrap.
 _AAD_WITH_DEVICE = b"covey pod data key v1; the device key beside it"
+# A key file of a pod that keeps a signed audit-chain head (audit.head) says so, bound the
+# same way: taking the mark out, so that the pod would sign a rewritten chain afresh as a
+# pod from before the signed head does once, breaks the unwrap.
+_AAD_WITH_AUDIT_HEAD = b"covey pod data key v1; the device key beside it; audit head signed"
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,12 @@ class WrappedKey:
     created_at: str
     device_nonce: bytes = b""  # empty in key files written before the device key moved here
     device_ciphertext: bytes = b""
+    audit_head: bool = False  # the pod keeps a signed audit head (False: made before it)
+
+    def _data_aad(self) -> bytes:
+        if not self.device_ciphertext:
+            return _AAD
+        return _AAD_WITH_AUDIT_HEAD if self.audit_head else _AAD_WITH_DEVICE
 
     def to_json(self) -> str:
         """Serialize for the key file."""
@@ -112,6 +125,8 @@ class WrappedKey:
         if self.device_ciphertext:
             doc["device_key"] = {"nonce": base64.b64encode(self.device_nonce).decode(),
                                  "ciphertext": base64.b64encode(self.device_ciphertext).decode()}
+        if self.audit_head:
+            doc["audit_head"] = True
         return json.dumps(doc, indent=2) + "\n"
 
     @classmethod
@@ -137,23 +152,28 @@ class WrappedKey:
                 created_at=str(doc["created_at"]),
                 device_nonce=base64.b64decode(device["nonce"], validate=True),
                 device_ciphertext=base64.b64decode(device["ciphertext"], validate=True),
+                audit_head=doc.get("audit_head") is True,
             )
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise StoreCorruptError(path, f"unreadable key file: {type(exc).__name__}") from None
 
 
-def wrap(data_key: bytes, passphrase: str, params: KdfParams, device_key: bytes = b""
-         ) -> WrappedKey:
+def wrap(data_key: bytes, passphrase: str, params: KdfParams, device_key: bytes = b"",
+         *, audit_head: bool = False) -> WrappedKey:
     """Encrypt ``data_key`` (and the device's private key, if given) under a fresh
-    Argon2id derivation of ``passphrase``."""
+    Argon2id derivation of ``passphrase``; ``audit_head`` marks a pod that keeps a signed
+    audit-chain head (it needs the device key)."""
+    if audit_head and not device_key:
+        raise ValueError("only a key file with the device key can mark a signed audit head")
     salt = secrets.token_bytes(_SALT_BYTES)
     nonce = secrets.token_bytes(_NONCE_BYTES)
     kek = AESGCM(_derive(passphrase, salt, params))
-    ciphertext = kek.encrypt(nonce, data_key, _AAD_WITH_DEVICE if device_key else _AAD)
     device_nonce = secrets.token_bytes(_NONCE_BYTES) if device_key else b""
     device_ciphertext = kek.encrypt(device_nonce, device_key, _DEVICE_AAD) if device_key else b""
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    return WrappedKey(params, salt, nonce, ciphertext, now, device_nonce, device_ciphertext)
+    shell = WrappedKey(params, salt, nonce, b"", now, device_nonce, device_ciphertext,
+                       audit_head)
+    return replace(shell, ciphertext=kek.encrypt(nonce, data_key, shell._data_aad()))
 
 
 def unwrap_keys(wrapped: WrappedKey, passphrase: str) -> tuple[bytes, bytes]:
@@ -164,8 +184,7 @@ def unwrap_keys(wrapped: WrappedKey, passphrase: str) -> tuple[bytes, bytes]:
     """
     kek = AESGCM(_derive(passphrase, wrapped.salt, wrapped.kdf))
     try:
-        data_key = kek.decrypt(wrapped.nonce, wrapped.ciphertext,
-                               _AAD_WITH_DEVICE if wrapped.device_ciphertext else _AAD)
+        data_key = kek.decrypt(wrapped.nonce, wrapped.ciphertext, wrapped._data_aad())
         device_key = (kek.decrypt(wrapped.device_nonce, wrapped.device_ciphertext, _DEVICE_AAD)
                       if wrapped.device_ciphertext else b"")
     except InvalidTag:

@@ -2,8 +2,10 @@
 
 Files under the pod home:
 
-    pod.key        the data key, wrapped by the passphrase (JSON, mode 0600)
+    pod.key        the data key and the device key, wrapped by the passphrase (JSON, 0600)
     pod.db         the SQLCipher store (with pod.db-wal and pod.db-shm beside it)
+    ledger.head    the privacy ledger's chain head, signed by the device key (0600)
+    audit.head     the audit log's chain head, signed by the device key (0600)
     config.toml    optional settings (no user data)
     logs/          redacted logs
     FORGOTTEN      left by crypto-shredding: when, and nothing else
@@ -100,6 +102,11 @@ class PodStatus:
         return dict(self.__dict__)
 
 
+def _audit_head(home: Path, identity: DeviceIdentity) -> _audit.AuditHead:
+    return _audit.AuditHead(home / _audit.HEAD_FILE, identity.device_id, identity.public_key,
+                            identity.sign)
+
+
 def _check_not_forgotten(home: Path) -> None:
     tomb = home / TOMBSTONE
     if tomb.exists():
@@ -124,6 +131,8 @@ class Pod:
         self.memories = Memories(store, on_erase=store.checkpoint)
         self.identity = self._load_identity(device_key)
         self.memories.device_key = self.identity.private_key
+        self.audit_head = _audit_head(home, self.identity)
+        store.after_commit = self.audit_head.advance
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -149,7 +158,7 @@ class Pod:
         data_key = _keys.new_data_key()
         identity = DeviceIdentity.generate()
         private = identity.private_key.private_bytes_raw()
-        wrapped = _keys.wrap(data_key, passphrase, config.kdf, private)
+        wrapped = _keys.wrap(data_key, passphrase, config.kdf, private, audit_head=True)
         store = Store(home / DB_FILE, data_key, config.busy_timeout_ms)
         try:
             now = _now()
@@ -165,12 +174,13 @@ class Pod:
                     (identity.device_id, identity.public_key, now),
                 )
                 _audit.append(c, "pod.created", detail={"schema": SCHEMA_VERSION})
+            _audit_head(home, identity).start(store.conn)
             # The key file is written last: until it exists there is no pod to open.
             _keys.write_atomic(home / KEY_FILE, wrapped.to_json().encode())
         except BaseException:
             store.close()
-            for suffix in ("", "-wal", "-shm"):
-                (home / (DB_FILE + suffix)).unlink(missing_ok=True)
+            for name in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm", _audit.HEAD_FILE):
+                (home / name).unlink(missing_ok=True)
             raise
         pod = cls(home, store, config, private)
         pod._start_ledger()
@@ -195,8 +205,21 @@ class Pod:
         pod = cls(home, store, config, device_key)
         if moved:
             pod._start_ledger()
+        if not wrapped.audit_head:
+            pod._adopt_audit_chain()
+            if pod.audit_head.exists():  # from now on a missing head is a broken chain
+                _keys.write_atomic(home / KEY_FILE, _keys.wrap(
+                    data_key, passphrase, wrapped.kdf, device_key,
+                    audit_head=True).to_json().encode())
         _log.info("pod %s unlocked", pod.pod_id)
         return pod
+
+    def _adopt_audit_chain(self) -> None:
+        """A pod from before the signed audit head signs its chain once, if it holds
+        (else no head is made, and the chain check says the log is broken)."""
+        if not self.audit_head.exists() and self.audit_head.start(self.store.conn,
+                                                                  legacy=True):
+            self.audit("audit.head_adopted")
 
     def _start_ledger(self) -> None:
         """Sign the head of this device's (empty) ledger chain, adopting older rows."""
@@ -222,10 +245,13 @@ class Pod:
             raise StoreCorruptError(home / DB_FILE, "the database file is missing")
         store = Store(home / DB_FILE, data_key, config.busy_timeout_ms)
         try:
-            return cls(home, store, config, device_key)
+            pod = cls(home, store, config, device_key)
         except BaseException:
             store.close()
             raise
+        if not _keys.WrappedKey.from_file(home / KEY_FILE).audit_head:
+            pod._adopt_audit_chain()  # the next unlock with the passphrase marks the key file
+        return pod
 
     @classmethod
     def keys(cls, home: Path, passphrase: str) -> tuple[bytes, bytes]:
@@ -236,8 +262,8 @@ class Pod:
             PodNotFoundError, PodForgottenError, WrongPassphraseError, StoreCorruptError.
         """
         home = home.expanduser().absolute()
-        _, data_key, device_key = cls._unwrap(home, passphrase)
-        if not device_key:
+        wrapped, data_key, device_key = cls._unwrap(home, passphrase)
+        if not device_key or not wrapped.audit_head:  # an older pod: bring it up to date
             cls.open(home, passphrase).close()
             _, data_key, device_key = cls._unwrap(home, passphrase)
         return data_key, device_key
@@ -281,7 +307,8 @@ class Pod:
         _check_passphrase(new, config)
         with cls.open(home, old, config) as pod:  # moves an older pod's device key first
             _, data_key, device_key = cls._unwrap(home, old)
-            wrapped = _keys.wrap(data_key, new, config.kdf, device_key)
+            wrapped = _keys.wrap(data_key, new, config.kdf, device_key,
+                                 audit_head=pod.audit_head.exists())
             # Audit first: if the key file swap then fails, the old passphrase still works
             # and the log says a change was attempted.
             with pod.store.transaction() as c:
@@ -364,8 +391,8 @@ class Pod:
                                  detail=detail)
 
     def verify_audit_chain(self) -> _audit.ChainCheck:
-        """Check the audit log's hash chain."""
-        return _audit.verify(self.store.conn)
+        """Check the audit log's hash chain against its signed head."""
+        return _audit.verify(self.store.conn, self.audit_head)
 
     # -- status ------------------------------------------------------------------------
 
@@ -398,7 +425,7 @@ class Pod:
             created_at=self.meta("created_at"), schema_version=self.store.schema_version,
             cipher=cipher, kdf=kdf, counts=self.counts(),
             audit_chain={"ok": chain.ok, "entries": chain.entries, "bad_seq": chain.bad_seq,
-                         "reason": chain.reason},
+                         "reason": chain.reason, "signed": chain.signed},
             integrity=self.store.integrity_errors(),
             database_bytes=size,
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,8 @@ class Store:
     def __init__(self, path: Path, key: bytes | None, busy_timeout_ms: int = 10_000) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
+        # Runs after each committed transaction (the pod moves its signed audit head).
+        self.after_commit: Callable[[sqlite.Connection], None] | None = None
         if not path.exists():
             # SQLite gives the -wal and -shm files the main file's mode: owner only.
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -109,6 +111,8 @@ class Store:
                     self.conn.execute("ROLLBACK")
                 raise
             self.conn.execute("COMMIT")
+            if self.after_commit is not None:
+                self.after_commit(self.conn)
 
     def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite.Row]:
         """Run a read and return all rows."""

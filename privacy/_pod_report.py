@@ -89,7 +89,8 @@ def _encryption(pod: Any, report: dict[str, Any]) -> None:
     if status.audit_chain["ok"]:
         chain["notes"].append(f"All {status.audit_chain['entries']} entries verify: each "
                               "hash matches its content and links to the one before, and "
-                              "the recorded head matches the last entry.")
+                              "the head signed by the device key (kept outside the store) "
+                              "matches its entry.")
     else:
         bad = status.audit_chain
         chain["notes"].append(f"The chain breaks at entry {bad['bad_seq']}: {bad['reason']}.")

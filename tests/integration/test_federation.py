@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -178,6 +179,14 @@ def test_federated_rounds_on_a_real_superlink(federation: Federation) -> None:
         assert last["clip_norm"] == pytest.approx(math.sqrt(2))
         assert budget["epsilon_spent"] > spent_before
     assert len(fed.budget(admitted[2])["ledger"]) == 4  # it refused: nothing charged
+
+    # Everything the aggregator and the processes it started wrote (Flower's state.db,
+    # which held every clipped update of the central rounds, run records, versions,
+    # logs) is the operator's alone.
+    assert (fed.agg / "state.db").exists() and list((fed.agg / "runs").glob("*.json"))
+    loose = [f"{p.relative_to(fed.agg)} {stat.S_IMODE(p.lstat().st_mode):o}"
+             for p in [fed.agg, *fed.agg.rglob("*")] if p.lstat().st_mode & 0o077]
+    assert loose == []
 
     fed.ok("pod", "leave", "--home", str(admitted[0]))
     stopped = fed.ok("aggregator", "stop", *agg)["stopped"]
