@@ -307,7 +307,7 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
     size = Adapter.from_bytes(adapter_bytes).num_parameters
     record: dict[str, Any] = previous or {
         "run_id": run_id, "started_at": _now(), "config": cfg.to_dict(),
-        "mechanism": dp.statement(), "randomness": _randomness(cfg, noise),
+        "mechanism": dp.statement(expected), "randomness": _randomness(cfg, noise),
         "population": population, "rounds": [], "start_version": current,
     }
 

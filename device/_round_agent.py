@@ -8,7 +8,8 @@ file. The agent then
 1. marks itself non-dumpable (Linux ``PR_SET_DUMPABLE``), so other processes of the
    same user can read neither its memory nor its environment through /proc or ptrace;
 2. listens on a Unix socket (``run/round.sock`` in the pod home: folder 0700, socket
-   0600, and each peer's user id checked);
+   0600), answering only the SuperNode below and its processes (the ClientApp): each
+   peer's process id, from ``SO_PEERCRED``, must descend from the SuperNode's;
 3. starts the pod's Flower SuperNode as its child, with an environment cleared of
    covey's secrets, and lives exactly as long as that SuperNode.
 
@@ -125,11 +126,34 @@ def _listen(path: Path) -> socket.socket:
     return listener
 
 
-def _same_user(conn: socket.socket) -> bool:
-    if not hasattr(socket, "SO_PEERCRED"):  # the 0600 socket is the only check there
+def _parent(pid: int) -> int:
+    """``pid``'s parent from /proc (0 once it is gone). The command name, in brackets,
+    may hold spaces and brackets: the fields after the last ``)`` are fixed."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return 0
+    return int(stat_line.rsplit(b")", 1)[1].split()[1])
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        pid = _parent(pid)
+    return False
+
+
+def _peer_allowed(conn: socket.socket, supernode: int) -> bool:
+    """Whether the peer is the pod's SuperNode or one of its processes (the ClientApp it
+    runs), of this user. Another process of the same user, which could not read the key,
+    gets no update from the pod either (where /proc and SO_PEERCRED exist: elsewhere the
+    0600 socket in its 0700 folder is the only check)."""
+    if not hasattr(socket, "SO_PEERCRED") or not Path("/proc/self/stat").exists():
         return True
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return bool(struct.unpack("3i", creds)[1] == os.getuid())
+    pid, uid, _ = struct.unpack("3i", creds)
+    return uid == os.getuid() and _descends_from(pid, supernode)
 
 
 class _Agent:
@@ -195,13 +219,16 @@ class _Agent:
             worker.kill()
             worker.wait()
 
-    def serve(self, listener: socket.socket) -> None:
-        """Answer one connection at a time, for as long as the process lives."""
+    def serve(self, listener: socket.socket, supernode: int) -> None:
+        """Answer one connection at a time, from the SuperNode's processes only, for as
+        long as the process lives."""
         while True:
             conn, _ = listener.accept()
             with conn:
                 try:
-                    if not _same_user(conn):
+                    if not _peer_allowed(conn, supernode):
+                        print("covey round agent: refused a process that is not the "
+                              "pod's SuperNode's", file=sys.stderr, flush=True)
                         continue
                     conn.settimeout(_READ_TIMEOUT)
                     request = recv_frame(conn)
@@ -288,7 +315,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    threading.Thread(target=agent.serve, args=(listener,), name="covey-round-agent",
+    threading.Thread(target=agent.serve, args=(listener, node.pid), name="covey-round-agent",
                      daemon=True).start()
     threading.Thread(target=agent.retire_idle, name="covey-round-idle", daemon=True).start()
     try:

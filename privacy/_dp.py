@@ -211,8 +211,25 @@ class DPConfig:
                               self.accountant)
         return replace(self, noise_multiplier=z * self.sensitivity)
 
-    def statement(self) -> dict[str, object]:
-        """The mechanism and its assumptions, as written into run records and reports."""
+    def _noise_statement(self, expected_pods: float | None) -> str:
+        by = "the aggregator" if self.mode == "central" else "each pod"
+        if self.adaptive is None or expected_pods is None:
+            return (f"N(0, (z*C)^2) per coordinate added by {by}, z={self.noise_multiplier:g}"
+                    f" (accounted as {self.accounted_noise_multiplier:g} times the "
+                    "sensitivity)")
+        z_update = self.adaptive.update_noise_multiplier(self.noise_multiplier, expected_pods)
+        count_std = self.adaptive.count_std(expected_pods)
+        return (f"N(0, (z_u*C)^2) per coordinate added by {by}, z_u={z_update:.6g}, and "
+                f"N(0, {count_std:.6g}^2) on the centred count of unclipped updates "
+                f"(sensitivity {AdaptiveClipping.COUNT_SENSITIVITY:g}); the pair is "
+                f"accounted as one Gaussian release with z={self.noise_multiplier:g} "
+                "(Andrew et al. 2021, Theorem 1)")
+
+    def statement(self, expected_pods: float | None = None) -> dict[str, object]:
+        """The mechanism and its assumptions, as written into run records and reports.
+
+        With adaptive clipping and ``expected_pods`` (q*N) known, the noise line gives the
+        split of z the run uses: the update's multiplier and the count's noise."""
         if not self.private:
             return {"mode": "none", "mechanism": "FedAvg without differential privacy: "
                     "updates weighted by examples, no noise or no clipping",
@@ -220,7 +237,12 @@ class DPConfig:
                     f"{self.sample_rate:g}", "assumptions": [],
                     "aggregator_sees": "every pod's update in the clear, unclipped"}
         central = self.mode == "central"
+        split = ({"update_noise_multiplier": self.adaptive.update_noise_multiplier(
+                      self.noise_multiplier, expected_pods),
+                  "count_noise_std": self.adaptive.count_std(expected_pods)}
+                 if self.adaptive and expected_pods is not None else {})
         return {
+            **({"noise_split": split} if split else {}),
             "mode": self.mode,
             "mechanism": "DP-FedAvg: Gaussian mechanism on L2-clipped per-user LoRA updates",
             "adjacency": ("user-level add/remove (all of one user's data); sensitivity C"
@@ -229,10 +251,7 @@ class DPConfig:
             "clipping": ("adaptive, quantile-based (Andrew et al. 2021), initial "
                          f"C={self.clip_norm:g}" if self.adaptive else
                          f"fixed L2 norm C={self.clip_norm:g}"),
-            "noise": f"N(0, (z*C)^2) per coordinate added by "
-                     f"{'the aggregator' if central else 'each pod'}, "
-                     f"z={self.noise_multiplier:g} (accounted as "
-                     f"{self.accounted_noise_multiplier:g} times the sensitivity)",
+            "noise": self._noise_statement(expected_pods),
             "aggregation": "uniform weights; the sum is divided by the expected number "
                            "of pods q*N, never by the realised count",
             "sampling": (f"Poisson sampling of pods by the aggregator, rate q="

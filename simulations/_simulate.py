@@ -491,8 +491,10 @@ def simulate(cfg: SimulationConfig, out: Path,
              ) -> dict[str, Any]:
     """Run a simulation; writes population.json, the registry and the run record to ``out``.
 
-    Every round is checkpointed in the run record; ``resume`` continues an interrupted
-    run in ``out`` (same configuration), giving the same result as an uninterrupted one.
+    Every round is checkpointed beside the run record, never in it (the sampling
+    ratchet's state, never the noise's; owner-only, removed when the run completes);
+    ``resume`` continues an interrupted run in ``out`` (same configuration): with
+    ``--seed`` it gives the same result as an uninterrupted run, else fresh noise.
     ``users`` replaces the dataset's population (the privacy audit plants secrets in
     some users' data this way); ``noise`` replaces every noise source of the run, the
     aggregator's and the pods' (it must hold no state a copy would repeat: worker

@@ -258,6 +258,13 @@ def test_adaptive_clipping_moves_c_at_no_extra_epsilon(
                           _evaluator([]), tmp_path / "run2.json")
     assert record["epsilon"] == pytest.approx(plain["epsilon"])
     assert "adaptive" in record["mechanism"]["clipping"]
+    # The record states the noise the update got, not z: the count took a share of it,
+    # and the two shares recombine to the z the accountant composed.
+    split = record["mechanism"]["noise_split"]
+    z_u, count_z = split["update_noise_multiplier"], split["count_noise_std"] / 0.5
+    assert z_u > 2.0 and count_z == pytest.approx(10.0)
+    assert (z_u ** -2 + count_z ** -2) ** -0.5 == pytest.approx(2.0)
+    assert f"z_u={z_u:.6g}" in record["mechanism"]["noise"]
 
 
 def test_the_round_message_carries_the_training_precision(registry: Registry) -> None:

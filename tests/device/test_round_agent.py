@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import os
 import stat
+import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +40,27 @@ def aggregator(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         yield address, ca
 
 
+_FAKE_SUPERNODE = """#!{python}
+import os, re, socket, sys
+from pathlib import Path
+from covey.device._round_agent import ask, recv_frame, send_frame
+env = "\\n".join(f"{{k}}={{v}}" for k, v in os.environ.items())
+Path("{seen}.env").write_text(env)
+Path("{seen}.args").write_text(" ".join(sys.argv[1:]))
+target = Path(re.search(r'round-socket="([^"]+)"', " ".join(sys.argv)).group(1))
+relay = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+relay.bind("{relay}")
+relay.listen()
+while True:
+    conn, _ = relay.accept()
+    with conn:
+        try:
+            send_frame(conn, ask(target, recv_frame(conn)))
+        except Exception:
+            pass
+"""
+
+
 def _ask(socket: Path, kind: str, records: RecordDict) -> Message:
     raw = ask(socket, message_to_proto(
         Message(records, dst_node_id=1, message_type=kind)).SerializeToString())
@@ -53,11 +76,11 @@ def test_the_key_goes_to_the_round_agent_alone(pod: Pod, home: Path, tmp_path: P
     enable(pod, "routine")
     for hour in (8, 9, 9, 20):
         record_usage(pod, datetime(2026, 1, 5, hour, tzinfo=UTC))
-    # A stand-in for flower-supernode records what it is given, then waits.
-    seen = tmp_path / "supernode-saw"
+    # A stand-in for flower-supernode records what it is given, then relays frames from
+    # `relay` to the round socket, as the ClientApp it would run does.
+    seen, relay = tmp_path / "supernode-saw", tmp_path / "relay.sock"
     fake = tmp_path / "flower-supernode"
-    fake.write_text(f'#!/bin/sh\nenv > "{seen}.env"\necho "$@" > "{seen}.args"\n'
-                    "exec sleep 600\n")
+    fake.write_text(_FAKE_SUPERNODE.format(python=sys.executable, seen=seen, relay=relay))
     fake.chmod(0o755)
     monkeypatch.setattr(_join, "flower_bin", lambda name: str(fake))
     monkeypatch.setenv("COVEY_PASSPHRASE", PASSPHRASE)  # as a non-interactive join has it
@@ -86,22 +109,31 @@ def test_the_key_goes_to_the_round_agent_alone(pod: Pod, home: Path, tmp_path: P
             trusted_entities(registry.public_key))
         assert f'round-socket="{socket}"' in args
 
-        # The socket answers a round's questions from the pod it alone opens, under DP.
+        # The socket answers a round's questions from the pod it alone opens, under DP,
+        # and only to the SuperNode's processes.
         monkeypatch.setattr(TaskIdentity, "_run_id", 1)
         monkeypatch.setattr(TaskIdentity, "_node_id", 0)
         monkeypatch.setattr(TaskIdentity, "_task_id", 1)
         before = spent(pod)
-        reply = _ask(socket, "query", RecordDict({"stats": ConfigRecord({
+        for _ in range(100):
+            if relay.exists():
+                break
+            time.sleep(0.1)
+        with pytest.raises(OSError):  # this process is the user's, but not the SuperNode's
+            _ask(socket, "query", RecordDict({"stats": ConfigRecord({
+                "kind": "usage_hours", "run-id": "stats-0", "noise-multiplier": 8.0})}))
+        assert spent(pod) == before
+        reply = _ask(relay, "query", RecordDict({"stats": ConfigRecord({
             "kind": "usage_hours", "run-id": "stats-1", "noise-multiplier": 8.0})}))
         assert not reply.has_error(), reply.error
         assert len(reply.content.array_records["hours"].to_numpy_ndarrays()[0]) == 24
         assert spent(pod) > before  # charged to the user's ledger
-        malformed = _ask(socket, "train", RecordDict({"round": ConfigRecord({"x": 1})}))
+        malformed = _ask(relay, "train", RecordDict({"round": ConfigRecord({"x": 1})}))
         assert malformed.has_error() and "malformed" in malformed.error.reason
         # A frame over the limit is dropped, and the agent keeps serving.
         with pytest.raises(ValueError, match="over the"):
-            ask(socket, b"\0" * (MAX_FRAME + 1))
-        assert _ask(socket, "evaluate", RecordDict()).has_error()  # covey asks no such thing
+            ask(relay, b"\0" * (MAX_FRAME + 1))
+        assert _ask(relay, "evaluate", RecordDict()).has_error()  # covey asks no such thing
         # One worker answered them all, as the agent's child.
         workers = [p for p in descendants(agent)
                    if b"--worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
