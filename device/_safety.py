@@ -20,8 +20,12 @@ zero-width spaces and joiners, soft hyphens, bidi marks, tags) removed, combinin
 stacked on Latin letters removed, casefolded, and words spelled out letter by letter
 ("h o w  d o  I", "b.o.m.b", "p-i-p-e") joined again, split into words by their wider
 gaps or, when every gap is the same, by the likeliest words of a vocabulary learned
-with the classifier. Cross-script look-alikes (a Cyrillic "а" for a Latin "a") are not
-folded: NFKC leaves them, and no confusables table is installed.
+with the classifier. Cross-script look-alikes (a Cyrillic "а" or Greek "ο" for a Latin
+"a" or "o") are folded to the Latin letter that Unicode's confusables table (TR39, as
+shipped by ``confusable-homoglyphs``) says they look like, in each word that has a Latin
+letter ("іgnоrе") and each word made only of look-alikes ("ВОМВ"); other words keep their
+letters, so Russian or Greek text stays itself, but for its short words made only of
+look-alike letters ("а", "у", "οι").
 
 The classifier is softmax regression over hashed word 1-2-grams and character
 3-5-grams, trained (deterministically, to convergence, then cached) on
@@ -31,6 +35,7 @@ chitchat-dataset. The red-team set in ``tests/safety`` is never used to train it
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -52,7 +57,7 @@ HOLDBACK = 48  # characters of a reply held back until checked
 DIM = 1 << 18
 TARGET_FPR = 0.01  # the threshold is set so that 1 % of held-out ordinary chat is flagged
 _FLOOR = 0.35  # the threshold never goes below this (fewer false refusals of requests)
-_RECIPE = 8  # bump when training changes, so cached weights are rebuilt
+_RECIPE = 9  # bump when training or normalization changes, so cached weights are rebuilt
 _DATA_DIR = Path(__file__).parent / "safety_data"
 _DATA = _DATA_DIR / "train.jsonl"  # labelled examples of every category
 
@@ -119,16 +124,91 @@ _PII: dict[str, re.Pattern[str]] = {
 }
 
 
-def fold(text: str) -> str:
-    """NFKC, without format characters (Cf) or marks stacked on Latin letters, casefolded."""
+@functools.cache
+def _lookalikes() -> dict[int, str]:
+    """Each non-ASCII letter that TR39 calls confusable with one Latin letter a-z, to that
+    letter (a ``str.translate`` table): Cyrillic "а" to "a", Greek "ο" to "o", ..."""
+    from confusable_homoglyphs import confusables  # ~1 MB of JSON: loaded on first need
+
+    table = {}
+    for char, entries in confusables.confusables_data.items():
+        if len(char) != 1 or char.isascii() or not char.isalpha():
+            continue  # letters for letters: digits and symbols (a "0" for an "o") stay
+        if unicodedata.normalize("NFKC", char) != char:
+            continue  # full-width and mathematical letters: NFKC has folded them already
+        # The data lists each TR39 pair both ways; a letter is folded only when it looks
+        # like exactly one Latin letter (in either case).
+        letters = {e["c"].casefold() for e in entries
+                   if len(e["c"]) == 1 and e["c"].isascii() and e["c"].isalpha()}
+        if len(letters) != 1:
+            continue
+        letter = letters.pop()
+        if char.isupper():  # the case is kept to tell an I from an l (_i_or_l)
+            # TR39 folds a capital I into its prototype "l"; a capital of that shape
+            # (Cyrillic "І", Greek "Ι") is an I, but for where it stands for an l.
+            table[ord(char)] = "I" if letter == "l" else letter.upper()
+        else:
+            table[ord(char)] = letter
+    return table
+
+
+def _lookalikes_digest() -> str:
+    """A digest of the look-alike table, so what is built on the folded text (the cached
+    classifier) is rebuilt when the table changes."""
+    items = sorted(_lookalikes().items())
+    return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+
+
+_WORD = re.compile(r"[^\W_]+")
+_LATIN = re.compile("[A-Za-z\u00c0-\u024f]")  # Basic Latin to Latin Extended-B
+
+
+def _unconfuse(text: str) -> str:
+    """``text`` with look-alikes folded to Latin in each word that has a Latin letter or
+    is made only of look-alikes (TR39's mixed-script and whole-script confusables); a
+    word with a letter of its own script (Russian "привет") keeps every letter."""
+    table = _lookalikes()
+    if text.translate(table) == text:
+        return text
+
+    def word(match: re.Match[str]) -> str:
+        original = match.group(0)
+        swapped = original.translate(table)
+        if swapped.isascii() or _LATIN.search(original):
+            return _i_or_l(original, swapped)
+        return original
+
+    return _WORD.sub(word, text)
+
+
+def _i_or_l(original: str, swapped: str) -> str:
+    """``swapped`` with each capital I look-alike that follows a lowercase letter read
+    as the l it stands for there ("kiІІ", "ruӀes"); at a word's start or among
+    capitals ("Ιgnore", "ΚΙLL") it stays an I."""
+    if "I" not in swapped:
+        return swapped
+    out = list(swapped)  # translate maps one character to one, so indices agree
+    for k in range(1, len(out)):
+        if out[k] == "I" and original[k] != "I" and out[k - 1].islower():
+            out[k] = "l"
+    return "".join(out)
+
+
+def fold(text: str, lookalikes: bool = True) -> str:
+    """NFKC, without format characters (Cf) or marks stacked on Latin letters, with
+    cross-script look-alikes folded (unless ``lookalikes`` is false), casefolded."""
     text = unicodedata.normalize("NFKC", text)
     if text.isascii():
         return text.lower()
+    # Format characters go first, so they cannot split a word that mixes scripts.
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    if lookalikes:
+        text = _unconfuse(text)
     kept, latin = [], False
     for ch in text:
         category = unicodedata.category(ch)
-        if category == "Cf" or (category in ("Mn", "Me") and latin):
-            continue  # invisible, or a mark piled on a Latin letter to hide it
+        if category in ("Mn", "Me") and latin:
+            continue  # a mark piled on a Latin letter to hide it
         if category not in ("Mn", "Me"):
             latin = ch.isascii() and ch.isalpha()
         kept.append(ch)
@@ -241,8 +321,13 @@ def find_personal_data(text: str, private_values: list[str] | None = None) -> li
                 continue
             found.append(kind)
             break
-    lowered = fold(text)
-    if any(len(v) >= 4 and fold(v) in lowered for v in private_values or ()):
+    # Read both ways: with look-alikes folded, a fact spelled with them ("Pоrto") is
+    # found; without, a fact made only of look-alike letters (the Russian name "Егор")
+    # is still found inside a longer word of its own script ("Егором"), which keeps its
+    # letters while the fact alone is read as Latin.
+    views = [(fold(text, lookalikes=f), f) for f in (True, False)]
+    if any(len(v) >= 4 and fold(v, lookalikes=f) in seen
+           for v in private_values or () for seen, f in views):
         found.append("stored fact")
     return found
 
@@ -324,6 +409,16 @@ def _train(texts: list[str], labels: list[int], normalize: Normalizer, l2: float
     return weights
 
 
+def _cache_name() -> str:
+    """The cached classifier's file name: a digest of everything its weights depend on."""
+    # The features are computed on folded text, so the look-alike table is part of the
+    # recipe (loading it here also spares the first non-ASCII message its cost).
+    settings = (f"{_PUBLIC_BENIGN} {_CALIBRATION} {TARGET_FPR} {DIM} {_FLOOR} v{_RECIPE} "
+                f"{_lookalikes_digest()}")
+    recipe = b"".join(p.read_bytes() for p in _data_files()) + settings.encode()
+    return f"classifier-{hashlib.sha256(recipe).hexdigest()[:16]}.npz"
+
+
 class SafetyFilter:
     """Rules and the classifier; cheap to call (well under a millisecond per text)."""
 
@@ -338,10 +433,7 @@ class SafetyFilter:
         """Train on first use (about a second) and cache the weights by data hash."""
         from covey.models._embedder import cache_dir
 
-        settings = f"{_PUBLIC_BENIGN} {_CALIBRATION} {TARGET_FPR} {DIM} {_FLOOR} v{_RECIPE}"
-        recipe = b"".join(p.read_bytes() for p in _data_files()) + settings.encode()
-        digest = hashlib.sha256(recipe).hexdigest()[:16]
-        path = (cache or cache_dir()) / "safety" / f"classifier-{digest}.npz"
+        path = (cache or cache_dir()) / "safety" / _cache_name()
         if path.exists():
             try:
                 with np.load(path) as saved:

@@ -2,9 +2,11 @@
 ways people hide words from a filter (the safety filter is measured on them, never
 trained on them).
 
-Each evasion is a deterministic function of the text. ``cyrillic`` (Latin letters
-swapped for Cyrillic look-alikes) is measured to show what the filter does not fold:
-NFKC leaves those letters as they are.
+Each evasion is a deterministic function of the text. The look-alike ones are written
+by hand, as an attacker would, not taken from the table the filter folds with:
+``cyrillic`` and ``greek`` swap the letters that have a look-alike in that script,
+``lookalikes`` every letter that has one in Cyrillic, Greek or Armenian, so most words
+have no Latin letter left.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ __all__ = ["EVASIONS", "FOLDED", "disguise"]
 
 _ZWSP, _SHY = "\u200b", "\u00ad"
 _CYRILLIC = str.maketrans("aceopxyACEOPXY", "асеорхуАСЕОРХУ")
+_GREEK = str.maketrans("oivuyABEHIKMNOPTXYZ", "οινυγΑΒΕΗΙΚΜΝΟΡΤΧΥΖ")
+_LOOKALIKES = str.maketrans("acdeghijnopqrsuvwxyABCEHIJKMOPSTXYZ",
+                            "асԁеցһіјոорԛгѕսνԝхуАВСЕНІЈКМОРЅТХУΖ")
 
 
 def _within_words(text: str, join: Callable[[str], str], shortest: int = 1) -> str:
@@ -48,9 +53,11 @@ EVASIONS: dict[str, Callable[[str], str]] = {
     "fullwidth": _fullwidth,
     "combining": lambda t: _within_words(t, lambda w: "".join(c + "\u0334" for c in w)),
     "cyrillic": lambda t: t.translate(_CYRILLIC),
+    "greek": lambda t: t.translate(_GREEK),
+    "lookalikes": lambda t: t.translate(_LOOKALIKES),
 }
-# The evasions the normalization is meant to undo (all but cross-script look-alikes).
-FOLDED = tuple(name for name in EVASIONS if name != "cyrillic")
+# The evasions the normalization is meant to undo: all of them.
+FOLDED = tuple(EVASIONS)
 
 
 def disguise(text: str, how: str) -> str:
