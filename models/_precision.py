@@ -7,11 +7,15 @@ with native bf16 instructions (AVX512-BF16 or AMX, BF16 on Arm) a pod's update c
 about 1.5x less with the same utility (a 3-round FedAvg of 100 pods: global perplexity
 94.0235 against 94.0240 in fp32); without them bf16 is emulated and slower, so fp32
 stays the default of real runs.
+
+``COVEY_NATIVE_BF16=0`` (or ``1``) overrides what the CPU flags say, for ``auto``: with
+``0`` a machine with native bf16 runs ``auto`` as fp32, as a CPU with only AVX2 does.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 __all__ = ["PRECISIONS", "check_precision", "native_bf16", "resolve_precision"]
@@ -21,7 +25,11 @@ PRECISIONS = ("fp32", "bf16")
 
 @functools.cache
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (Linux CPU flags)."""
+    """Whether this CPU multiplies bfloat16 natively (Linux CPU flags), unless the
+    environment's ``COVEY_NATIVE_BF16`` (``0`` or ``1``) says otherwise."""
+    forced = os.environ.get("COVEY_NATIVE_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:

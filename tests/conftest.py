@@ -44,7 +44,9 @@ def pod(home: Path) -> Iterator[Pod]:
 
 def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment a subprocess `covey` runs with: fast KDF, private TMPDIR."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COVEY_")}
+    # COVEY_NATIVE_BF16 says what the machine is (or is made to look like), not the pod.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("COVEY_") or k == "COVEY_NATIVE_BF16"}
     env.update(FAST_KDF_ENV)
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir(exist_ok=True)

@@ -26,6 +26,10 @@ from covey._tempdirs import temporary_directory
 
 __all__ = ["run"]
 
+#: An edit on one pod should reach the user's other pods within this (the README's aim);
+#: the tests wait longer so that a loaded machine does not fail them.
+CONVERGENCE_AIM_S = 2.0
+
 _PASSPHRASE = "bench passphrase, not secret"  # noqa: S105 - throwaway pods
 
 
@@ -203,12 +207,15 @@ def run(quick: bool = False) -> dict[str, Any]:
     session = baseline["session_s"]["p50"]
     for g in groups:
         g["convergence_over_one_session"] = round(g["convergence_s"]["p50"] / session, 1)
+        g["convergence_within_aim"] = g["convergence_s"]["p95"] < CONVERGENCE_AIM_S
     summary = [f"one direct sync session (baseline): p50 {session * 1000:.1f} ms"]
     summary += [f"{g['pods']} pods: discovery {g['discovery_s'] * 1000:.0f} ms, pairing p50 "
                 f"{g['pairing_s']['p50']:.2f} s, convergence p50 "
                 f"{g['convergence_s']['p50'] * 1000:.0f} ms / p95 "
                 f"{g['convergence_s']['p95'] * 1000:.0f} ms "
-                f"({g['convergence_over_one_session']}x one session)" for g in groups]
+                f"({g['convergence_over_one_session']}x one session; aim p95 < "
+                f"{CONVERGENCE_AIM_S:.0f} s: {'met' if g['convergence_within_aim'] else 'MISSED'})"
+                for g in groups]
     summary += [f"{r['changed']} changed memories ({r['state_bytes']} B of state): "
                 f"{r['session_bytes_out']} B sent" for r in baseline["bytes"]]
     return {"config": {"pods": list(sizes), "edits": edits, "interval_s": LoopConfig().interval},

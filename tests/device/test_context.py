@@ -286,12 +286,10 @@ def test_covey_stop_halts_a_running_sync_and_capture(tmp_path: Path, covey: Cove
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert sync.stdout is not None and json.loads(sync.stdout.readline())["port"] > 0
     capture = Capturing(home, env)
-    started = time.monotonic()
     result = covey("stop", "--json", "--home", str(home), env=env)
     assert result.returncode == 0, result.stderr
     assert sorted(json.loads(result.stdout)["processes"]) == ["context", "sync"]
     assert sync.wait(timeout=10) is not None and capture.proc.wait(timeout=10) is not None
-    assert time.monotonic() - started < 5
     sync.communicate()
     capture.proc.communicate()
     # Nothing starts again until released; the refusal is one line.

@@ -47,7 +47,9 @@ def test_batched_adapters_equal_each_trained_alone(model: TinyLM,
         assert moved > 1e-3  # training changed the adapter ...
         np.testing.assert_allclose(a.adapter.flat(), b.adapter.flat(), rtol=1e-4, atol=1e-6)
         assert (a.examples, a.tokens) == (b.examples, b.tokens)
-        assert a.loss_before == b.loss_before != a.loss_after
+        # The same loss, up to float32 rounding: which rows share a product changes how
+        # a kernel sums them, and kernels differ between CPUs (AVX2 / AVX-512).
+        assert a.loss_before == pytest.approx(b.loss_before, rel=1e-5)
         assert a.loss_after < a.loss_before  # ... and it learned its own examples
     # The base weights never change; the model ends holding the last job's adapter.
     for name, p in model.named_parameters():
@@ -110,3 +112,19 @@ def test_bf16_training_follows_fp32_and_batches_alike(model: TinyLM,
         finetune_adapters(model, tokenizer, mixed)
     with pytest.raises(ValueError, match="precision"):
         FinetuneConfig(precision="fp8")
+
+
+@pytest.mark.parametrize(("forced", "auto"), [("0", "fp32"), ("1", "bf16")])
+def test_auto_precision_follows_the_override(monkeypatch: pytest.MonkeyPatch, forced: str,
+                                             auto: str) -> None:
+    """COVEY_NATIVE_BF16 makes `auto` what it is on a CPU with (1) or without (0) native
+    bf16, whatever this CPU has: how the suite is run as on an AVX2-only machine."""
+    from covey.models._precision import native_bf16, resolve_precision
+
+    monkeypatch.setenv("COVEY_NATIVE_BF16", forced)
+    native_bf16.cache_clear()
+    try:
+        assert resolve_precision("auto") == auto
+        assert resolve_precision("fp32") == "fp32"
+    finally:
+        native_bf16.cache_clear()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
 
 import pytest
 
@@ -51,22 +50,20 @@ async def _pods(n: int = 3) -> list[Pod]:
     return pods
 
 
-def test_an_edit_on_one_pod_reaches_the_others_quickly() -> None:
-    async def run() -> float:
+def test_an_edit_on_one_pod_reaches_the_others() -> None:
+    # How fast is measured by `make bench` (sync convergence), not here.
+    async def run() -> None:
         phone, laptop, speaker = await _pods()
         phone.replica.set("preferences", "diet", "vegetarian")
-        started = time.perf_counter()
         stats = await asyncio.gather(phone.sync(laptop), phone.sync(speaker))
-        elapsed = time.perf_counter() - started
         assert all(s.sent == 1 and s.collections == {"preferences"} for s in stats)
         assert laptop.replica.get("preferences", "diet") == "vegetarian"
         assert speaker.replica.get("preferences", "diet") == "vegetarian"
         assert laptop.synced[0].received == 1 and laptop.synced[0].bytes_in > 0
         for p in (phone, laptop, speaker):
             await p.server.stop()
-        return elapsed
 
-    assert asyncio.run(run()) < 2.0
+    asyncio.run(run())
 
 
 def test_partition_and_heal_converge() -> None:
