@@ -66,8 +66,9 @@ class ChatConfig:
 class Turn:
     """A reply being generated: read :attr:`pieces`, then :meth:`finish` to store it.
 
-    ``pieces`` touch only the model, never the store. ``complete`` tells whether they
-    ran to their end (also when cancelled or stopped: the reply is then partial).
+    ``pieces`` touch only the model, never the store, so a server need not hold the
+    store while they come. ``complete`` tells whether they ran to their end (also when
+    cancelled or stopped: the reply is then partial); ``on_finish`` writes the turn.
     """
 
     pieces: Iterator[str]
@@ -78,7 +79,7 @@ class Turn:
     text: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     complete: bool = False
-    store: Callable[[Turn], None] | None = field(default=None, repr=False)
+    on_finish: Callable[[Turn], None] | None = field(default=None, repr=False)
     finished: bool = False
 
     def __iter__(self) -> Iterator[str]:
@@ -100,8 +101,8 @@ class Turn:
         close = getattr(self.pieces, "close", None)
         if close is not None:
             close()  # frees the model; a no-op on pieces that ran to their end
-        if self.store is not None:
-            self.store(self)
+        if self.on_finish is not None:
+            self.on_finish(self)
 
 
 class Assistant:
@@ -229,7 +230,7 @@ class Assistant:
                   if self.remote is not None
                   else self.generator.stream_chat(messages, params, cancel))
         turn.pieces = self._generate(turn, stream, guard)
-        turn.store = lambda done: self._store_reply(done, conversation, guard)
+        turn.on_finish = lambda done: self._store_reply(done, conversation, guard)
         return turn
 
     def _refuse(self, session_id: str, verdict: Verdict, timings: dict[str, float]) -> Turn:
