@@ -91,9 +91,10 @@ class Turn:
     def finish(self) -> None:
         """End the generation if it still runs, and store the reply (once).
 
-        A complete reply is stored with its explanation, in one transaction, and the
-        next prompt's opening is primed. Pieces left unread (an error, a reader that
-        gave up) store no reply: nothing half-known is kept as the assistant's answer.
+        A reply whose pieces ran to their end (partial if cancelled or stopped) is
+        stored with its explanation, in one transaction, and the next prompt's opening
+        is primed. Pieces left unread (an error, a reader that gave up) store no reply.
+        An output-filter verdict is audited either way.
         """
         if self.finished:
             return
