@@ -1,4 +1,5 @@
-"""The pod: keys, the encrypted store, memories, and (later) chat, feedback and the API.
+"""The pod: keys, the encrypted store, memories, conversations, chat and feedback; its
+local API is the subpackage ``covey.device.api`` (imported only to serve).
 
 Public surface:
     Pod              create, open, export, restore and crypto-shred a pod

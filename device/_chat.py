@@ -2,21 +2,24 @@
 
 The same :class:`Assistant` serves `covey chat`, `covey serve` and the demo, so a turn
 is remembered, explained and audited the same way whoever asked.
+
+A turn touches the store in two steps only: :meth:`Assistant.respond` (the user's
+message, what is learned from it, recall, the prompt) and :meth:`Turn.finish` (the
+reply, in one transaction). Its pieces, generated between the two, touch only the
+model, so a server can answer other requests while they come.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+from covey.device import _audit
 from covey.device._context import current_context, record_usage
 from covey.device._egress import RemoteGenerator
 from covey.device._facts import extract_facts
@@ -59,13 +62,14 @@ class ChatConfig:
             raise ValueError("recent_turns must be in 0..200")
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
 @dataclass
 class Turn:
-    """A reply being generated: iterate for text pieces; then read what it was built on."""
+    """A reply being generated: read :attr:`pieces`, then :meth:`finish` to store it.
+
+    ``pieces`` touch only the model, never the store, so a server need not hold the
+    store while they come. ``complete`` tells whether they ran to their end (also when
+    cancelled or stopped: the reply is then partial); ``on_finish`` writes the turn.
+    """
 
     pieces: Iterator[str]
     explanation: Explanation
@@ -74,9 +78,32 @@ class Turn:
     reply_message_id: int = 0
     text: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    complete: bool = False
+    on_finish: Callable[[Turn], None] | None = field(default=None, repr=False)
+    finished: bool = False
 
     def __iter__(self) -> Iterator[str]:
-        return self.pieces
+        """The pieces, then :meth:`finish`: for a reader that takes the whole reply in
+        the thread that may use the store."""
+        yield from self.pieces
+        self.finish()
+
+    def finish(self) -> None:
+        """End the generation if it still runs, and store the reply (once).
+
+        A reply whose pieces ran to their end (partial if cancelled or stopped) is
+        stored with its explanation, in one transaction, and the next prompt's opening
+        is primed. Pieces left unread (an error, a reader that gave up) store no reply.
+        An output-filter verdict is audited either way.
+        """
+        if self.finished:
+            return
+        self.finished = True
+        close = getattr(self.pieces, "close", None)
+        if close is not None:
+            close()  # frees the model; a no-op on pieces that ran to their end
+        if self.on_finish is not None:
+            self.on_finish(self)
 
 
 class Assistant:
@@ -128,30 +155,15 @@ class Assistant:
 
     def new_session(self) -> str:
         """Start a session (a conversation); returns its id."""
-        session_id = "s-" + secrets.token_hex(6)
-        with self.pod.store.transaction() as c:
-            c.execute("INSERT INTO conversations (session_id, started_at) VALUES (?, ?)",
-                      (session_id, _now()))
-        return session_id
+        return self.pod.conversations.start()
 
     def last_session(self) -> str | None:
         """The most recent session, if any."""
-        rows = self.pod.store.query("SELECT session_id FROM conversations ORDER BY id DESC LIMIT 1")
-        return str(rows[0][0]) if rows else None
-
-    def _conversation(self, session_id: str) -> int:
-        rows = self.pod.store.query("SELECT id FROM conversations WHERE session_id = ?",
-                                    (session_id,))
-        if not rows:
-            raise InvalidInputError(f"no session {session_id}")
-        return int(rows[0][0])
+        return self.pod.conversations.last_session()
 
     def recent_turns(self, limit: int) -> list[tuple[str, str]]:
         """The latest (role, text) turns across sessions, newest first (temporal layer)."""
-        rows = self.pod.store.query(
-            "SELECT role, content FROM messages WHERE role IN ('user', 'assistant')"
-            " ORDER BY id DESC LIMIT ?", (limit,))
-        return [(r[0], r[1]) for r in rows]
+        return self.pod.conversations.recent_turns(limit)
 
     # -- a turn ----------------------------------------------------------------------
 
@@ -159,6 +171,8 @@ class Assistant:
                 cancel: threading.Event | None = None, to_program: bool = False) -> Turn:
         """Store the user's message, learn from it, and start the reply.
 
+        Every read and write of the store the turn needs before its reply is done here;
+        the caller reads the turn's pieces, then calls :meth:`Turn.finish`.
         ``to_program``: the reply goes to another program (the local API), so personal
         data is withheld from it. A message the safety filter blocks gets a refusal and
         is neither stored nor learned from.
@@ -177,7 +191,7 @@ class Assistant:
             self.remote.allowed_by()
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        conversation = self._conversation(session_id)
+        conversation = self.pod.conversations.conversation_id(session_id)
         if self.safety is not None:
             t_safety = time.perf_counter()
             verdict = self.safety.check_input(text)
@@ -212,12 +226,15 @@ class Assistant:
         timings["assemble_s"] = time.perf_counter() - t0
         turn = Turn(iter(()), explanation, session_id, message_id, timings=timings)
         params = sampling or self.config.sampling
-        turn.pieces = self._generate(turn, conversation, messages, params, cancel, to_program)
+        guard = _OutputGuard(self, turn, to_program) if self.safety is not None else None
+        stream = (self.remote.stream_chat(messages, params, cancel, explanation)
+                  if self.remote is not None
+                  else self.generator.stream_chat(messages, params, cancel))
+        turn.pieces = self._generate(turn, stream, guard)
+        turn.on_finish = lambda done: self._store_reply(done, conversation, guard)
         return turn
 
     def _refuse(self, session_id: str, verdict: Verdict, timings: dict[str, float]) -> Turn:
-        from covey.device import _audit
-
         with self.pod.store.transaction() as c:
             _audit.append(c, "safety.blocked", detail={"stage": "input", **verdict.to_dict()})
         explanation = Explanation(safety={"stage": "input", **verdict.to_dict()})
@@ -250,10 +267,7 @@ class Assistant:
     def _store_and_learn(self, conversation: int, text: str) -> tuple[int, list[int]]:
         learned: list[int] = []
         with self.pod.store.transaction() as c:
-            cur = c.execute(
-                "INSERT INTO messages (conversation_id, role, content, created_at)"
-                " VALUES (?, 'user', ?, ?)", (conversation, text, _now()))
-            message_id = int(cur.lastrowid or 0)
+            message_id = self.pod.conversations.add_user_message(c, conversation, text)
             if not self.config.remember:
                 return message_id, learned
             for fact in extract_facts(text):
@@ -269,17 +283,13 @@ class Assistant:
             _log.info("learned %d memories from message %d", len(learned), message_id)
         return message_id, learned
 
-    def _generate(self, turn: Turn, conversation: int, messages: list[Any],
-                  params: SamplingParams, cancel: threading.Event | None,
-                  to_program: bool = False) -> Iterator[str]:
+    def _generate(self, turn: Turn, stream: Iterator[str], guard: _OutputGuard | None
+                  ) -> Iterator[str]:
+        """The reply's pieces as the guard releases them; the model alone is used."""
         t0 = time.perf_counter()
         pieces: list[str] = []
-        guard = _OutputGuard(self, turn, to_program) if self.safety is not None else None
         erasures = self._erasures
         self.settle()  # the last reply's priming, if still reading, is waited for
-        stream = (self.remote.stream_chat(messages, params, cancel, turn.explanation)
-                  if self.remote is not None
-                  else self.generator.stream_chat(messages, params, cancel))
         with self._lock:
             for piece in stream:
                 if not pieces:
@@ -301,17 +311,24 @@ class Assistant:
                 yield rest
         turn.timings["reply_s"] = time.perf_counter() - t0
         turn.text = (guard.text if guard else "".join(pieces)).strip()
+        turn.complete = True
+
+    def _store_reply(self, turn: Turn, conversation: int, guard: _OutputGuard | None) -> None:
+        """Write what the generation left to write, in one transaction: the output
+        filter's verdict, and the reply with the use of its memories if it is complete."""
+        blocked = guard.blocked if guard is not None else None
+        if blocked is None and not turn.complete:
+            return
         with self.pod.store.transaction() as c:
-            cur = c.execute(
-                "INSERT INTO messages (conversation_id, role, content, model_version,"
-                " created_at, explanation) VALUES (?, 'assistant', ?, ?, ?, ?)",
-                (conversation, turn.text, self.model_version, _now(),
-                 json.dumps(turn.explanation.to_dict())))
-            turn.reply_message_id = int(cur.lastrowid or 0)
-            for memory in turn.explanation.memories:
-                c.execute("UPDATE memories SET last_used_at = ?, use_count = use_count + 1"
-                          " WHERE id = ?", (_now(), memory["id"]))
-        self._prime_next()
+            if blocked is not None:
+                _audit.append(c, "safety.blocked", detail={"stage": "output",
+                                                           **blocked.to_dict()})
+            if turn.complete:
+                turn.reply_message_id = self.pod.conversations.add_reply(
+                    c, conversation, turn.text, self.model_version, turn.explanation.to_dict())
+                self.pod.memories.mark_used(c, [m["id"] for m in turn.explanation.memories])
+        if turn.complete:
+            self._prime_next()
 
     def _prime_next(self) -> None:
         """Have the generator read the next prompt's opening (system text, preferences,
@@ -341,34 +358,25 @@ class Assistant:
 
     def explain(self, message_id: int | None = None) -> dict[str, Any]:
         """Why a reply (default: the last one) was given."""
-        where = " AND id = ?" if message_id is not None else ""
-        sql = ("SELECT id, explanation FROM messages WHERE role = 'assistant'"  # noqa: S608
-               f"{where} ORDER BY id DESC LIMIT 1")
-        rows = self.pod.store.query(sql, (message_id,) if message_id is not None else ())
-        if not rows:
+        reply = self.pod.conversations.reply(message_id)
+        if reply is None:
             raise InvalidInputError("there is no reply to explain yet")
-        explanation = json.loads(rows[0]["explanation"] or "{}")
+        explanation = reply.explanation
         for memory in explanation.get("memories", []):
             found = self.pod.memories.get(memory["id"])
             memory["text"] = found.text if found else "(forgotten since)"
-        return {"message_id": int(rows[0]["id"]), **explanation}
+        return {"message_id": reply.id, **explanation}
 
     def forget_last_message(self) -> int:
         """Erase the user's last message, its reply, and what was learned from it."""
-        rows = self.pod.store.query(
-            "SELECT id FROM messages WHERE role = 'user' ORDER BY id DESC LIMIT 1")
-        if not rows:
+        message_id = self.pod.conversations.last_user_message()
+        if message_id is None:
             return 0
-        message_id = int(rows[0][0])
-        erased = 0
         with self.pod.store.transaction() as c:
-            memories = [r[0] for r in c.execute("SELECT id, provenance FROM memories")
-                        if json.loads(r[1]).get("message_id") == message_id]
+            memories = self.pod.memories.learned_from(c, message_id)
             for memory_id in memories:
                 self.pod.memories.delete(c, memory_id)
-            erased += c.execute("DELETE FROM messages WHERE id >= ?", (message_id,)).rowcount
-            from covey.device import _audit
-
+            erased = self.pod.conversations.erase_from(c, message_id)
             _audit.append(c, "erasure", detail={"table": "messages", "rows": erased,
                                                 "memories": len(memories)})
         self.pod.store.checkpoint()
@@ -381,9 +389,9 @@ class _OutputGuard:
     when the filter objects, what it objected to was never sent."""
 
     def __init__(self, assistant: Assistant, turn: Turn, to_program: bool) -> None:
-        assert assistant.safety is not None
+        if assistant.safety is None:
+            raise ValueError("an output guard needs the assistant's safety filter")
         self.safety, self.turn, self.to_program = assistant.safety, turn, to_program
-        self.pod = assistant.pod
         self.private = ([f.value for f in assistant.graph.current()] if to_program else [])
         self.generated = ""
         self.released = 0
@@ -412,8 +420,8 @@ class _OutputGuard:
             self.blocked = verdict
             self.notice = (" " if self.released else "") + (
                 WITHHELD if verdict.category == "personal_data" else REFUSAL)
+            # Audited when the turn finishes: the guard runs beside the model, off the store.
             self.turn.explanation.safety.update({"stage": "output", **verdict.to_dict()})
-            self.pod.audit("safety.blocked", detail={"stage": "output", **verdict.to_dict()})
 
     def feed(self, piece: str) -> str:
         self.generated += piece

@@ -79,28 +79,19 @@ def compact(pod: Pod, max_messages: int = 5000, keep_recent: int = 500) -> Compa
     if not 0 <= keep_recent <= max_messages:
         raise ValueError("need 0 <= keep_recent <= max_messages")
     merged = _merge_duplicates(pod) if pod.memories._embedder is not None else 0
-    total = int(pod.store.query("SELECT count(*) FROM messages")[0][0])
+    history = pod.conversations
     summaries: list[int] = []
     erased = conversations = 0
-    if total > max_messages:
-        cutoff_rows = pod.store.query(
-            "SELECT id FROM messages ORDER BY id DESC LIMIT 1 OFFSET ?", (keep_recent,))
-        cutoff = int(cutoff_rows[0][0]) if cutoff_rows else 0
-        old = pod.store.query(
-            "SELECT DISTINCT conversation_id FROM messages WHERE id <= ? ORDER BY 1", (cutoff,))
-        for row in old:
-            conv = int(row[0])
-            texts = [r[0] for r in pod.store.query(
-                "SELECT content FROM messages WHERE conversation_id = ? AND role = 'user'"
-                " AND id <= ? ORDER BY id", (conv, cutoff))]
-            summary = extractive_summary(texts)
+    if history.count() > max_messages:
+        cutoff = history.cutoff(keep_recent)
+        for conv in history.conversations_up_to(cutoff):
+            summary = extractive_summary(history.user_texts(conv, cutoff))
             with pod.store.transaction() as c:
                 if summary:
                     summaries.append(pod.memories.insert(c, summary, "summary", {
                         "source": "compaction", "conversation_id": conv,
                         "at": datetime.now(UTC).isoformat(timespec="seconds")}))
-                erased += c.execute("DELETE FROM messages WHERE conversation_id = ? AND id <= ?",
-                                    (conv, cutoff)).rowcount
+                erased += history.erase_up_to(c, conv, cutoff)
             conversations += 1
     if merged or erased:
         with pod.store.transaction() as c:

@@ -111,7 +111,8 @@ class RemoteGenerator:
     def stream_chat(self, messages: Sequence[ChatMessage], params: SamplingParams,
                     cancel: threading.Event | None, explanation: Explanation
                     ) -> Iterator[str]:
-        """Check consent, audit the request, then send it and stream the reply.
+        """Check consent and audit the request now; the pieces returned send it and
+        stream the reply (they touch the model server only, never the store).
 
         Raises:
             RemoteConsentError: the host needs a consent the user has not given.
@@ -123,4 +124,4 @@ class RemoteGenerator:
                                   "model": self.generator.model, "allowed_by": allowed,
                                   "prompt": prompt_kinds(explanation)}
         self.pod.audit(AUDIT_KIND, peer=request.host, nbytes=len(request.body), detail=detail)
-        yield from self.generator.send(request, cancel)
+        return self.generator.send(request, cancel)

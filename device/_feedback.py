@@ -74,18 +74,12 @@ def give_feedback(pod: Pod, rating: int | None = None, correction: str | None = 
         if not correction or len(correction) > MAX_CORRECTION_CHARS:
             raise InvalidInputError(
                 f"a correction needs 1 to {MAX_CORRECTION_CHARS} characters")
-    sql = "SELECT id, conversation_id, content FROM messages WHERE role = 'assistant'"
-    sql += " AND id = ?" if message_id is not None else ""
-    rows = pod.store.query(sql + " ORDER BY id DESC LIMIT 1",
-                           (message_id,) if message_id is not None else ())
-    if not rows:
+    found = pod.conversations.reply(message_id)
+    if found is None:
         raise InvalidInputError("there is no reply to give feedback on"
                                 if message_id is None else f"no reply #{message_id}")
-    reply_id, conversation, reply = int(rows[0][0]), int(rows[0][1]), str(rows[0][2])
-    prompt_rows = pod.store.query(
-        "SELECT content FROM messages WHERE conversation_id = ? AND role = 'user' AND id < ?"
-        " ORDER BY id DESC LIMIT 1", (conversation, reply_id))
-    prompt = str(prompt_rows[0][0]) if prompt_rows else ""
+    reply_id, reply = found.id, found.text
+    prompt = pod.conversations.prompt_of(found)
     consent = consented(pod)
     example_id = None
     with pod.store.transaction() as c:

@@ -216,6 +216,17 @@ class Memories:
             self._follow(conn, before)
         return gone
 
+    def mark_used(self, conn: sqlite.Connection, memory_ids: list[int]) -> None:
+        """Count a use of each memory (a reply recalled it), in the caller's transaction."""
+        for memory_id in memory_ids:
+            conn.execute("UPDATE memories SET last_used_at = ?, use_count = use_count + 1"
+                         " WHERE id = ?", (_now(), memory_id))
+
+    def learned_from(self, conn: sqlite.Connection, message_id: int) -> list[int]:
+        """The memories learned from a message, read in the caller's transaction."""
+        return [int(r[0]) for r in conn.execute("SELECT id, provenance FROM memories")
+                if json.loads(r[1]).get("message_id") == message_id]
+
     def _embed(self, text: str) -> np.ndarray | None:
         if self._embedder is None:
             return None

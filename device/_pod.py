@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from covey.device import _audit, _keys
 from covey.device._config import PodConfig, load_pod_config
+from covey.device._conversations import Conversations
 from covey.device._memory import Memories
 from covey.device._schema import SCHEMA_VERSION, USER_TABLES
 from covey.device._store import Store, StoreError
@@ -129,6 +130,7 @@ class Pod:
         self.store = store
         self.config = config
         self.memories = Memories(store, on_erase=store.checkpoint)
+        self.conversations = Conversations(store)
         self.identity = self._load_identity(device_key)
         self.memories.device_key = self.identity.private_key
         self.audit_head = _audit_head(home, self.identity)

@@ -42,13 +42,14 @@ def _one_turn(assistant: Assistant, session: str, text: str, stream: bool) -> di
     cancel = threading.Event()
     turn = assistant.respond(session, text, cancel=cancel)
     try:
-        for piece in turn:
+        for piece in turn.pieces:
             if stream:
                 out.print(piece, end="", markup=False, highlight=False)
     except KeyboardInterrupt:
         cancel.set()
-        for _ in turn:  # finish cleanly: the partial reply is stored as such
+        for _ in turn.pieces:  # the model stops at its next token: the reply is partial
             pass
+    turn.finish()  # the reply is stored, partial or whole
     if stream:
         out.print()
     return {"session": session, "message_id": turn.reply_message_id, "reply": turn.text,

@@ -34,7 +34,7 @@ def _listen(host: str, port: int) -> socket.socket:
     Raises:
         ListenError: the address is in use or not on this machine.
     """
-    from covey.device._api import ListenError
+    from covey.device.api import ListenError
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
@@ -117,7 +117,7 @@ def serve(
     # Imported here: the server stack costs ~0.25 s, which no other command should pay.
     import uvicorn
 
-    from covey.device._api import TOKEN_FILE, check_bind_host, create_app
+    from covey.device.api import TOKEN_FILE, check_bind_host, create_app
 
     tls = _check_tls(tls_cert, tls_key)
     check_bind_host(host, allow_remote, tls)

@@ -26,8 +26,8 @@ import uvicorn
 from openai import OpenAI
 
 from covey.device import Pod
-from covey.device._api import MAX_BODY_BYTES, TOKEN_FILE, ChatRequest, create_app, ensure_token
 from covey.device._audit import AuditEntry
+from covey.device.api import MAX_BODY_BYTES, TOKEN_FILE, ChatRequest, create_app, ensure_token
 from covey.models import SamplingParams
 from tests.conftest import FAST_CONFIG, PASSPHRASE, cli_env
 from tests.device._lan import lan_address

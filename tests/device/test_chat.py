@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,41 @@ def test_chat_cli(covey: Covey, home: Path) -> None:
     assert covey("feedback", "--correct", "Your brother is Tom.", *h).returncode == 0
     bad = covey("feedback", "--up", "--down", *h)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def _replies(assistant: Assistant) -> int:
+    return int(assistant.pod.store.query(
+        "SELECT count(*) FROM messages WHERE role = 'assistant'")[0][0])
+
+
+def test_the_pieces_store_nothing_and_finish_stores_the_reply(assistant: Assistant) -> None:
+    turn = assistant.respond(assistant.new_session(), "hello there", sampling=GREEDY)
+    text = "".join(turn.pieces)
+    assert turn.complete and _replies(assistant) == 0  # the model alone was used
+    turn.finish()
+    turn.finish()  # once
+    assert _replies(assistant) == 1 and turn.reply_message_id > 0
+    assert assistant.explain()["message_id"] == turn.reply_message_id
+    assert text.strip() == turn.text
+
+
+def test_a_cancelled_turn_keeps_its_partial_reply(assistant: Assistant) -> None:
+    cancel = threading.Event()
+    long = SamplingParams(max_tokens=40, temperature=0.0)
+    turn = assistant.respond(assistant.new_session(), "tell me a story", long, cancel)
+    cancel.set()  # the client went away, or Ctrl-C: the model stops at its next token
+    text = "".join(turn.pieces)
+    turn.finish()
+    assert assistant.generator.finish_reason == "cancelled"
+    assert turn.complete and turn.reply_message_id > 0 and turn.text == text.strip()
+    assert assistant.explain()["message_id"] == turn.reply_message_id
+
+
+def test_a_turn_left_unread_stores_no_reply(assistant: Assistant) -> None:
+    turn = assistant.respond(assistant.new_session(), "hello there", sampling=GREEDY)
+    next(iter(turn.pieces))
+    turn.finish()  # e.g. after an error: the generation ends, the model is free
+    assert not turn.complete and turn.reply_message_id == 0 and _replies(assistant) == 0
+    assert "".join(assistant.respond(assistant.last_session() or "", "hi again",
+                                     sampling=GREEDY))  # the model is not held
+    assert _replies(assistant) == 1

@@ -137,7 +137,7 @@ def test_a_server_off_the_loopback_gets_nothing_without_consent(
             f"loopback and you have not consented (covey pod consent remote_generator:"
             f"{address} --grant, or remote_generator for any host)"]
         # The API server refuses to start on it too.
-        from covey.device._api import create_app
+        from covey.device.api import create_app
 
         with pytest.raises(RemoteConsentError):
             create_app(home, PASSPHRASE, "openai", url)
