@@ -1,4 +1,4 @@
-"""Privacy: DP mechanisms and accountants, and PII redaction.
+"""Privacy: DP mechanisms and accountants, PII redaction, and audit reports from facts.
 
 Public surface:
     DPConfig, Mode, AdaptiveClipping    the DP settings of a run, and what they guarantee
@@ -14,7 +14,7 @@ Public surface:
     BudgetExceeded, RunChanged, LedgerTampered   why a release was refused
     redact                              replace personal data patterns in a string
     UserText                            marks a value as user text so logging never renders it
-    RedactingFilter                     a logging filter that applies both, installed by default
+    RedactingFilter                     a logging filter that applies both (on every covey log)
     PodAudit, AuditEvent, pod_report    a pod's facts (gathered by the pod) and their report
     RunAudit, run_report                a run's facts (its record and releases) and their report
     EmpiricalConfig, ReplicaScores, ArmScores, SecretLosses, CanaryScores, add_empirical

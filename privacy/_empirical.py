@@ -190,6 +190,10 @@ class ReplicaScores:
     before: SecretLosses
     arms: list[ArmScores]
 
+    def __post_init__(self) -> None:
+        if not self.arms:
+            raise ValueError("a replica trains at least once")
+
 
 def _canary_section(report: dict[str, Any], arm: ArmScores, canaries: CanaryScores,
                     cfg: EmpiricalConfig, theory: float, delta: float) -> dict[str, Any]:
