@@ -27,6 +27,7 @@ AGREEMENT = 0.05  # accountants agreeing within 5 % need no explanation
 #: The released-noise check flags a correct run with at most this probability.
 RELEASED_NOISE_TAIL = 1e-9
 
+
 @dataclass(frozen=True)
 class RunAudit:
     """The facts of a training run that its report is rendered from.
