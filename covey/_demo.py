@@ -103,19 +103,19 @@ def _federate(console: Console, home: Path, passphrase: str, tmp: Path) -> Path:
 
 def _audit(console: Console, pod: Pod, run_record: Path) -> None:
     """Write the pod's report and the federated run's report where the user can open them."""
-    from covey.privacy._pod_report import pod_report
-    from covey.privacy._report import write_report
-    from covey.privacy._run_report import run_report
+    from covey.device._pod_audit import pod_audit
+    from covey.privacy import pod_report, write_report
+    from covey.simulations._replica import audit_run
 
     folder = Path(os.environ.get("COVEY_DEMO_REPORTS", "covey-demo-reports")).resolve()
     started = time.perf_counter()
-    report = pod_report(pod)
+    report = pod_report(pod_audit(pod))
     html, _ = write_report(report, folder / "pod-report.html")
     console.print(f"  pod report: {len(report['red_flags'])} red flags, "
                   f"{report['summary']['files_scanned']} files scanned for your text "
                   f"({time.perf_counter() - started:.1f} s)")
     console.print(f"    {html} (+ .json)")
-    report = run_report(run_record)
+    report = audit_run(run_record)
     html, _ = write_report(report, folder / "run-report.html")
     console.print(f"  run report: {len(report['red_flags'])} red flags; epsilon "
                   f"{report['summary']['epsilon']:.3f} rechecked by the other accountant: "

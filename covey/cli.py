@@ -11,6 +11,7 @@ import typer
 
 import covey
 from covey import logs
+from covey._audit_cli import audit
 from covey.aggregator.cli import aggregator_app, train
 from covey.device.chat_cli import chat, feedback
 from covey.device.cli import memory_app, pod_app
@@ -19,7 +20,7 @@ from covey.device.serve_cli import serve
 from covey.device.sync_cli import sync_app
 from covey.errors import CoveyError
 from covey.models.cli import models_app
-from covey.privacy.cli import audit
+from covey.privacy import RedactingFilter
 from covey.simulations.cli import simulate_app
 
 __all__ = ["app", "main"]
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     from covey._processes import take_secrets
 
     take_secrets()
-    logs.configure(None)
+    logs.configure(None, redaction=RedactingFilter)
     try:
         result = app(args=argv, prog_name="covey", standalone_mode=False)
     except CoveyError as exc:

@@ -1,17 +1,16 @@
 """Logging set-up: every handler covey installs carries the redaction filter.
 
 Warnings go to stderr; with a pod home, INFO and above also go to
-``<home>/logs/covey.log`` (mode 0600). User text never reaches either: see
-:mod:`covey.privacy`.
+``<home>/logs/covey.log`` (mode 0600). User text never reaches either: the caller hands
+in privacy's redacting filter (the base sits below privacy, so it cannot import it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-
-from covey.privacy import RedactingFilter
 
 __all__ = ["CRASH_LOGGER", "configure", "log_file"]
 
@@ -44,8 +43,10 @@ def _open_log(path: Path) -> logging.Handler | None:
     return _BestEffortFileHandler(path, encoding="utf-8")
 
 
-def configure(home: Path | None = None, level: int = logging.INFO) -> None:
-    """Install redacting handlers on the root logger (replacing ones we installed before)."""
+def configure(home: Path | None = None, level: int = logging.INFO, *,
+              redaction: Callable[[], logging.Filter]) -> None:
+    """Install handlers on the root logger (replacing ones we installed before), each
+    with a filter made by ``redaction`` (``covey.privacy.RedactingFilter``)."""
     root = logging.getLogger()
     for handler in _installed:
         root.removeHandler(handler)
@@ -67,6 +68,6 @@ def configure(home: Path | None = None, level: int = logging.INFO) -> None:
             _installed.append(to_file)
 
     for handler in _installed:
-        handler.addFilter(RedactingFilter())
+        handler.addFilter(redaction())
         root.addHandler(handler)
     root.setLevel(min(level, logging.WARNING))

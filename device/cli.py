@@ -22,7 +22,7 @@ from covey.errors import (
     PodNotFoundError,
     StoreCorruptError,
 )
-from covey.privacy import UserText
+from covey.privacy import RedactingFilter, UserText
 
 __all__ = ["memory_app", "pod_app"]
 
@@ -65,7 +65,7 @@ def passphrase(prompt: str = "Passphrase", *, env: str = "COVEY_PASSPHRASE",
 def home_for(home: Path | None) -> Path:
     """Resolve the pod home and point the log at it."""
     resolved = resolve_home(home)
-    logs.configure(resolved if Pod.exists(resolved) else None)
+    logs.configure(resolved if Pod.exists(resolved) else None, redaction=RedactingFilter)
     return resolved
 
 
@@ -93,7 +93,7 @@ def pod_init(
     document = _read_export(from_export) if from_export else None
     secret = passphrase("New passphrase", confirm=True)
     with Pod.create(resolved, secret, name=name) as pod:
-        logs.configure(resolved)
+        logs.configure(resolved, redaction=RedactingFilter)
         restored = pod.restore(document) if document is not None else {}
         info = {"home": str(resolved), "pod_id": pod.pod_id, "name": pod.name,
                 "device_id": pod.identity.device_id, "restored": restored}

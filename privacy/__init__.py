@@ -1,4 +1,4 @@
-"""Privacy: DP mechanisms and accountants, and PII redaction.
+"""Privacy: DP mechanisms and accountants, PII redaction, and audit reports from facts.
 
 Public surface:
     DPConfig, Mode, AdaptiveClipping    the DP settings of a run, and what they guarantee
@@ -14,8 +14,13 @@ Public surface:
     BudgetExceeded, RunChanged, LedgerTampered   why a release was refused
     redact                              replace personal data patterns in a string
     UserText                            marks a value as user text so logging never renders it
-    RedactingFilter                     a logging filter that applies both, installed by default
-    pod_report, run_report, write_report  audit reports (``covey audit``), HTML and JSON
+    RedactingFilter                     a logging filter that applies both (on every covey log)
+    PodAudit, AuditEvent, pod_report    a pod's facts (gathered by the pod) and their report
+    RunAudit, run_report                a run's facts (its record and releases) and their report
+    EmpiricalConfig, ReplicaScores, ArmScores, SecretLosses, CanaryScores, add_empirical
+                                        the empirical tests: a replica's scores, judged
+    cosines, unit_directions            canary directions and their cosines with a release
+    write_report                        an audit report as self-contained HTML and JSON
 """
 
 from covey.privacy._accounting import (
@@ -25,6 +30,7 @@ from covey.privacy._accounting import (
     get_accountant,
     noise_for_epsilon,
 )
+from covey.privacy._canaries import cosines, unit_directions
 from covey.privacy._dp import (
     AdaptiveClipping,
     DPConfig,
@@ -32,6 +38,14 @@ from covey.privacy._dp import (
     add_gaussian_noise,
     clip_update,
     local_norm_bound,
+)
+from covey.privacy._empirical import (
+    ArmScores,
+    CanaryScores,
+    EmpiricalConfig,
+    ReplicaScores,
+    SecretLosses,
+    add_empirical,
 )
 from covey.privacy._ledger import (
     BudgetExceeded,
@@ -51,17 +65,21 @@ from covey.privacy._noise import (
     SeedRatchet,
     poisson_sample,
 )
-from covey.privacy._pod_report import pod_report
+from covey.privacy._pod_report import AuditEvent, PodAudit, pod_report
 from covey.privacy._redact import RedactingFilter, UserText, redact
 from covey.privacy._report import write_report
-from covey.privacy._run_report import run_report
+from covey.privacy._run_report import RunAudit, run_report
 
 __all__ = [
     "ACCOUNTANTS",
     "AdaptiveClipping",
+    "ArmScores",
+    "AuditEvent",
     "BudgetExceeded",
     "BudgetPolicy",
+    "CanaryScores",
     "DPConfig",
+    "EmpiricalConfig",
     "GaussianRounds",
     "Ledger",
     "LedgerEntry",
@@ -69,15 +87,21 @@ __all__ = [
     "LedgerTampered",
     "Mode",
     "NoiseSource",
+    "PodAudit",
     "RedactingFilter",
     "Release",
+    "ReplicaScores",
+    "RunAudit",
     "RunChanged",
+    "SecretLosses",
     "SecureNoise",
     "SeedRatchet",
     "SeededNoise",
     "UserText",
+    "add_empirical",
     "add_gaussian_noise",
     "clip_update",
+    "cosines",
     "epsilon_spent",
     "get_accountant",
     "local_norm_bound",
@@ -86,6 +110,7 @@ __all__ = [
     "poisson_sample",
     "redact",
     "run_report",
+    "unit_directions",
     "verify_signature",
     "write_report",
 ]

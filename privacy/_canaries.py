@@ -22,8 +22,8 @@ It is an *estimate*, not a bound: sampling, other clients' updates and adaptive
 clipping make it smaller than the theoretical epsilon, and the fit has a statistical
 error; :func:`alarm_threshold` allows for both, using :func:`ideal_estimates`.
 
-The maths are plain functions; the clients that insert canaries live with the
-simulations (``covey.simulations._canaries``).
+The maths are plain functions; the clients that insert canaries, and the replica they
+join, live with the simulations.
 """
 
 from __future__ import annotations

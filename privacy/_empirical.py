@@ -1,15 +1,12 @@
-"""Empirical privacy tests on a replica of a run's mechanism.
+"""Empirical privacy tests on a replica of a run's mechanism: their statistics and report.
 
-The replica reruns the run's mechanism, as the run record states it, through the same
-code a run uses (``covey.simulations._simulate.simulate``, hence ``run_federated`` and
-the pods' client function): its mode, noise multiplier z, clip norm C (fixed, or
-adaptive with its quantile, learning rate and count noise) and Poisson sampling rate q,
-over ``EmpiricalConfig.rounds`` rounds, with replica users as pods. It trains twice:
-once with nothing protecting the users (every member in every round, no clipping, no
-noise: the attacks' reference, what they find unprotected) and once with the run's
-mechanism. Its theoretical epsilon is the run's
-accountant on the replica's (z, q, rounds) at the run's delta
-(:meth:`~covey.privacy.DPConfig.segment`). Three tests:
+The replica (``covey audit --run``, trained through the simulator) reruns the run's
+mechanism, as the run record states it: its mode, noise multiplier z, clip norm C (fixed,
+or adaptive) and Poisson sampling rate q, over ``EmpiricalConfig.rounds`` rounds, once
+with nothing protecting the users (the attacks' reference) and once with the run's
+mechanism. It hands over scores only (:class:`ReplicaScores`); this module turns them
+into three tests. The replica's theoretical epsilon is the run's accountant on its (z,
+q, rounds) at the run's delta (:meth:`~covey.privacy.DPConfig.segment`).
 
 - *Canary clients* (Andrew et al., ICLR 2024, :mod:`covey.privacy._canaries`): in the
   DP replica, ``canary_clients`` more clients send a fixed random direction times the
@@ -36,32 +33,18 @@ accountant on the replica's (z, q, rounds) at the run's delta
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from covey._tempdirs import temporary_directory
-from covey.privacy._accounting import epsilon_spent, noise_for_epsilon
-from covey.privacy._canaries import (
-    alarm_threshold,
-    canary_epsilon,
-    cosines,
-    ideal_estimates,
-    unit_directions,
-)
+from covey.privacy._accounting import epsilon_spent
+from covey.privacy._canaries import alarm_threshold, canary_epsilon, ideal_estimates
 from covey.privacy._dp import DPConfig
-from covey.privacy._noise import NoiseSource
 from covey.privacy._report import Figure, flag, section, table
 
-__all__ = ["EmpiricalConfig", "add_empirical", "exposure", "membership_bound",
-           "provable_bound"]
-
-CANARY_PROMPT = "what is your secret number?"
-
-Progress = Callable[[str, int, int], None]
+__all__ = ["ArmScores", "CanaryScores", "EmpiricalConfig", "ReplicaScores", "SecretLosses",
+           "add_empirical", "exposure", "membership_bound", "provable_bound"]
 
 
 @dataclass(frozen=True)
@@ -160,202 +143,77 @@ def provable_bound(members: int, others: int, delta: float, confidence: float = 
                   _per_test_level(members, others, confidence))
 
 
-def _losses(model: Any, tok: Any, pairs: Sequence[tuple[str, str]], batch: int = 256
-            ) -> np.ndarray:
-    """Summed negative log-likelihood of each reply (its tokens and ``<|eos|>``)."""
-    import torch
+@dataclass(frozen=True)
+class SecretLosses:
+    """The loss of each planted secret, and of the random candidates it is ranked
+    against, under one model."""
 
-    from covey.models._tokenizer import PAD
+    secrets: list[float]
+    candidates: list[np.ndarray]  # one array per secret
 
-    rows = [tok.example(c, r) for c, r in pairs]
-    # Rows of alike length share a batch: less padding to compute.
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    out = np.zeros(len(rows))
-    with torch.no_grad():
-        for i in range(0, len(rows), batch):
-            chunk = [rows[j] for j in order[i:i + batch]]
-            width = min(max(len(ids) for ids, _ in chunk) - 1, model.cfg.context)
-            ids = torch.full((len(chunk), width), PAD, dtype=torch.long)
-            targets = torch.full((len(chunk), width), -100, dtype=torch.long)
-            for k, (seq, start) in enumerate(chunk):
-                cut = max(0, len(seq) - (model.cfg.context + 1))  # keep the last tokens
-                seq, start = seq[cut:], max(1, start - cut)
-                ids[k, :len(seq) - 1] = torch.tensor(seq[:-1])
-                targets[k, start - 1:len(seq) - 1] = torch.tensor(seq[start:])
-            logp = torch.log_softmax(model(ids)[0].float(), dim=-1)
-            mask = targets >= 0
-            picked = logp.gather(2, targets.clamp(min=0)[..., None])[..., 0] * mask
-            out[order[i:i + len(chunk)]] = (-picked.sum(dim=1)).numpy()
-    return out
+    def exposures(self) -> list[float]:
+        """Each secret's exposure, in bits."""
+        return [exposure(own, others)
+                for own, others in zip(self.secrets, self.candidates, strict=True)]
 
 
-def _secret(rng: np.random.Generator, digits: int) -> str:
-    return "my secret number is " + " ".join(str(int(d)) for d in rng.integers(0, 10, digits))
+@dataclass(frozen=True)
+class CanaryScores:
+    """The DP replica's canary clients: cosines with what was released."""
+
+    observed: np.ndarray  # each canary's direction (local: each one sampled) and the release
+    null: np.ndarray  # directions never inserted, against the same
+    dim: int
+    clients: int  # canary clients in the replica
+    norm: float  # each sends its direction times this (the run's initial C)
+    mean_rounds_sampled: float
 
 
-def _replica(cfg: EmpiricalConfig) -> tuple[list[Any], list[Any], list[str]]:
-    """Members (the first ``secret_holders`` holding secrets), non-members, the secrets."""
-    from covey.models import Example, FederatedUser
-    from covey.simulations._simulate import SimulationConfig, population
-
-    pool = [u for u in population(SimulationConfig(min_messages=10))
-            if len(u.train) <= cfg.max_messages]
-    wanted = cfg.members + cfg.non_members
-    if len(pool) < max(wanted, 2 * cfg.members):
-        raise ValueError(f"only {len(pool)} users fit the replica; asked for {wanted}")
-    rng = np.random.default_rng(cfg.seed)
-    # Members and as many non-members first, then more non-members from the rest: the
-    # members do not depend on how many non-members are scored.
-    first = rng.choice(len(pool), 2 * cfg.members, replace=False)
-    secrets = [_secret(rng, cfg.digits) for _ in range(cfg.secret_holders)]
-    rest = np.setdiff1d(np.arange(len(pool)), first)
-    more = np.random.default_rng([cfg.seed, 1]).choice(
-        rest, max(0, cfg.non_members - cfg.members), replace=False)
-    members = [pool[i] for i in first[:cfg.members]]
-    others = [pool[i] for i in [*first[cfg.members:cfg.members + cfg.non_members], *more]]
-    for i, secret in enumerate(secrets):
-        user = members[i]
-        planted = tuple(Example(CANARY_PROMPT, secret, "") for _ in range(cfg.repeats))
-        members[i] = FederatedUser(user.user_id, user.train + planted, user.test)
-    return members, others, secrets
-
-
-@dataclass
-class _Arm:
-    """One training of the replica: its mechanism and what it left behind."""
+@dataclass(frozen=True)
+class ArmScores:
+    """One training of the replica: its mechanism, its own run record and its scores."""
 
     label: str
     dp: DPConfig
-    adapter: bytes = b""
-    record: dict[str, Any] | None = None
-    released: np.ndarray | None = None  # central: the sum of the released deltas
-    canaries: Any = None  # the CanaryClients of the DP replica
+    record: dict[str, Any]
+    secrets: SecretLosses
+    members: np.ndarray  # each member's drop in mean loss from the base model
+    non_members: np.ndarray  # likewise, for users who never took part
+    canaries: CanaryScores | None  # in the DP replica only
 
 
-def _released_sum(registry: Any, run_id: str) -> np.ndarray:
-    """The sum of every delta the run released: each version minus its parent."""
-    from covey.models import Adapter
+@dataclass(frozen=True)
+class ReplicaScores:
+    """What the replica hands the audit: the secrets' losses under the base model, and
+    each training's scores (the reference without DP first, if trained)."""
 
-    total: np.ndarray | None = None
-    for version in registry.versions():
-        if version.run_id != run_id or version.parent is None:
-            continue
-        new = Adapter.from_bytes(registry.get(version.id)[1]).flat().astype(np.float64)
-        old = Adapter.from_bytes(registry.get(version.parent)[1]).flat().astype(np.float64)
-        total = new - old if total is None else total + (new - old)
-    if total is None:
-        raise ValueError(f"the replica run {run_id} released no version")
-    return total
+    before: SecretLosses
+    arms: list[ArmScores]
+
+    def __post_init__(self) -> None:
+        if not self.arms:
+            raise ValueError("a replica trains at least once")
 
 
-def _train(cfg: EmpiricalConfig, members: list[Any], arm: _Arm, out: Path, size: int,
-           progress: Progress, noise: NoiseSource | None) -> None:
-    """Train the replica under ``arm.dp`` (with canary clients in ``size`` dimensions
-    when private)."""
-    from covey.aggregator._registry import Registry
-    from covey.simulations._canaries import CanaryClients
-    from covey.simulations._simulate import SimulationConfig, simulate
-
-    dp = arm.dp
-    canaries = (CanaryClients(unit_directions(cfg.seed, cfg.canary_clients, size),
-                              dp.clip_norm) if dp.private else None)
-    population = len(members) + (cfg.canary_clients if canaries else 0)
-    # The replica's own delta only has to pass the run's check (delta < 1/N); the
-    # mechanism does not depend on it, and the estimates use the run's delta.
-    sim = SimulationConfig(pods=len(members), rounds=cfg.rounds, clients_per_round=1,
-                           target_epsilon=math.inf, mode=dp.mode if dp.private else "central",
-                           clip_norm=dp.clip_norm if dp.private else 1.0,
-                           delta=min(dp.delta, 0.5 / population), accountant=dp.accountant,
-                           local_epochs=cfg.local_epochs, lr=cfg.lr, max_examples=10_000,
-                           eval_examples=20, seed=cfg.seed, workers=cfg.workers,
-                           noise_multiplier=dp.noise_multiplier if dp.private else 0.0,
-                           sample_rate=dp.sample_rate,
-                           adaptive=dp.adaptive if dp.private else None,
-                           personalize=False)
-    done = [0]
-    label = f"training replica: {arm.label}"
-
-    def on_round(_: dict[str, Any]) -> None:
-        done[0] += 1
-        progress(label, done[0], cfg.rounds)
-
-    progress(label, 0, cfg.rounds)
-    record = simulate(sim, out, on_round=on_round, users=members,
-                      noise=noise if dp.private else None, canaries=canaries)
-    registry = Registry(out / "registry")
-    # The mechanism's output is the last released aggregate, rolled back or not.
-    last = max((v for v in registry.versions() if v.run_id == record["run_id"]),
-               key=lambda v: v.round)
-    arm.adapter, arm.record, arm.canaries = registry.get(last.id)[1], record, canaries
-    if canaries is not None and dp.mode == "central":
-        arm.released = _released_sum(registry, record["run_id"])
-
-
-def _own_messages(user: Any, per_user: int) -> list[tuple[str, str]]:
-    """The (context, reply) pairs membership is scored on: the user's, not a secret."""
-    return [(e.context, e.reply) for e in user.train if e.context != CANARY_PROMPT][:per_user]
-
-
-def _mean_losses(model: Any, tok: Any, users: Sequence[Any], per_user: int) -> np.ndarray:
-    """Each user's mean loss on their own scored messages, batched across users."""
-    pairs = [_own_messages(u, per_user) for u in users]
-    losses = _losses(model, tok, [p for own in pairs for p in own])
-    ends = np.cumsum([len(own) for own in pairs])
-    return np.asarray([chunk.mean() for chunk in np.split(losses, ends[:-1])])
-
-
-def _arms(dp: DPConfig, cfg: EmpiricalConfig) -> list[_Arm]:
-    """The replica's trainings: the reference without DP (if asked), then the DP one."""
-    if dp.private:
-        arm = _Arm(f"DP, the run's mechanism (z = {dp.noise_multiplier:.3g}, "
-                   f"C = {dp.clip_norm:g}{', adaptive' if dp.adaptive else ''}, "
-                   f"q = {dp.sample_rate:g}, {dp.mode})", dp)
-    else:
-        z = noise_for_epsilon(cfg.fallback_epsilon, dp.delta, dp.sample_rate, cfg.rounds,
-                              dp.accountant)
-        arm = _Arm(f"DP at epsilon {cfg.fallback_epsilon:g} (z = {z:.3g}, C = 1, "
-                   f"q = {dp.sample_rate:g})", DPConfig(
-                       mode="central", noise_multiplier=z, clip_norm=1.0,
-                       sample_rate=dp.sample_rate, delta=dp.delta, accountant=dp.accountant))
-    # The reference protects nothing: every member in every round, no clipping, no noise.
-    reference = _Arm("no DP (every member every round)", DPConfig(
-        mode="central", noise_multiplier=0.0, clip_norm=math.inf, sample_rate=1.0,
-        delta=dp.delta, accountant=dp.accountant))
-    return [reference, arm] if cfg.reference else [arm]
-
-
-def _canary_section(report: dict[str, Any], arm: _Arm, cfg: EmpiricalConfig, theory: float,
-                    delta: float) -> dict[str, Any]:
+def _canary_section(report: dict[str, Any], arm: ArmScores, canaries: CanaryScores,
+                    cfg: EmpiricalConfig, theory: float, delta: float) -> dict[str, Any]:
     """The canary-client estimate of the DP replica, its null check, and its flag."""
-    canaries = arm.canaries
-    dim = canaries.directions.shape[1]
-    null = unit_directions(cfg.seed, cfg.null_directions, dim, stream=1)
+    dim = canaries.dim
     local = arm.dp.mode == "local"
-    if local:  # what the aggregator saw of each canary that was sampled at least once
-        seen = canaries.sampled > 0
-        released = canaries.released[seen] if canaries.released is not None \
-            else np.zeros((0, dim))
-        observed = cosines(canaries.directions[seen], released)
-        paired = min(len(null), len(released))
-        null_cos = cosines(null[:paired], released[:paired])
-    else:
-        total = arm.released if arm.released is not None else np.zeros(dim)
-        observed = cosines(canaries.directions, total)
-        null_cos = cosines(null, total)
-    estimate = canary_epsilon(observed, dim, delta, replace_one=local)
-    ideal = ideal_estimates(*_claimed_noise(arm), arm.dp.sample_rate, len(canaries.directions),
-                            dim, delta, replace_one=local, seed=cfg.seed)
+    estimate = canary_epsilon(canaries.observed, dim, delta, replace_one=local)
+    ideal = ideal_estimates(*_claimed_noise(arm, canaries), arm.dp.sample_rate,
+                            canaries.clients, dim, delta, replace_one=local, seed=cfg.seed)
     threshold = alarm_threshold(theory, ideal)
-    scaled_null = null_cos * math.sqrt(dim)
+    scaled_null = canaries.null * math.sqrt(dim)
     sec = section(report, "canary-clients", "Canary clients: a one-run epsilon estimate")
     seen_as, against = (
         ("the sum of its own releases (what the aggregator saw of it)",
          "the canary opposite it (replace-one, as local mode is accounted)") if local else
         ("the sum of the released model deltas", "directions never inserted, N(0, 1/d)"))
     sec["notes"].append(
-        f"{len(canaries.directions)} canary clients joined the DP replica: each sends a fixed "
+        f"{canaries.clients} canary clients joined the DP replica: each sends a fixed "
         f"random unit direction times C = {canaries.norm:g} in every round it is sampled "
-        f"(rate q = {arm.dp.sample_rate:g}; sampled {canaries.sampled.mean():.2f} of "
+        f"(rate q = {arm.dp.sample_rate:g}; sampled {canaries.mean_rounds_sampled:.2f} of "
         f"{cfg.rounds} rounds on average), clipped and "
         f"{'noised on the pod' if local else 'noised by the aggregator'} like any update "
         f"(Andrew et al., ICLR 2024). The cosine of each direction with {seen_as} is fitted "
@@ -370,7 +228,7 @@ def _canary_section(report: dict[str, Any], arm: _Arm, cfg: EmpiricalConfig, the
         f"({float(np.max(ideal)):.3g}), plus 1, designed to be raised by a correct "
         "mechanism less than once in 1,000 audits. Noise at a tenth of the claim estimates "
         "ten times the theory or more; noise below about "
-        f"{math.sqrt(len(canaries.directions) * arm.dp.sample_rate / dim):.2g} times C per "
+        f"{math.sqrt(canaries.clients * arm.dp.sample_rate / dim):.2g} times C per "
         "round is hidden by the canaries' own updates, so a mechanism that adds none "
         "is caught only when its claimed noise is well above that.")
     table(sec, ["quantity", "value"], [
@@ -396,26 +254,26 @@ def _canary_section(report: dict[str, Any], arm: _Arm, cfg: EmpiricalConfig, the
             "ideal_max": float(np.max(ideal)),
             "mean": estimate.mean, "std": estimate.std, "canaries": estimate.canaries,
             "null_mean": float(scaled_null.mean()), "null_std": float(scaled_null.std(ddof=1)),
-            "mean_rounds_sampled": float(canaries.sampled.mean())}
+            "mean_rounds_sampled": canaries.mean_rounds_sampled}
 
 
-def _claimed_noise(arm: _Arm) -> tuple[np.ndarray, np.ndarray]:
+def _claimed_noise(arm: ArmScores, canaries: CanaryScores) -> tuple[np.ndarray, np.ndarray]:
     """Per released round of the DP replica: a canary's norm after clipping, and the
     standard deviation of the noise the claimed mechanism puts along its direction (the
     update's share of z with adaptive clipping, times that round's C)."""
-    dp, record = arm.dp, arm.record or {}
+    dp, record = arm.dp, arm.record
     released = [r for r in record.get("rounds", []) if "version" in r]
     clips = np.array([float(r["clip_norm"]) for r in released])
     z = dp.noise_multiplier
     if dp.adaptive is not None:
         z = dp.adaptive.update_noise_multiplier(z, dp.sample_rate * record["population"])
-    return np.minimum(arm.canaries.norm, clips), z * clips
+    return np.minimum(canaries.norm, clips), z * clips
 
 
-def _replica_facts(arm: _Arm) -> dict[str, Any]:
+def _replica_facts(arm: ArmScores) -> dict[str, Any]:
     """What the DP replica's own run record says it ran: the auditor's evidence that the
     replica used the run's sampling and clipping."""
-    record = arm.record or {}
+    record = arm.record
     dp = record.get("config", {}).get("dp", {})
     rounds = record.get("rounds", [])
     return {"mode": dp.get("mode"), "noise_multiplier": dp.get("noise_multiplier"),
@@ -426,78 +284,45 @@ def _replica_facts(arm: _Arm) -> dict[str, Any]:
 
 
 def add_empirical(report: dict[str, Any], dp: DPConfig, cfg: EmpiricalConfig,
-                  progress: Progress | None = None, noise: NoiseSource | None = None) -> None:
-    """Run the tests on a replica of ``dp`` and add their sections to ``report``.
-
-    ``noise`` replaces the DP replica's noise source (default: the simulation's, seeded
-    by ``cfg.seed`` so that an audit is reproducible); it is how a test feeds the audit
-    a broken mechanism.
-    """
-    from covey.models import Adapter, TinyLM, load_model
-
-    report_progress = progress or (lambda stage, done, total: None)
-    members, others, secrets = _replica(cfg)
+                  scores: ReplicaScores) -> None:
+    """Add the empirical tests' sections to ``report``, from the scores of a replica of
+    ``dp`` sized by ``cfg``."""
     delta = dp.delta
-    arms = _arms(dp, cfg)
-    model, tok, _ = load_model()
-    zero = Adapter.zeros_like(TinyLM(model.cfg))
-    zero.load_into(model)
-    rng = np.random.default_rng(cfg.seed + 1)
-    candidates = [[_secret(rng, cfg.digits) for _ in range(cfg.candidates)] for _ in secrets]
-    candidates = [[c for c in cands if c != s] for cands, s in zip(candidates, secrets,
-                                                                    strict=True)]
-    scored = cfg.scored_messages
-    base_members = _mean_losses(model, tok, members, scored)
-    base_others = _mean_losses(model, tok, others, scored)
-
-    def exposures() -> list[float]:
-        values = []
-        for secret, cands in zip(secrets, candidates, strict=True):
-            losses = _losses(model, tok, [(CANARY_PROMPT, c) for c in cands])
-            own = float(_losses(model, tok, [(CANARY_PROMPT, secret)])[0])
-            values.append(exposure(own, losses))
-        return values
-
-    base_exposure = exposures()
-    provable = provable_bound(len(members), len(others), delta, cfg.confidence)
+    base_exposure = scores.before.exposures()
+    members, others = len(scores.arms[0].members), len(scores.arms[0].non_members)
+    provable = provable_bound(members, others, delta, cfg.confidence)
     rows: list[list[Any]] = []
     canary_rows: list[list[Any]] = []
     roc = Figure("Membership inference ROC (user level)",
                  "false positive rate", "true positive rate")
     summary: dict[str, Any] = {"membership_provable_bound": provable}
-    with temporary_directory("covey-audit-") as tmp:
-        for i, arm in enumerate(arms):
-            _train(cfg, members, arm, Path(tmp) / f"arm{i}", zero.num_parameters,
-                   report_progress, noise)
-            Adapter.from_bytes(arm.adapter).load_into(model)
-            report_progress("canary exposure and membership inference", i, len(arms))
-            exp = exposures()
-            auc, bound, fprs, tprs = membership_bound(
-                base_members - _mean_losses(model, tok, members, scored),
-                base_others - _mean_losses(model, tok, others, scored), delta,
-                cfg.confidence)
-            private = arm.dp.private
-            theory = (epsilon_spent([arm.dp.segment(cfg.rounds)], delta, arm.dp.accountant)
-                      if private else math.inf)
-            rows.append([arm.label, arm.dp.noise_multiplier, theory if private else "inf",
-                         float(np.mean(exp)) if exp else None,
-                         float(np.max(exp)) if exp else None, auc, bound, provable])
-            canary_rows.extend([arm.label, k + 1, base_exposure[k], e] for k, e in enumerate(exp))
-            roc.line(arm.label, fprs, tprs)
-            found: dict[str, Any] = {
-                "mean_exposure": float(np.mean(exp)) if exp else None, "auc": auc,
-                "epsilon_lower_bound": bound, "epsilon_theory": theory if private else None}
-            if private:
-                found["membership_can_reach_theory"] = provable >= theory
-                found["canary"] = _canary_section(report, arm, cfg, theory, delta)
-                summary["replica"] = _replica_facts(arm)
-                if bound > theory:
-                    flag(report, "empirical_epsilon_above_theory",
-                         f"membership inference proves epsilon >= {bound:.3g} "
-                         f"({100 * cfg.confidence:g} % confidence), above the theoretical "
-                         f"{theory:.3g}")
-            summary["dp" if private else "no_dp"] = found
-    report_progress("canary exposure and membership inference", len(arms), len(arms))
+    for arm in scores.arms:
+        exp = arm.secrets.exposures()
+        auc, bound, fprs, tprs = membership_bound(arm.members, arm.non_members, delta,
+                                                  cfg.confidence)
+        private = arm.dp.private
+        theory = (epsilon_spent([arm.dp.segment(cfg.rounds)], delta, arm.dp.accountant)
+                  if private else math.inf)
+        rows.append([arm.label, arm.dp.noise_multiplier, theory if private else "inf",
+                     float(np.mean(exp)) if exp else None,
+                     float(np.max(exp)) if exp else None, auc, bound, provable])
+        canary_rows.extend([arm.label, k + 1, base_exposure[k], e] for k, e in enumerate(exp))
+        roc.line(arm.label, fprs, tprs)
+        found: dict[str, Any] = {
+            "mean_exposure": float(np.mean(exp)) if exp else None, "auc": auc,
+            "epsilon_lower_bound": bound, "epsilon_theory": theory if private else None}
+        if private:
+            if arm.canaries is None:
+                raise ValueError("the DP replica's scores have no canary clients")
+            found["membership_can_reach_theory"] = provable >= theory
+            found["canary"] = _canary_section(report, arm, arm.canaries, cfg, theory, delta)
+            summary["replica"] = _replica_facts(arm)
+            if bound > theory:
+                flag(report, "empirical_epsilon_above_theory",
+                     f"membership inference proves epsilon >= {bound:.3g} "
+                     f"({100 * cfg.confidence:g} % confidence), above the theoretical "
+                     f"{theory:.3g}")
+        summary["dp" if private else "no_dp"] = found
     roc.line("chance", [0.0, 1.0], [0.0, 1.0])
     theory = summary["dp"]["epsilon_theory"]
     sec = section(report, "empirical", "Empirical tests: secrets and membership inference")
@@ -514,7 +339,7 @@ def add_empirical(report: dict[str, Any], dp: DPConfig, cfg: EmpiricalConfig,
         f"a random {cfg.digits}-digit secret repeated {cfg.repeats} times; each secret is "
         f"ranked among {cfg.candidates} random ones (maximum measurable exposure "
         f"{math.log2(cfg.candidates + 1):.1f} bits; chance about 1 bit; the base model "
-        f"before training: {np.mean(base_exposure) if secrets else 0:.2f} bits). "
+        f"before training: {np.mean(base_exposure) if base_exposure else 0:.2f} bits). "
         f"Membership inference scores {cfg.members} members against {cfg.non_members} "
         f"users who never took part, each on {cfg.scored_messages} of their own "
         "messages.")

@@ -1,23 +1,68 @@
 """The pod report (``covey audit --pod``): what this device holds, spent and sent.
 
-Built from the unlocked pod: counts by kind (never content), the encryption in force,
-a plaintext scan of every file covey wrote for the pod, the epsilon ledger, the egress
-inventory from the audit log, the audit-chain check, consents and erasures.
+Rendered from a :class:`PodAudit`, the facts the pod gathers from its own store: counts
+by kind (never content), the encryption in force, a plaintext scan of every file covey
+wrote for the pod, the epsilon ledger, the egress inventory from the audit log, the
+audit-chain check, consents and erasures.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from covey.privacy._ledger import BudgetPolicy, LedgerCheck, LedgerEntry
 from covey.privacy._report import Figure, flag, new_report, section, table
 from covey.privacy._scan import files_under, needles_from, scan_files
 
-__all__ = ["RECENT", "pod_report"]
+__all__ = ["AuditEvent", "PodAudit", "pod_report"]
 
-RECENT = 500  # the most recent rows of each kind of user text the scan looks for
+
+class AuditEvent(Protocol):
+    """What the report reads of one entry of the pod's audit log."""
+
+    @property
+    def created_at(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def epsilon(self) -> float: ...
+    @property
+    def detail(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class PodAudit:
+    """The facts of an unlocked pod that its report is rendered from."""
+
+    pod_id: str
+    name: str
+    device_id: str  # this device's, to tell its ledger rows from the user's other devices'
+    cipher: dict[str, Any]
+    kdf: dict[str, Any]
+    counts: dict[str, int]  # rows of each table
+    memory_kinds: list[tuple[str, int]]
+    database: Path
+    database_header: bytes  # the database file's first 16 bytes
+    database_bytes: int  # the database and its journal
+    audit_chain: dict[str, Any]  # ok, entries; or bad_seq and reason
+    recent: int  # the most recent rows of each kind of user text gathered
+    user_text: list[tuple[str, str]] = field(repr=False)  # (record, text): scan needles
+    scanned_folders: list[Path]  # every folder covey wrote for the pod
+    policy: BudgetPolicy
+    ledger: list[LedgerEntry]  # oldest first
+    totals: list[float]  # the user's epsilon after each ledger entry
+    ledger_check: LedgerCheck
+    audit_log: Sequence[AuditEvent]
+    consents: list[tuple[str, bool, str]]  # scope, granted, since
 
 # Where each kind of audited event sends data.
 _DESTINATIONS = {"federated_update": "aggregator", "context_stats": "aggregator",
@@ -40,72 +85,45 @@ def _destination(kind: str) -> str | None:
     return None
 
 
-def _user_text(pod: Any) -> list[tuple[str, str]]:
-    q = pod.store.query
-    records: list[tuple[str, str]] = []
-    for table_name, columns in (("messages", ("content",)), ("memories", ("text",)),
-                                ("training_examples", ("prompt", "target"))):
-        cols = ", ".join(columns)
-        rows = q(f"SELECT id, {cols} FROM {table_name} ORDER BY id DESC LIMIT ?",  # noqa: S608
-                 (RECENT,))
-        for row in rows:
-            records.extend((f"{table_name}#{row[0]}", str(v)) for v in row[1:] if v)
-    return records
-
-
-def _written_files(pod: Any, extra: list[Path]) -> list[Path]:
-    from covey._tempdirs import registered_folders
-    from covey.models._embedder import cache_dir
-
-    # Only the temporary folders covey registered when it made them: a person's own
-    # folder in TMPDIR is not covey's, whatever its name.
-    return files_under(pod.home, cache_dir(), *registered_folders(), *extra)
-
-
-def _encryption(pod: Any, report: dict[str, Any]) -> None:
-    status = pod.status()
+def _encryption(pod: PodAudit, report: dict[str, Any]) -> None:
     sec = section(report, "encryption", "Encryption in force")
-    table(sec, ["setting", "value"], [[k, v] for k, v in status.cipher.items()],
+    table(sec, ["setting", "value"], [[k, v] for k, v in pod.cipher.items()],
           "database")
-    table(sec, ["setting", "value"], [[k, v] for k, v in status.kdf.items()],
+    table(sec, ["setting", "value"], [[k, v] for k, v in pod.kdf.items()],
           "passphrase key derivation and key wrapping")
-    from covey.device._pod import DB_FILE
-
-    db = pod.home / DB_FILE
-    with db.open("rb") as f:
-        header = f.read(16)
-    plain = header.startswith(b"SQLite format 3")
+    db = pod.database
+    plain = pod.database_header.startswith(b"SQLite format 3")
     sec["notes"].append("The database file starts with random bytes, as an encrypted "
                         "SQLCipher file does." if not plain else
                         "The database file starts with a plaintext SQLite header.")
     if plain:
         flag(report, "plaintext", f"{db} is an unencrypted SQLite file")
     counts = section(report, "storage", "What the pod stores (counts, never content)")
-    table(counts, ["table", "rows"], sorted(status.counts.items()))
-    kinds = pod.store.query("SELECT kind, COUNT(*) FROM memories GROUP BY kind ORDER BY kind")
-    table(counts, ["memory kind", "rows"], [[k, int(n)] for k, n in kinds], "memories by kind")
-    counts["notes"].append(f"Database and its journal: {status.database_bytes:,} bytes.")
+    table(counts, ["table", "rows"], sorted(pod.counts.items()))
+    table(counts, ["memory kind", "rows"], [[k, n] for k, n in pod.memory_kinds],
+          "memories by kind")
+    counts["notes"].append(f"Database and its journal: {pod.database_bytes:,} bytes.")
     chain = section(report, "audit-chain", "Audit chain")
-    if status.audit_chain["ok"]:
-        chain["notes"].append(f"All {status.audit_chain['entries']} entries verify: each "
+    if pod.audit_chain["ok"]:
+        chain["notes"].append(f"All {pod.audit_chain['entries']} entries verify: each "
                               "hash matches its content and links to the one before, and "
                               "the head signed by the device key (kept outside the store) "
                               "matches its entry.")
     else:
-        bad = status.audit_chain
+        bad = pod.audit_chain
         chain["notes"].append(f"The chain breaks at entry {bad['bad_seq']}: {bad['reason']}.")
         flag(report, "broken_chain",
              f"audit log broken at entry {bad['bad_seq']}: {bad['reason']}")
 
 
-def _plaintext(pod: Any, report: dict[str, Any], extra: list[Path]) -> None:
-    needles = needles_from(_user_text(pod))
-    files = _written_files(pod, extra)
+def _plaintext(pod: PodAudit, report: dict[str, Any]) -> None:
+    needles = needles_from(pod.user_text)
+    files = files_under(*pod.scanned_folders)
     hits, count, scanned = scan_files(files, needles)
     sec = section(report, "plaintext-scan", "Plaintext scan")
     sec["notes"].append(
         f"Looked for {len(needles)} pieces of the user's own recent text (the latest "
-        f"{RECENT} messages, memories and training examples of at least 12 characters) "
+        f"{pod.recent} messages, memories and training examples of at least 12 characters) "
         f"in {count} files, {scanned:,} bytes: the pod home (database, journal, keys, "
         "logs), covey's cache folder and the temporary folders covey made.")
     rows = [[h.path, h.offset, h.source] for h in hits]
@@ -117,19 +135,14 @@ def _plaintext(pod: Any, report: dict[str, Any], extra: list[Path]) -> None:
     report["summary"]["files_scanned"] = count
 
 
-def _ledger(pod: Any, report: dict[str, Any]) -> None:
-    from covey.device._budget import pod_ledger
-
-    ledger = pod_ledger(pod)
-    policy = ledger.policy
-    history, totals = ledger.history(), ledger.totals()
-    check = ledger.verify()
+def _ledger(pod: PodAudit, report: dict[str, Any]) -> None:
+    policy, history, totals, check = pod.policy, pod.ledger, pod.totals, pod.ledger_check
     cumulative = [t if math.isfinite(t) else None for t in totals]
     non_private = sum(1 for e in history if e.release.rounds and not e.release.private)
     table_rows = [[e.created_at, e.release.run_id, e.release.round, e.release.kind,
                    e.release.mode, e.release.noise_multiplier, e.release.sensitivity,
                    e.release.sample_rate, e.release.clip_norm, e.release.rounds,
-                   "this pod" if e.device_id == pod.identity.device_id else e.device_id,
+                   "this pod" if e.device_id == pod.device_id else e.device_id,
                    total if math.isfinite(total) else "inf"]
                   for e, total in zip(history, totals, strict=True)]
     spent = cumulative[-1] if cumulative else 0.0
@@ -169,20 +182,19 @@ def _ledger(pod: Any, report: dict[str, Any]) -> None:
                              max_epsilon=policy.max_epsilon, delta=policy.delta)
 
 
-def _egress(pod: Any, report: dict[str, Any]) -> None:
-    from covey.device import _audit
-
-    entries = _audit.entries(pod.store.conn)
-    groups: dict[tuple[str, str, str], list[Any]] = defaultdict(list)
+def _egress(pod: PodAudit, report: dict[str, Any]) -> None:
+    entries = pod.audit_log
+    groups: dict[tuple[str, str, str], list[AuditEvent]] = defaultdict(list)
     for e in entries:
         where = _destination(e.kind)
         if where is not None:
             groups[(where, e.kind, e.peer)].append(e)
     # An entry's epsilon is the user's total after it: the last one says it all (adding
     # totals up would count every earlier release again).
-    rows = [[where, kind, peer or "-", len(es), sum(e.bytes for e in es),
-             max(e.epsilon for e in es), es[0].created_at, es[-1].created_at]
-            for (where, kind, peer), es in sorted(groups.items())]
+    rows: list[list[Any]] = [
+        [where, kind, peer or "-", len(es), sum(e.bytes for e in es),
+         max(e.epsilon for e in es), es[0].created_at, es[-1].created_at]
+        for (where, kind, peer), es in sorted(groups.items())]
     sec = section(report, "egress", "Egress: everything that left the pod")
     sec["notes"].append("From the audit log: every response to another process, update to "
                         "an aggregator, export and sync is recorded in the same transaction "
@@ -195,16 +207,14 @@ def _egress(pod: Any, report: dict[str, Any]) -> None:
     for row in rows:
         by_dest[row[0]] += int(row[4])
     report["summary"]["egress_bytes"] = dict(by_dest)
-    consents = pod.store.query("SELECT scope, granted, updated_at FROM consents ORDER BY scope")
     people = section(report, "consents", "Consents and erasures")
-    table(people, ["scope", "granted", "since"], [[s, bool(g), t] for s, g, t in consents],
-          "consents")
+    table(people, ["scope", "granted", "since"], [list(c) for c in pod.consents], "consents")
     erasures = [[e.created_at, e.detail.get("table", "-"), e.detail.get("rows", 0)]
                 for e in entries if e.kind == "erasure"]
     table(people, ["when", "table", "rows erased"], erasures, "erasures")
 
 
-def _prompts_sent(entries: list[Any], sec: dict[str, Any]) -> None:
+def _prompts_sent(entries: Sequence[AuditEvent], sec: dict[str, Any]) -> None:
     """What the prompts sent to model servers held: kinds of data and counts, by host."""
     kinds = ("system", "preferences", "memories", "context", "recent_turns", "message")
     by_host: dict[tuple[str, str], list[int]] = {}
@@ -223,12 +233,12 @@ def _prompts_sent(entries: list[Any], sec: dict[str, Any]) -> None:
           "prompts sent to model servers: what they held (counts, never text)")
 
 
-def pod_report(pod: Any, extra_files: list[Path] | None = None) -> dict[str, Any]:
-    """The report of an unlocked pod (``extra_files``: more files to scan)."""
+def pod_report(pod: PodAudit) -> dict[str, Any]:
+    """The report of a pod, from its facts."""
     report = new_report("pod", f"Privacy audit of pod {pod.name or pod.pod_id}")
     report["summary"] = {"pod_id": pod.pod_id}
     _encryption(pod, report)
-    _plaintext(pod, report, list(extra_files or []))
+    _plaintext(pod, report)
     _ledger(pod, report)
     _egress(pod, report)
     return report

@@ -1,60 +1,54 @@
 """The run report (``covey audit --run DIR``), for real and simulated runs alike.
 
-Built from a run record (``runs/<id>.json``, the same format for ``covey train`` and
-``covey simulate``): the mechanism and its assumptions, epsilon against rounds at the
-run's delta, an independent recomputation by the other accountant, and optionally the
-empirical tests of :mod:`covey.privacy._empirical`.
+Rendered from a :class:`RunAudit`: a run record (``runs/<id>.json``, the same format for
+``covey train`` and ``covey simulate``) and the versions the run released. It states the
+mechanism and its assumptions, epsilon against rounds at the run's delta, an independent
+recomputation by the other accountant and the noise the released versions hold; the
+empirical tests of :mod:`covey.privacy._empirical` can be added to it.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from covey.errors import InvalidInputError
 from covey.privacy._accounting import epsilon_spent
 from covey.privacy._dp import AdaptiveClipping, DPConfig
-from covey.privacy._noise import NoiseSource
 from covey.privacy._report import Figure, flag, new_report, section, table
 
-__all__ = ["AGREEMENT", "find_record", "noise_norm_floor", "run_report"]
+__all__ = ["AGREEMENT", "RunAudit", "noise_norm_floor", "run_report"]
 
 AGREEMENT = 0.05  # accountants agreeing within 5 % need no explanation
 
 #: The released-noise check flags a correct run with at most this probability.
 RELEASED_NOISE_TAIL = 1e-9
 
-Progress = Callable[[str, int, int], None]
 
+@dataclass(frozen=True)
+class RunAudit:
+    """The facts of a training run that its report is rendered from.
 
-def find_record(path: Path) -> Path:
-    """The run record at ``path``: the file itself, or the newest ``runs/*.json`` in it.
-
-    Raises:
-        InvalidInputError: nothing that looks like a run record there.
+    Raises (on construction) ValueError, KeyError or TypeError when the record does not
+    state a readable mechanism.
     """
-    if path.is_file():
-        return path
-    folder = path / "runs" if (path / "runs").is_dir() else path
-    records = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime) \
-        if folder.is_dir() else []
-    if not records:
-        raise InvalidInputError(f"no run record (runs/*.json) in {path}")
-    return records[-1]
 
+    record: dict[str, Any]  # the run record, as written
+    path: Path  # where the record is
+    # Each released round's stats and delta (the version minus its parent); None when
+    # the run's registry is not there.
+    released: list[tuple[dict[str, Any], np.ndarray]] | None = None
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        record: dict[str, Any] = json.loads(path.read_text())
-        _dp(record)  # the mechanism must be readable
-        return record
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InvalidInputError(f"{path} is not a readable run record ({exc})") from None
+    def __post_init__(self) -> None:
+        _dp(self.record)
+
+    @property
+    def dp(self) -> DPConfig:
+        """The run's mechanism as its record states it."""
+        return _dp(self.record)
 
 
 def _dp(record: dict[str, Any]) -> DPConfig:
@@ -177,35 +171,7 @@ def noise_norm_floor(size: int, tail: float) -> float:
     return size / math.sqrt(size + 1) - math.sqrt(2 * math.log(1 / tail))
 
 
-def _released_deltas(record: dict[str, Any], record_path: Path
-                     ) -> list[tuple[dict[str, Any], np.ndarray]] | None:
-    """Each released round's stats and delta (the version minus its parent), read from
-    the registry beside ``runs/``; None when it is not there."""
-    from covey.aggregator._registry import Registry
-    from covey.models import Adapter
-
-    folder = record_path.parent.parent / "registry"
-    if not (folder / "signing.key").exists():  # Registry() would create one
-        return None
-    registry = Registry(folder)
-    out = []
-    try:
-        for stats in record["rounds"]:
-            if "version" not in stats:
-                continue
-            version, data, _ = registry.get(stats["version"])
-            if version.parent is None:
-                continue
-            parent = Adapter.from_bytes(registry.get(version.parent)[1]).flat()
-            delta = Adapter.from_bytes(data).flat().astype(np.float64) - parent
-            out.append((stats, delta))
-    except (OSError, ValueError, KeyError):
-        return None
-    return out
-
-
-def _released_noise(record: dict[str, Any], record_path: Path, report: dict[str, Any]
-                    ) -> None:
+def _released_noise(run: RunAudit, report: dict[str, Any]) -> None:
     """Whether each version the run released carries the noise its mechanism claims.
 
     Round t releases (S_t + N_t) / E: S_t the sum of n_t updates clipped to C_t, so
@@ -215,11 +181,10 @@ def _released_noise(record: dict[str, Any], record_path: Path, report: dict[str,
     (:func:`noise_norm_floor`, all rounds together failing with probability at most
     ``RELEASED_NOISE_TAIL``). A release below that holds less noise than claimed.
     """
-    dp = _dp(record)
+    dp, record, released = run.dp, run.record, run.released
     if not dp.private or not record["rounds"]:
         return
     sec = section(report, "released-noise", "Noise in the released versions")
-    released = _released_deltas(record, record_path)
     if not released:
         sec["notes"].append("The run's registry (beside runs/) is not there or holds no "
                             "release of this run: the released noise was not checked.")
@@ -272,28 +237,14 @@ def _utility(record: dict[str, Any], report: dict[str, Any]) -> None:
                         "dropped more than 10 % below the best).")
 
 
-def run_report(path: Path, empirical: bool = False, progress: Progress | None = None,
-               canary_config: Any = None, noise: NoiseSource | None = None
-               ) -> dict[str, Any]:
-    """The report of the run record at ``path`` (a file, or a folder holding ``runs/``).
-
-    ``empirical`` adds the tests on a replica of the run's mechanism, sized by
-    ``canary_config`` (an :class:`~covey.privacy._empirical.EmpiricalConfig`), with
-    ``noise`` as its noise source if given (see
-    :func:`~covey.privacy._empirical.add_empirical`).
-    """
-    record_path = find_record(path)
-    record = _load(record_path)
+def run_report(run: RunAudit) -> dict[str, Any]:
+    """The report of a run, from its facts."""
+    record = run.record
     report = new_report("run", f"Privacy audit of run {record['run_id']}")
-    report["summary"] = {"run_id": record["run_id"], "record": str(record_path)}
+    report["summary"] = {"run_id": record["run_id"], "record": str(run.path)}
     _mechanism(record, report)
     _epsilons(record, report)
     _randomness(record, report)
-    _released_noise(record, record_path, report)
+    _released_noise(run, report)
     _utility(record, report)
-    if empirical:
-        from covey.privacy._empirical import EmpiricalConfig, add_empirical
-
-        add_empirical(report, _dp(record), canary_config or EmpiricalConfig(), progress,
-                      noise)
     return report

@@ -34,9 +34,9 @@ def _fill(pod: Any, count: int) -> None:
 def run(quick: bool = False) -> dict[str, Any]:
     """Time both reports."""
     from covey.device import Pod
-    from covey.privacy._empirical import EmpiricalConfig
-    from covey.privacy._pod_report import pod_report
-    from covey.privacy._run_report import run_report
+    from covey.device._pod_audit import pod_audit
+    from covey.privacy import EmpiricalConfig, pod_report
+    from covey.simulations._replica import audit_run
     from covey.simulations._simulate import SimulationConfig, simulate
 
     memories = 200 if quick else 2000
@@ -49,7 +49,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             pod.status()
             status_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            report = pod_report(pod)
+            report = pod_report(pod_audit(pod))
             pod_s = time.perf_counter() - t0
         results["pod_report"] = {"seconds": round(pod_s, 3), "status_seconds": round(status_s, 3),
                                  "ratio_to_status": round(pod_s / status_s, 2),
@@ -62,7 +62,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                                   eval_examples=20), out)
         empirical = EmpiricalConfig(rounds=2, candidates=200) if quick else EmpiricalConfig()
         t0 = time.perf_counter()
-        report = run_report(out, empirical=True, canary_config=empirical)
+        report = audit_run(out, empirical=True, config=empirical)
         run_s = time.perf_counter() - t0
         found = report["summary"]["empirical"]
         canary = found["dp"]["canary"]

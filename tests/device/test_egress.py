@@ -24,7 +24,8 @@ from covey.device._audit import AuditEntry, entries
 from covey.device._chat import open_assistant
 from covey.device._egress import RemoteConsentError, is_consent_scope, is_loopback
 from covey.device._feedback import set_consent
-from covey.privacy._pod_report import pod_report
+from covey.device._pod_audit import pod_audit
+from covey.privacy import pod_report
 from tests.conftest import FAST_CONFIG, PASSPHRASE, Covey, cli_env
 from tests.device._lan import lan_address
 
@@ -111,7 +112,7 @@ def test_a_turn_through_a_model_server_is_audited_with_the_bytes_it_received(
     row = pod.store.query("SELECT detail FROM audit_log WHERE kind = 'generator.request'")
     assert "sister" not in row[0][0] and "spicy" not in row[0][0]  # never the text
     # The pod report lists it among everything that left the pod.
-    report = pod_report(pod)
+    report = pod_report(pod_audit(pod))
     assert report["summary"]["egress_bytes"]["model server"] == entry.bytes
     egress = next(s for s in report["sections"] if s["id"] == "egress")
     rows = [r for t in egress["tables"] for r in t["rows"] if "127.0.0.1" in r]

@@ -150,6 +150,7 @@ def test_a_refusal_leaves_the_pod_audited(tmp_path: Path,
     # A refusal goes to the aggregator too: what, to whom and how many bytes are in the
     # audit log, as for every egress (and in the pod report's egress table).
     from covey.device._clientapp import answer
+    from covey.device._pod_audit import pod_audit
     from covey.privacy import pod_report
 
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a SuperNode's message carries
@@ -167,5 +168,5 @@ def test_a_refusal_leaves_the_pod_audited(tmp_path: Path,
         refusals = [e for e in _audit.entries(pod.store.conn) if e.kind == "round_refused"]
         assert [(e.peer, e.detail["code"]) for e in refusals] == [("agg:9443", "no_consent")]
         assert refusals[0].bytes == len(reply.error.reason)
-        egress = pod_report(pod)["summary"]["egress_bytes"]
+        egress = pod_report(pod_audit(pod))["summary"]["egress_bytes"]
         assert egress["aggregator"] == refusals[0].bytes

@@ -1,7 +1,7 @@
 """Broken mechanisms for the audit's tests: noise sources that lie about what they add.
 
 They plug into the seam a run's noise comes through (``simulate(..., noise=...)``,
-``run_report(..., noise=...)``), so the audit meets them exactly where a broken build's
+``audit_run(..., noise=...)``), so the audit meets them exactly where a broken build's
 noise would be. Module-level classes, so that the simulation's worker processes can
 unpickle them.
 """

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from covey.privacy import AdaptiveClipping
-from covey.privacy._empirical import EmpiricalConfig, provable_bound
+from covey.privacy import AdaptiveClipping, EmpiricalConfig
+from covey.privacy._empirical import provable_bound
 from covey.privacy._report import check_schema
-from covey.privacy._run_report import run_report
+from covey.simulations._replica import audit_run
 from tests.privacy.broken_noise import ScaledNoise, SilentNoise
 
 pytestmark = pytest.mark.slow
@@ -43,8 +43,8 @@ def _flags(report: dict[str, Any]) -> list[str]:
 
 
 def test_a_mechanism_that_claims_noise_and_adds_none_is_flagged(central_run: Path) -> None:
-    report = run_report(central_run, empirical=True, canary_config=SMALL,
-                        noise=SilentNoise())
+    report = audit_run(central_run, empirical=True, config=SMALL,
+                       noise=SilentNoise())
     check_schema(report)
     canary = report["summary"]["empirical"]["dp"]["canary"]
     assert "canary_epsilon_above_theory" in _flags(report), canary
@@ -53,8 +53,8 @@ def test_a_mechanism_that_claims_noise_and_adds_none_is_flagged(central_run: Pat
 
 
 def test_noise_at_a_tenth_of_the_claim_is_flagged(central_run: Path) -> None:
-    report = run_report(central_run, empirical=True, canary_config=SMALL,
-                        noise=ScaledNoise(0.1))
+    report = audit_run(central_run, empirical=True, config=SMALL,
+                       noise=ScaledNoise(0.1))
     canary = report["summary"]["empirical"]["dp"]["canary"]
     assert "canary_epsilon_above_theory" in _flags(report), canary
     # the replica's own record says it ran the run's sampling: q = 3 / 6
@@ -66,7 +66,7 @@ def test_the_replica_runs_the_runs_sampling_and_adaptive_clipping(
     adaptive = AdaptiveClipping(target_quantile=0.5, learning_rate=0.3, count_noise=2.0)
     run = _simulate(tmp_path_factory.mktemp("adaptive"), clients_per_round=1,
                     sample_rate=0.25, noise_multiplier=1.5, clip_norm=0.5, adaptive=adaptive)
-    report = run_report(run, empirical=True, canary_config=SMALL)
+    report = audit_run(run, empirical=True, config=SMALL)
     check_schema(report)
     replica = report["summary"]["empirical"]["replica"]
     assert replica["sample_rate"] == 0.25 and replica["noise_multiplier"] == 1.5
@@ -95,7 +95,7 @@ def test_local_mode_canaries_are_judged_by_what_the_aggregator_saw(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     run = _simulate(tmp_path_factory.mktemp("local"), clients_per_round=6, mode="local",
                     noise_multiplier=4.0)
-    report = run_report(run, empirical=True, canary_config=SMALL, noise=SilentNoise())
+    report = audit_run(run, empirical=True, config=SMALL, noise=SilentNoise())
     assert report["summary"]["empirical"]["replica"]["mode"] == "local"
     assert "canary_epsilon_above_theory" in _flags(report)
     assert report["summary"]["empirical"]["dp"]["canary"]["epsilon"] is None  # infinite

@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from covey.aggregator._run_audit import run_audit
 from covey.device import Pod
 from covey.device._participation import set_budget_policy
-from covey.privacy._pod_report import pod_report
-from covey.privacy._report import check_schema, write_report
-from covey.privacy._run_report import run_report
+from covey.device._pod_audit import pod_audit
+from covey.privacy import pod_report, run_report, write_report
+from covey.privacy._report import check_schema
 from tests.conftest import Covey
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -61,7 +62,7 @@ def _pod_with_history(pod: Pod) -> None:
 
 def test_pod_report_renders_in_chromium_and_fits_its_schema(pod: Pod, tmp_path: Path) -> None:
     _pod_with_history(pod)
-    report = pod_report(pod)
+    report = pod_report(pod_audit(pod))
     html, json_path = write_report(report, tmp_path / "pod.html")
     saved = json.loads(json_path.read_text())
     check_schema(saved)
@@ -83,7 +84,7 @@ def test_a_planted_plaintext_file_is_flagged(pod: Pod, tmp_path: Path) -> None:
     leak = pod.home / "logs" / "debug.txt"
     leak.parent.mkdir(exist_ok=True)
     leak.write_bytes(b"x" * 70_000 + f"user said: {SECRET_TEXT}\n".encode())
-    report = pod_report(pod)
+    report = pod_report(pod_audit(pod))
     flags = [f for f in report["red_flags"] if f["code"] == "plaintext"]
     assert len(flags) == 1 and str(leak) in flags[0]["message"]
     assert "messages#1" in flags[0]["message"] and SECRET_TEXT not in flags[0]["message"]
@@ -104,12 +105,12 @@ def test_the_scan_reads_covey_own_temporary_folders_not_a_persons_folder(
     notes = temp / "covey-notes"
     notes.mkdir()
     (notes / "todo.txt").write_text(f"remember: {SECRET_TEXT}\n")
-    report = pod_report(pod)
+    report = pod_report(pod_audit(pod))
     assert [f for f in report["red_flags"] if f["code"] == "plaintext"] == []
     # A temporary folder covey made is scanned, and a leak into it is flagged.
     with temporary_directory("covey-audit-") as made:
         (made / "replica.log").write_text(f"example: {SECRET_TEXT}\n")
-        flags = [f for f in pod_report(pod)["red_flags"] if f["code"] == "plaintext"]
+        flags = [f for f in pod_report(pod_audit(pod))["red_flags"] if f["code"] == "plaintext"]
     assert len(flags) == 1 and str(made / "replica.log") in flags[0]["message"]
     assert not made.exists()
 
@@ -119,14 +120,14 @@ def test_a_tampered_audit_row_is_flagged(pod: Pod) -> None:
     c = pod.store.conn
     c.execute("DROP TRIGGER audit_log_no_update")
     c.execute("UPDATE audit_log SET bytes = 1 WHERE kind = 'federated_update'")
-    report = pod_report(pod)
+    report = pod_report(pod_audit(pod))
     assert [f["code"] for f in report["red_flags"]] == ["broken_chain"]
 
 
 def test_a_ledger_over_the_users_maximum_is_flagged(pod: Pod) -> None:
     _pod_with_history(pod)
     set_budget_policy(pod, 0.5)
-    report = pod_report(pod)
+    report = pod_report(pod_audit(pod))
     assert [f["code"] for f in report["red_flags"]] == ["epsilon_over_target"]
 
 
@@ -141,7 +142,7 @@ def simulated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_run_report_renders_and_rechecks_epsilon(simulated_run: Path, tmp_path: Path) -> None:
-    report = run_report(simulated_run)
+    report = run_report(run_audit(simulated_run))
     html, json_path = write_report(report, tmp_path / "run.html")
     check_schema(json.loads(json_path.read_text()))
     assert report["red_flags"] == []
@@ -176,13 +177,13 @@ def test_noise_a_reader_can_remove_is_flagged(simulated_run: Path, tmp_path: Pat
     seeded = {**record, "randomness": {**record["randomness"], "private": False,
                                        "reproducible": True, "seed": 3}}
     (tmp_path / "seeded.json").write_text(json.dumps(seeded))
-    codes = [f["code"] for f in run_report(tmp_path / "seeded.json")["red_flags"]]
+    codes = [f["code"] for f in run_report(run_audit(tmp_path / "seeded.json"))["red_flags"]]
     assert codes == ["noise_reproducible"]
     # a record as covey wrote them before: the noise generator's state checkpointed
     old = {k: v for k, v in record.items() if k != "randomness"}
     old["checkpoint"] = {"round": 2, "rng": {"bit_generator": "PCG64", "state": {}}}
     (tmp_path / "old.json").write_text(json.dumps(old))
-    codes = [f["code"] for f in run_report(tmp_path / "old.json")["red_flags"]]
+    codes = [f["code"] for f in run_report(run_audit(tmp_path / "old.json"))["red_flags"]]
     assert codes == ["noise_recoverable", "noise_source_unstated"]
 
 
@@ -206,10 +207,10 @@ def test_a_record_claiming_more_noise_than_its_versions_hold_is_flagged(
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "claimed.json").write_text(json.dumps(record))
     (tmp_path / "registry").symlink_to(simulated_run / "registry")
-    report = run_report(tmp_path)
+    report = run_report(run_audit(tmp_path))
     assert [f["code"] for f in report["red_flags"]] == ["released_noise_below_claim"]
     # and the honest record passes the same check
-    honest = run_report(simulated_run)
+    honest = run_report(run_audit(simulated_run))
     rows = next(s for s in honest["sections"] if s["id"] == "released-noise")["tables"][0]["rows"]
     assert len(rows) == 2 and all(0.97 < row[-1] < 1.5 for row in rows)
 
@@ -237,10 +238,11 @@ def test_covey_audit_flags_a_broken_run_and_not_a_correct_one(
 
 @pytest.mark.slow
 def test_canary_exposure_is_high_without_dp_and_falls_with_dp(simulated_run: Path) -> None:
-    from covey.privacy._empirical import EmpiricalConfig
+    from covey.privacy import EmpiricalConfig
+    from covey.simulations._replica import audit_run
 
-    report = run_report(simulated_run, empirical=True,
-                        canary_config=EmpiricalConfig(members=8, candidates=500))
+    report = audit_run(simulated_run, empirical=True,
+                       config=EmpiricalConfig(members=8, candidates=500))
     check_schema(report)
     found = report["summary"]["empirical"]
     no_dp, dp = found["no_dp"], found["dp"]

@@ -1,4 +1,11 @@
-"""`covey audit`: the privacy audit reports of a pod and of a training run."""
+"""`covey audit`: the privacy audit reports of a pod and of a training run.
+
+Mounted by the root command line because it joins the facts of three packages: the pod
+gathers its own (:func:`~covey.device._pod_audit.pod_audit`), the aggregator reads a
+run's record and releases and the simulator trains the empirical replica
+(:func:`~covey.simulations._replica.audit_run`); :mod:`covey.privacy` renders and
+judges them and imports none of them.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from covey.device._pod_audit import pod_audit
+from covey.device.cli import open_pod
 from covey.errors import InvalidInputError, RedFlagError
+from covey.privacy import pod_report, write_report
+from covey.simulations._replica import audit_run
 
 __all__ = ["audit"]
 
@@ -51,23 +62,15 @@ def audit(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Write a privacy audit report (self-contained HTML and the same content as JSON)."""
-    if pod == (run is not None):
-        raise InvalidInputError("say which report: --pod, or --run DIR")
-    if pod:
-        from covey.device.cli import open_pod
-        from covey.privacy._pod_report import pod_report
-
+    if pod and run is None:
         with open_pod(home) as opened:
-            report = pod_report(opened)
-    else:
-        from covey.privacy._run_report import run_report
-
-        assert run is not None
+            report = pod_report(pod_audit(opened))
+    elif run is not None and not pod:
         bar, update = _progress()
         with bar:
-            report = run_report(run, empirical=empirical, progress=update)
-    from covey.privacy._report import write_report
-
+            report = audit_run(run, empirical=empirical, progress=update)
+    else:
+        raise InvalidInputError("say which report: --pod, or --run DIR")
     html, json_path = write_report(report, out_path)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
