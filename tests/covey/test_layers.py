@@ -23,21 +23,23 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("device", "models", "privacy", "aggregator", "protocols", "simulations")
 LEAVES = ("models", "privacy", "protocols")
 UPPER = ("device", "aggregator", "simulations")
-TOP = ("covey.cli", "covey.__main__", "covey._demo")  # the base's top: may import anything
+#: The base's top: the command line, the audit command and the demo may import anything.
+TOP = ("covey.cli", "covey.__main__", "covey._demo", "covey._audit_cli")
 
 #: Imports that break a rule today, each to be removed by the restructuring of issue 23.
 #: The test fails on any violation not listed here, and on any listed one that is gone,
 #: so the list only shrinks.
 KNOWN: set[tuple[str, str]] = {
+    ("covey._audit_cli", "covey.device._pod_audit"),
+    ("covey._audit_cli", "covey.simulations._replica"),
     ("covey._demo", "covey.aggregator._deploy"),
     ("covey._demo", "covey.device._chat"),
     ("covey._demo", "covey.device._feedback"),
     ("covey._demo", "covey.device._join"),
     ("covey._demo", "covey.device._participation"),
-    ("covey._demo", "covey.privacy._pod_report"),
-    ("covey._demo", "covey.privacy._report"),
-    ("covey._demo", "covey.privacy._run_report"),
+    ("covey._demo", "covey.device._pod_audit"),
     ("covey._demo", "covey.simulations._population"),
+    ("covey._demo", "covey.simulations._replica"),
     ("covey._tempdirs", "covey.models._embedder"),
     ("covey.aggregator._evaluation", "covey.models._evaluate"),
     ("covey.aggregator._registry", "covey.protocols._trusted_app"),
@@ -48,6 +50,7 @@ KNOWN: set[tuple[str, str]] = {
     ("covey.device._federated", "covey.models._finetune"),
     ("covey.device._join", "covey.protocols._trusted_app"),
     ("covey.device._participation", "covey.models._finetune"),
+    ("covey.device._pod_audit", "covey.models._embedder"),
     ("covey.device._safety", "covey.models._data"),
     ("covey.device._safety", "covey.models._embedder"),
     ("covey.device._sync", "covey.protocols._crdt"),
@@ -58,18 +61,6 @@ KNOWN: set[tuple[str, str]] = {
     ("covey.device._sync_loop", "covey.protocols._discovery"),
     ("covey.device._sync_loop", "covey.protocols._session"),
     ("covey.device.sync_cli", "covey.protocols._channel"),
-    ("covey.logs", "covey.privacy"),
-    ("covey.privacy._empirical", "covey.aggregator._registry"),
-    ("covey.privacy._empirical", "covey.models._tokenizer"),
-    ("covey.privacy._empirical", "covey.simulations._canaries"),
-    ("covey.privacy._empirical", "covey.simulations._simulate"),
-    ("covey.privacy._pod_report", "covey.device"),
-    ("covey.privacy._pod_report", "covey.device._audit"),
-    ("covey.privacy._pod_report", "covey.device._budget"),
-    ("covey.privacy._pod_report", "covey.device._pod"),
-    ("covey.privacy._pod_report", "covey.models._embedder"),
-    ("covey.privacy._run_report", "covey.aggregator._registry"),
-    ("covey.privacy.cli", "covey.device.cli"),
     ("covey.simulations._canaries", "covey.aggregator._rounds"),
     ("covey.simulations._canaries", "covey.device._federated"),
     ("covey.simulations._engine", "covey.aggregator._rounds"),
@@ -80,6 +71,9 @@ KNOWN: set[tuple[str, str]] = {
     ("covey.simulations._flower", "covey.device._clientapp"),
     ("covey.simulations._population", "covey.device._feedback"),
     ("covey.simulations._population", "covey.device._participation"),
+    ("covey.simulations._replica", "covey.aggregator._registry"),
+    ("covey.simulations._replica", "covey.aggregator._run_audit"),
+    ("covey.simulations._replica", "covey.models._tokenizer"),
     ("covey.simulations._simulate", "covey.aggregator._evaluation"),
     ("covey.simulations._simulate", "covey.aggregator._registry"),
     ("covey.simulations._simulate", "covey.aggregator._rounds"),
@@ -90,9 +84,7 @@ KNOWN: set[tuple[str, str]] = {
     ("covey.simulations._sweep", "covey.aggregator._registry"),
     ("covey.simulations.bench", "covey.models._bench"),
     ("covey.simulations.bench", "covey.models._bench_embedder"),
-    ("covey.simulations.bench._audit", "covey.privacy._empirical"),
-    ("covey.simulations.bench._audit", "covey.privacy._pod_report"),
-    ("covey.simulations.bench._audit", "covey.privacy._run_report"),
+    ("covey.simulations.bench._audit", "covey.device._pod_audit"),
     ("covey.simulations.bench._context", "covey.device._capture"),
     ("covey.simulations.bench._context", "covey.device._chat"),
     ("covey.simulations.bench._context", "covey.device._context"),
