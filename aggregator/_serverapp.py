@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from covey.aggregator._rounds import PodReply, RoundPayload, RunConfig, run_federated
-from covey.privacy import AdaptiveClipping, DPConfig
+from covey.privacy import USAGE_SENSITIVITY, AdaptiveClipping, DPConfig
 
 __all__ = ["app", "payload_record", "run_config_from"]
 
@@ -156,8 +156,8 @@ def usage_statistics(transport: FlowerTransport, cfg: RunConfig, run_id: str,
         "status": "completed" if len(answers) >= cfg.min_pods else "failed",
         "mechanism": {"name": "gaussian", "dp": "local, user-level", "statistic":
                       "hour-of-day usage fractions (24 bins, L1 norm 1)",
-                      "sensitivity_l2": float(np.sqrt(2.0)), "noise_multiplier": z,
-                      "noise_std": z * float(np.sqrt(2.0)),
+                      "sensitivity_l2": USAGE_SENSITIVITY, "noise_multiplier": z,
+                      "noise_std": z * USAGE_SENSITIVITY,
                       "accounting": "each pod charges one Gaussian release to its ledger"},
         "asked": len(nodes), "answered": len(answers), "refused": dict(refused),
         "release_epsilons": sorted(eps for _, eps in answers), "mean_hours": mean,

@@ -58,6 +58,7 @@ from covey.privacy import (
     NoiseSource,
     Release,
     RunChanged,
+    mechanism,
 )
 from covey.protocols import (
     ModelVersion,
@@ -281,7 +282,7 @@ def take_part(pod: Pod, request: RoundRequest, model: TinyLM, tok: ChatTokenizer
 
     ledger, release = check_round(pod, request, aggregator_key)
     examples = training_examples(pod)
-    if not examples and request.dp.mode != "local":
+    if not examples and not mechanism(request.dp).answers_empty:
         raise RoundRefused("no_examples", "refused: no consented training examples yet "
                                           "(rate or correct some replies first)")
     try:
