@@ -29,9 +29,8 @@ or maximum.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +51,6 @@ from covey.models import check_precision
 from covey.privacy import (
     BudgetExceeded,
     BudgetPolicy,
-    DPConfig,
     Ledger,
     LedgerTampered,
     NoiseSource,
@@ -60,13 +58,7 @@ from covey.privacy import (
     RunChanged,
     mechanism,
 )
-from covey.protocols import (
-    ModelVersion,
-    SignatureError,
-    round_settings,
-    verify_round,
-    verify_version,
-)
+from covey.protocols import ModelVersion, Refusal, RoundMessage, SignatureError, verify_version
 
 if TYPE_CHECKING:
     from covey.device._federated import ClientUpdate
@@ -101,30 +93,25 @@ class RoundRefused(CoveyError):
 
 
 @dataclass(frozen=True)
-class RoundRequest:
-    """What the aggregator asks of a pod in one round (parsed from its message)."""
+class RoundRequest(RoundMessage):
+    """A round's message as a pod received it: the message and who sent it."""
 
-    run_id: str
-    round: int
-    planned_rounds: int
-    dp: DPConfig
-    version: dict[str, Any]  # the signed model version record
-    signature: bytes
-    adapter: bytes
-    local_epochs: int = 1
-    lr: float = 5e-3
-    max_examples: int = 256
-    seed: int = 0
-    precision: str = "fp32"
     peer: str = ""
-    adaptive_clipping: bool = False  # the run moves C (so C is not pinned)
-    round_signature: bytes = b""  # the aggregator's, over round_settings(self)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 1 <= self.round <= self.planned_rounds:
             raise ValueError(f"round {self.round} is outside the run's {self.planned_rounds}")
         check_precision(self.precision)
+
+    @classmethod
+    def received(cls, message: RoundMessage, peer: str) -> RoundRequest:
+        """``message`` as it reached the pod from ``peer``.
+
+        Raises:
+            ValueError: the round is outside the run, or the precision is unknown.
+        """
+        return cls(**{f.name: getattr(message, f.name) for f in fields(RoundMessage)},
+                   peer=peer)
 
 
 def _now() -> str:
@@ -200,7 +187,7 @@ def _check_version(request: RoundRequest, aggregator_key: bytes) -> None:
         verify_version(version, request.adapter, request.signature, aggregator_key)
     except (ValueError, SignatureError) as exc:
         raise RoundRefused("bad_signature", f"refused: {exc}") from None
-    if not verify_round(round_settings(request), request.round_signature, aggregator_key):
+    if not request.signed_by(aggregator_key):
         raise RoundRefused("bad_signature", "refused: the round's settings are not signed by "
                                             "the aggregator")
 
@@ -291,9 +278,7 @@ def take_part(pod: Pod, request: RoundRequest, model: TinyLM, tok: ChatTokenizer
         raise RoundRefused("bad_model", f"refused: the model version is unusable: {exc}"
                            ) from None
     if examples:
-        train = FinetuneConfig(epochs=request.local_epochs, lr=request.lr,
-                               max_examples=request.max_examples, seed=request.seed,
-                               precision=request.precision)
+        train = FinetuneConfig.for_round(request)
         update = train_update(model, tok, examples, adapter, train, request.dp, noise)
     else:
         update = noise_only_update(adapter, request.dp, noise)
@@ -349,5 +334,5 @@ def join_run(pod: Pod, request: RoundRequest, aggregator_key: bytes) -> float:
 
 
 def refusal_detail(exc: RoundRefused) -> str:
-    """The refusal as the JSON reason sent back to the aggregator."""
-    return json.dumps({"code": exc.code, "message": str(exc)})
+    """The refusal as the reason sent back to the aggregator."""
+    return Refusal(exc.code, str(exc)).reason()

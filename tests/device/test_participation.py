@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 from covey.aggregator._registry import Registry
-from covey.aggregator._rounds import PodReply, RoundPayload, RunConfig, run_federated
+from covey.aggregator._rounds import PodReply, RunConfig, run_federated
 from covey.device import Pod
 from covey.device._budget import pod_ledger
 from covey.device._federated import train_update
 from covey.device._feedback import TRAINING_CONSENT, set_consent
 from covey.device._participation import (
     RoundRefused,
+    RoundRequest,
     budget_policy,
     import_examples,
     set_budget_policy,
@@ -29,6 +30,7 @@ from covey.device._participation import (
 from covey.models import Adapter, load_corpus, load_model
 from covey.models._finetune import FinetuneConfig
 from covey.privacy import DPConfig, GaussianRounds, epsilon_spent
+from covey.protocols import RoundMessage
 from covey.simulations._engine import InProcessTransport, PodClient, request_for
 from tests.conftest import FAST_CONFIG, PASSPHRASE
 
@@ -68,16 +70,14 @@ def _pod(tmp_path: Path, name: str, examples: list[Any], consent: bool = True) -
 
 
 def _payload(registry: Registry, dp: DPConfig, rnd: int = 1, planned: int = 3,
-             run_id: str = "run-a") -> RoundPayload:
+             run_id: str = "run-a") -> RoundMessage:
     """A round as the aggregator sends it: the version and the settings signed."""
     from dataclasses import replace
 
-    from covey.protocols import round_settings
-
     version, data, signature = registry.get(str(registry.current_id))
-    payload = RoundPayload(run_id, rnd, planned, dp, json.loads(version.canonical()),
+    payload = RoundMessage(run_id, rnd, planned, dp, json.loads(version.canonical()),
                            signature, data, 1, 5e-3, 16, rnd)
-    return replace(payload, round_signature=registry.sign_round(round_settings(payload)))
+    return replace(payload, round_signature=registry.sign_round(payload.settings()))
 
 
 CENTRAL = DPConfig(mode="central", noise_multiplier=1.0, clip_norm=0.5, sample_rate=0.5)
@@ -188,11 +188,11 @@ def test_a_run_survives_a_malformed_update_a_dropout_and_a_pod_at_budget(
     with Pod.open(clients[3].home, PASSPHRASE) as pod:
         set_budget_policy(pod, 0.5)  # this user allows almost nothing
 
-    def malformed(node: int, payload: RoundPayload) -> PodReply:
+    def malformed(node: int, payload: RoundMessage) -> PodReply:
         return PodReply(node, values=np.full(49152, np.nan, np.float32),
                         version=str(payload.version["id"]), examples=5)
 
-    def dropout(node: int, payload: RoundPayload) -> PodReply:
+    def dropout(node: int, payload: RoundMessage) -> PodReply:
         time.sleep(30)  # gone mid-round
         return PodReply(node, refusal="late")
 
@@ -270,17 +270,16 @@ def test_adaptive_clipping_moves_c_at_no_extra_epsilon(
 def test_the_round_message_carries_the_training_precision(registry: Registry) -> None:
     from dataclasses import replace
 
-    from covey.aggregator._serverapp import payload_record
-    from covey.device._clientapp import request_from
+    from covey.aggregator._serverapp import round_record
 
     payload = replace(_payload(registry, CENTRAL), precision="bf16")
-    config = dict(payload_record(payload).config_records["round"])
-    assert request_from(config, "peer").precision == "bf16"
+    config = dict(round_record(payload).config_records["round"])
+    assert RoundRequest.from_dict(config, peer="peer").precision == "bf16"
     # An older aggregator sends no precision: the pod trains in fp32.
-    assert request_from({k: v for k, v in config.items() if k != "precision"},
-                        "peer").precision == "fp32"
+    assert RoundRequest.from_dict({k: v for k, v in config.items() if k != "precision"},
+                                  peer="peer").precision == "fp32"
     with pytest.raises(ValueError, match="precision"):  # the pod refuses it as malformed
-        request_from({**config, "precision": "fp8"}, "peer")
+        RoundRequest.from_dict({**config, "precision": "fp8"}, peer="peer")
     with pytest.raises(ValueError, match="precision"):
         RunConfig(precision="fp16")
 
