@@ -49,6 +49,7 @@ from covey.device._stop import is_stopped
 from covey.errors import CoveyError
 from covey.models import check_precision
 from covey.privacy import (
+    MECHANISMS,
     BudgetExceeded,
     BudgetPolicy,
     Ledger,
@@ -126,8 +127,8 @@ def spent(pod: Pod) -> float:
 def round_release(request: RoundRequest, ledger: Ledger) -> Release:
     """What this round adds to the user's ledger (rounds 0 when the run was charged)."""
     dp = request.dp
-    rounds = 1 if dp.mode == "local" else max(
-        0, request.planned_rounds - ledger.charged_rounds(request.run_id))
+    rounds = max(0, request.planned_rounds - ledger.charged_rounds(request.run_id)
+                 ) if mechanism(dp).charges_run else 1
     return Release(kind="federated_update", run_id=request.run_id, round=request.round,
                    mode=dp.mode, noise_multiplier=dp.noise_multiplier, clip_norm=dp.clip_norm,
                    sensitivity=dp.sensitivity, sample_rate=dp.amplified_rate,
@@ -317,7 +318,7 @@ def join_run(pod: Pod, request: RoundRequest, aggregator_key: bytes) -> float:
     """
     from covey.device import _audit
 
-    if request.dp.mode != "central":
+    if not MECHANISMS[request.dp.mode].charges_run:  # by mode: a non-private run is refused below
         raise RoundRefused("malformed", "refused: only central runs are announced")
     ledger, release = check_round(pod, request, aggregator_key, announced=True)
     if not release.rounds:

@@ -87,6 +87,10 @@ class Mechanism(ABC):
     #: Whether a pod reports its one clipping bit (an aggregator that sees the clipped
     #: update anyway counts the bits under DP for adaptive clipping).
     reports_clipped: ClassVar[bool] = False
+    #: Whether a pod charges the whole run (z, q, T) at its user's first participation:
+    #: sampling by the aggregator amplifies privacy only as a guarantee over the draw.
+    #: Otherwise each participation is one unamplified release.
+    charges_run: ClassVar[bool] = False
     #: Whether a pod with no examples answers with the noise alone (a refusal would tell
     #: the aggregator that the user has no data).
     answers_empty: ClassVar[bool] = False
@@ -137,6 +141,7 @@ class CentralDP(Mechanism):
 
     name = "central"
     reports_clipped = True
+    charges_run = True
 
     def server_step(self, updates: Sequence[Contribution], size: int, dp: DPConfig,
                     expected_pods: float, noise: NoiseSource | None, z: float
