@@ -19,14 +19,12 @@ from covey.device._participation import RoundRefused, RoundRequest, take_part
 from covey.device._pod import Pod
 from covey.protocols import RoundMessage
 
-__all__ = ["InProcessTransport", "PodClient", "StorePods", "answer", "request_for"]
+__all__ = ["InProcessTransport", "PodClient", "StorePods", "answer"]
 
 PodHandler = Callable[[int, RoundMessage], PodReply]
 
-
-def request_for(payload: RoundMessage, peer: str = "in-process") -> RoundRequest:
-    """The request a pod sees for ``payload`` (what the Flower message carries)."""
-    return RoundRequest.received(payload, peer)
+#: Who sent a round, as in-process pods record it in their audit logs.
+PEER = "in-process"
 
 
 def answer(home: Path, passphrase: str, model: Any, tok: Any, aggregator_key: bytes,
@@ -34,7 +32,8 @@ def answer(home: Path, passphrase: str, model: Any, tok: Any, aggregator_key: by
     """Pod ``home`` answers a round: opens its store, takes part (or refuses), closes it."""
     try:
         with Pod.open(home, passphrase) as pod:
-            update, _ = take_part(pod, request_for(payload), model, tok, aggregator_key)
+            request = RoundRequest.received(payload, PEER)
+            update, _ = take_part(pod, request, model, tok, aggregator_key)
     except RoundRefused as exc:
         return PodReply(node_id, refusal=exc.code, message=str(exc))
     return PodReply(node_id, values=update.delta, version=str(payload.version["id"]),
@@ -49,7 +48,7 @@ def charge(home: Path, passphrase: str, aggregator_key: bytes, node_id: int,
 
     try:
         with Pod.open(home, passphrase) as pod:
-            join_run(pod, request_for(payload), aggregator_key)
+            join_run(pod, RoundRequest.received(payload, PEER), aggregator_key)
     except RoundRefused as exc:
         return PodReply(node_id, refusal=exc.code, message=str(exc))
     return PodReply(node_id)

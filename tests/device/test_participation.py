@@ -31,7 +31,7 @@ from covey.models import Adapter, load_corpus, load_model
 from covey.models._finetune import FinetuneConfig
 from covey.privacy import DPConfig, GaussianRounds, epsilon_spent
 from covey.protocols import RoundMessage
-from covey.simulations._engine import InProcessTransport, PodClient, request_for
+from covey.simulations._engine import PEER, InProcessTransport, PodClient
 from tests.conftest import FAST_CONFIG, PASSPHRASE
 
 
@@ -67,6 +67,11 @@ def _pod(tmp_path: Path, name: str, examples: list[Any], consent: bool = True) -
         set_consent(pod, TRAINING_CONSENT, consent)
         import_examples(pod, examples[:24])
     return home
+
+
+def _asked(payload: RoundMessage) -> RoundRequest:
+    """``payload`` as an in-process pod receives it."""
+    return RoundRequest.received(payload, PEER)
 
 
 def _payload(registry: Registry, dp: DPConfig, rnd: int = 1, planned: int = 3,
@@ -118,7 +123,7 @@ def test_take_part_charges_the_planned_run_once_and_audits(
     home = _pod(tmp_path, "pod", users[0].train)
     with Pod.open(home, PASSPHRASE) as pod:
         for rnd in (1, 2):
-            update, eps = take_part(pod, request_for(_payload(registry, CENTRAL, rnd)),
+            update, eps = take_part(pod, _asked(_payload(registry, CENTRAL, rnd)),
                                     *lm, registry.public_key)
         expected = epsilon_spent([GaussianRounds(1.0, 0.5, 3)], 1e-5)
         assert eps == pytest.approx(expected)
@@ -131,7 +136,7 @@ def test_take_part_charges_the_planned_run_once_and_audits(
         assert pod.verify_audit_chain().ok
         # local mode: every participation is one unamplified release
         local = DPConfig(mode="local", noise_multiplier=3.0, clip_norm=0.5)
-        take_part(pod, request_for(_payload(registry, local, 1, run_id="run-b")), *lm,
+        take_part(pod, _asked(_payload(registry, local, 1, run_id="run-b")), *lm,
                   registry.public_key)
         # at the replace-one sensitivity 2C: noise 3C is 1.5 times the sensitivity
         assert _segments(pod)[-1] == GaussianRounds(1.5, 1.0, 1)
@@ -143,24 +148,24 @@ def test_refusals_record_nothing(tmp_path: Path, lm: tuple[Any, Any], users: lis
     no_consent = _pod(tmp_path, "shy", users[2].train, consent=False)
     with Pod.open(no_consent, PASSPHRASE) as pod:
         with pytest.raises(RoundRefused, match="consented") as info:
-            take_part(pod, request_for(_payload(registry, CENTRAL)), *lm, registry.public_key)
+            take_part(pod, _asked(_payload(registry, CENTRAL)), *lm, registry.public_key)
         assert info.value.code == "no_consent"
     with Pod.open(home, PASSPHRASE) as pod:
         before = pod.store.query("SELECT COUNT(*) FROM audit_log")[0][0]
         # a version signed by another key
         other = Registry(tmp_path / "evil")
         with pytest.raises(RoundRefused) as info:
-            take_part(pod, request_for(_payload(registry, CENTRAL)), *lm, other.public_key)
+            take_part(pod, _asked(_payload(registry, CENTRAL)), *lm, other.public_key)
         assert info.value.code == "bad_signature"
         # a round without noise gives no guarantee: refused
         with pytest.raises(RoundRefused) as info:
-            take_part(pod, request_for(_payload(registry, DPConfig(noise_multiplier=0.0))),
+            take_part(pod, _asked(_payload(registry, DPConfig(noise_multiplier=0.0))),
                       *lm, registry.public_key)
         assert info.value.code == "not_private"
         # the budget: a run that would exceed the user's maximum is refused
         set_budget_policy(pod, 1.0)
         with pytest.raises(RoundRefused, match="exceed the user's privacy budget") as info:
-            take_part(pod, request_for(_payload(registry, CENTRAL)), *lm, registry.public_key)
+            take_part(pod, _asked(_payload(registry, CENTRAL)), *lm, registry.public_key)
         assert info.value.code == "budget_exhausted"
         # the refusal travels to the aggregator: it tells no epsilon, spent or maximum
         assert not any(ch.isdigit() for ch in str(info.value))
@@ -291,14 +296,14 @@ def test_a_local_pod_without_examples_sends_noise_not_a_refusal(
     home = _pod(tmp_path, "empty", [])
     local = DPConfig(mode="local", noise_multiplier=2.0, clip_norm=0.5)
     with Pod.open(home, PASSPHRASE) as pod:
-        update, eps = take_part(pod, request_for(_payload(registry, local, 1, 1, "run-l")),
+        update, eps = take_part(pod, _asked(_payload(registry, local, 1, 1, "run-l")),
                                 *lm, registry.public_key)
         assert float(update.delta.std()) == pytest.approx(1.0, rel=0.03)  # z * C
         assert update.reported(local) == {"examples": 0, "clipped": 0}
         assert eps == pytest.approx(epsilon_spent([GaussianRounds(1.0, 1.0, 1)], 1e-5))
         # central mode trusts the aggregator with that: the pod says it has nothing
         with pytest.raises(RoundRefused) as info:
-            take_part(pod, request_for(_payload(registry, CENTRAL)), *lm, registry.public_key)
+            take_part(pod, _asked(_payload(registry, CENTRAL)), *lm, registry.public_key)
         assert info.value.code == "no_examples"
 
 
@@ -308,13 +313,13 @@ def test_a_run_that_changes_its_noise_is_refused(
 
     home = _pod(tmp_path, "pod", users[0].train)
     with Pod.open(home, PASSPHRASE) as pod:
-        take_part(pod, request_for(_payload(registry, CENTRAL, 1)), *lm, registry.public_key)
+        take_part(pod, _asked(_payload(registry, CENTRAL, 1)), *lm, registry.public_key)
         less_noise = replace(CENTRAL, noise_multiplier=0.3)
         with pytest.raises(RoundRefused) as info:
-            take_part(pod, request_for(_payload(registry, less_noise, 2)), *lm,
+            take_part(pod, _asked(_payload(registry, less_noise, 2)), *lm,
                       registry.public_key)
         assert info.value.code == "run_changed" and "noise multiplier" in str(info.value)
-        more_rounds = request_for(_payload(registry, CENTRAL, 2, planned=50))
+        more_rounds = _asked(_payload(registry, CENTRAL, 2, planned=50))
         with pytest.raises(RoundRefused) as info:
             take_part(pod, more_rounds, *lm, registry.public_key)
         assert info.value.code == "run_changed"
@@ -351,17 +356,17 @@ def test_a_round_is_answered_once_and_only_as_the_aggregator_signed_it(
     home = _pod(tmp_path, "pod", users[0].train)
     with Pod.open(home, PASSPHRASE) as pod:
         genuine = _payload(registry, CENTRAL, 1)
-        take_part(pod, request_for(genuine), *lm, registry.public_key)
+        take_part(pod, _asked(genuine), *lm, registry.public_key)
         with pytest.raises(RoundRefused) as info:
-            take_part(pod, request_for(genuine), *lm, registry.public_key)
+            take_part(pod, _asked(genuine), *lm, registry.public_key)
         assert info.value.code == "replayed"
         cheap = replace(genuine, run_id="run-cheap", dp=DPConfig(
             mode="central", noise_multiplier=1000.0, clip_norm=10.0, sample_rate=1e-6))
         with pytest.raises(RoundRefused) as info:
-            take_part(pod, request_for(cheap), *lm, registry.public_key)
+            take_part(pod, _asked(cheap), *lm, registry.public_key)
         assert info.value.code == "bad_signature" and "settings" in str(info.value)
         unsigned = replace(genuine, round=2, round_signature=b"")
         with pytest.raises(RoundRefused) as info:
-            take_part(pod, request_for(unsigned), *lm, registry.public_key)
+            take_part(pod, _asked(unsigned), *lm, registry.public_key)
         assert info.value.code == "bad_signature"
         assert len(pod_ledger(pod).history()) == 1
