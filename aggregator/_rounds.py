@@ -41,8 +41,9 @@ from covey.privacy import (
     epsilon_spent,
     poisson_sample,
 )
+from covey.protocols import RoundMessage
 
-__all__ = ["PodReply", "RoundPayload", "RunConfig", "Transport", "run_federated"]
+__all__ = ["PodReply", "RunConfig", "Transport", "run_federated"]
 
 _log = logging.getLogger(__name__)
 
@@ -95,26 +96,6 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class RoundPayload:
-    """What every sampled pod receives in a round (the same for all of them)."""
-
-    run_id: str
-    round: int
-    planned_rounds: int
-    dp: DPConfig
-    version: dict[str, Any]
-    signature: bytes
-    adapter: bytes
-    local_epochs: int
-    lr: float
-    max_examples: int
-    seed: int
-    precision: str = "fp32"
-    adaptive_clipping: bool = False  # C moves between rounds (pods then pin all but C)
-    round_signature: bytes = b""  # the aggregator's, over round_settings(self)
-
-
-@dataclass(frozen=True)
 class PodReply:
     """A pod's answer: an update, or a refusal with its code, or a transport error."""
 
@@ -141,7 +122,7 @@ class Transport(Protocol):
         """The pods connected now."""
         ...
 
-    def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+    def train(self, nodes: Sequence[int], payload: RoundMessage, timeout: float
               ) -> list[PodReply]:
         """Send ``payload`` to ``nodes``; the replies that arrived within ``timeout``."""
         ...
@@ -238,20 +219,18 @@ def round_noise(cfg: RunConfig, round_seed: bytes) -> NoiseSource:
 
 
 def _payload(cfg: RunConfig, registry: Registry, run_id: str, rnd: int, clip: float,
-             version: Any, signature: bytes, adapter_bytes: bytes) -> RoundPayload:
+             version: Any, signature: bytes, adapter_bytes: bytes) -> RoundMessage:
     """What every pod sampled in round ``rnd`` receives, its settings signed."""
     from dataclasses import replace
-
-    from covey.protocols import round_settings
 
     dp = cfg.dp
     round_dp = DPConfig(dp.mode, dp.noise_multiplier, clip, dp.sample_rate, dp.delta,
                         dp.accountant, None)
-    payload = RoundPayload(run_id, rnd, cfg.rounds, round_dp, json.loads(version.canonical()),
+    payload = RoundMessage(run_id, rnd, cfg.rounds, round_dp, json.loads(version.canonical()),
                            signature, adapter_bytes, cfg.local_epochs, cfg.lr,
                            cfg.max_examples, cfg.seed + rnd, cfg.precision,
                            dp.adaptive is not None)
-    return replace(payload, round_signature=registry.sign_round(round_settings(payload)))
+    return replace(payload, round_signature=registry.sign_round(payload.settings()))
 
 
 def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_id: str,

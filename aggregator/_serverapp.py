@@ -16,15 +16,13 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from covey.aggregator._rounds import PodReply, RoundPayload, RunConfig, run_federated
-from covey.privacy import AdaptiveClipping, DPConfig
+from covey.aggregator._rounds import PodReply, RunConfig, run_federated
+from covey.privacy import USAGE_SENSITIVITY, AdaptiveClipping, DPConfig
+from covey.protocols import Refusal, RoundMessage, RoundReply
 
-__all__ = ["app", "payload_record", "run_config_from"]
+__all__ = ["app", "round_record", "run_config_from"]
 
 _log = logging.getLogger(__name__)
-
-#: Error code a pod uses to refuse a round (the reason is JSON: {"code", "message"}).
-REFUSAL_CODE = 4001
 
 
 def run_config_from(rc: dict[str, Any]) -> RunConfig:
@@ -44,43 +42,29 @@ def run_config_from(rc: dict[str, Any]) -> RunConfig:
                      precision=str(rc.get("precision", "fp32")))
 
 
-def payload_record(p: RoundPayload) -> RecordDict:
-    """A round's payload as Flower records (the adapter travels as the signed bytes)."""
-    return RecordDict({"round": ConfigRecord({
-        "run-id": p.run_id, "round": p.round, "planned-rounds": p.planned_rounds,
-        "mode": p.dp.mode, "noise-multiplier": p.dp.noise_multiplier,
-        "clip-norm": p.dp.clip_norm, "sample-rate": p.dp.sample_rate, "delta": p.dp.delta,
-        "accountant": p.dp.accountant, "version": json.dumps(p.version),
-        "signature": p.signature, "adapter": p.adapter, "local-epochs": p.local_epochs,
-        "lr": p.lr, "max-examples": p.max_examples, "seed": p.seed, "precision": p.precision,
-        "adaptive-clipping": p.adaptive_clipping, "round-signature": p.round_signature,
-    })})
+def round_record(message: RoundMessage) -> RecordDict:
+    """A round's message as Flower records (the adapter travels as the signed bytes)."""
+    return RecordDict({"round": ConfigRecord(message.to_dict())})
 
 
-def _refusal(msg: Message) -> tuple[str, str]:
-    """A reply's error as (code, message): a pod's refusal, or "error"."""
-    code, text = "error", str(msg.error.reason or "")
-    if msg.error.code == REFUSAL_CODE:
-        try:
-            detail = json.loads(text)
-            code, text = str(detail["code"]), str(detail["message"])
-        except (ValueError, KeyError, TypeError):
-            pass
-    return code, text
+def _refusal(msg: Message) -> Refusal:
+    """A reply's error: a pod's refusal, or code "error"."""
+    return Refusal.from_error(int(msg.error.code), str(msg.error.reason or ""))
 
 
 def _reply(msg: Message, version: str) -> PodReply:
     node = int(msg.metadata.src_node_id)
     if msg.has_error():
-        code, text = _refusal(msg)
-        return PodReply(node, refusal=code, message=text)
+        refusal = _refusal(msg)
+        return PodReply(node, refusal=refusal.code, message=refusal.message)
     try:
-        values = msg.content.array_records["update"].to_numpy_ndarrays()[0]
-        metrics: dict[str, Any] = dict(msg.content.metric_records["metrics"])
-        info = msg.content.config_records["info"]
-        return PodReply(node, values=np.asarray(values), version=str(info["version"]),
-                        examples=int(metrics["examples"]), clipped=bool(metrics["clipped"]),
-                        user_token=str(info.get("user-token", "")))
+        reply = RoundReply.from_dicts(
+            msg.content.array_records["update"].to_numpy_ndarrays()[0],
+            dict(msg.content.metric_records["metrics"]),
+            msg.content.config_records["info"])
+        return PodReply(node, values=reply.values, version=reply.version,
+                        examples=reply.examples, clipped=reply.clipped,
+                        user_token=reply.user_token)
     except (KeyError, IndexError, TypeError, ValueError):
         # A reply we cannot read is an update the strategy rejects as malformed.
         return PodReply(node, values=np.empty(0, np.float32), version=version, examples=0)
@@ -95,29 +79,29 @@ class FlowerTransport:
     def node_ids(self) -> list[int]:
         return [int(n) for n in self.grid.get_node_ids()]
 
-    def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+    def train(self, nodes: Sequence[int], payload: RoundMessage, timeout: float
               ) -> list[PodReply]:
-        content = payload_record(payload)
+        content = round_record(payload)
         messages = [Message(content, dst_node_id=n, message_type="train",
                             group_id=f"{payload.run_id}:{payload.round}") for n in nodes]
         replies = self.grid.send_and_receive(messages, timeout=timeout)
         return [_reply(m, str(payload.version.get("id"))) for m in replies]
 
-    def announce(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+    def announce(self, nodes: Sequence[int], payload: RoundMessage, timeout: float
                  ) -> list[PodReply]:
         """Tell every pod of the run before its first round, so each charges it."""
-        content = payload_record(payload)
+        content = round_record(payload)
         messages = [Message(content, dst_node_id=n, message_type="query",
                             group_id=f"{payload.run_id}:announce") for n in nodes]
         replies = self.grid.send_and_receive(messages, timeout=timeout)
         return [PodReply(int(m.metadata.src_node_id),
-                         refusal=_refusal(m)[0] if m.has_error() else "") for m in replies]
+                         refusal=_refusal(m).code if m.has_error() else "") for m in replies]
 
 
 def _usage_reply(msg: Message) -> tuple[str, list[float] | None, float]:
     """(refusal code or "", the noisy histogram, the epsilon of that release alone)."""
     if msg.has_error():
-        return _refusal(msg)[0], None, 0.0
+        return _refusal(msg).code, None, 0.0
     try:
         hours = msg.content.array_records["hours"].to_numpy_ndarrays()[0]
         epsilon = float(str(dict(msg.content.metric_records["metrics"])["epsilon"]))
@@ -156,8 +140,8 @@ def usage_statistics(transport: FlowerTransport, cfg: RunConfig, run_id: str,
         "status": "completed" if len(answers) >= cfg.min_pods else "failed",
         "mechanism": {"name": "gaussian", "dp": "local, user-level", "statistic":
                       "hour-of-day usage fractions (24 bins, L1 norm 1)",
-                      "sensitivity_l2": float(np.sqrt(2.0)), "noise_multiplier": z,
-                      "noise_std": z * float(np.sqrt(2.0)),
+                      "sensitivity_l2": USAGE_SENSITIVITY, "noise_multiplier": z,
+                      "noise_std": z * USAGE_SENSITIVITY,
                       "accounting": "each pod charges one Gaussian release to its ledger"},
         "asked": len(nodes), "answered": len(answers), "refused": dict(refused),
         "release_epsilons": sorted(eps for _, eps in answers), "mean_hours": mean,

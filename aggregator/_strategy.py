@@ -11,25 +11,15 @@ is plain FedAvg: updates weighted by their number of examples over the realised 
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from covey.privacy import (
-    DPConfig,
-    NoiseSource,
-    add_gaussian_noise,
-    clip_update,
-    local_norm_bound,
-)
+from covey.privacy import MAX_NORM, DPConfig, NoiseSource, mechanism
 
 __all__ = ["PodUpdate", "RoundAggregate", "aggregate", "check_update"]
-
-#: Norm past which any update is rejected when nothing tighter applies (no DP).
-MAX_NORM = 1e6
 
 #: Reasons an update is rejected, as counted in metrics and run records.
 REJECTIONS = ("non_finite", "wrong_shape", "wrong_version", "malformed", "too_large",
@@ -60,16 +50,10 @@ class RoundAggregate:
 
 
 def max_norm(dp: DPConfig, size: int) -> float:
-    """The largest norm an accepted update may have.
-
-    ``local`` mode: what an honest clipped-and-noised update reaches except with
-    probability 1e-12 (:func:`~covey.privacy.local_norm_bound`), so one rogue pod moves
-    the average no further than an honest one could. ``central`` mode re-clips to C
-    anyway; without DP only non-finite or absurd updates are refused.
-    """
-    if dp.private and dp.mode == "local":
-        return local_norm_bound(dp.clip_norm, dp.noise_multiplier * dp.clip_norm, size)
-    return MAX_NORM
+    """The largest norm an accepted update may have: the run's mechanism's bound
+    (``local``: what an honest clipped-and-noised update reaches; ``central`` re-clips to
+    C anyway; without DP only non-finite or absurd updates are refused)."""
+    return mechanism(dp).max_norm(dp, size)
 
 
 def check_update(update: PodUpdate, size: int, version: str, max_norm: float = MAX_NORM,
@@ -95,7 +79,8 @@ def check_update(update: PodUpdate, size: int, version: str, max_norm: float = M
 def aggregate(updates: Sequence[PodUpdate], size: int, version: str, dp: DPConfig,
               expected_pods: float, noise: NoiseSource | None = None,
               noise_multiplier: float | None = None) -> RoundAggregate:
-    """Check every update, then average the acceptable ones as the run's DP mode requires.
+    """Check every update, then average the acceptable ones with the server step of the
+    run's mechanism (:func:`covey.privacy.mechanism`).
 
     ``central`` mode: re-clip each update to C on the aggregator (pods are not trusted
     to have clipped), sum, add N(0, (z C)^2) and divide by ``expected_pods``.
@@ -119,32 +104,7 @@ def aggregate(updates: Sequence[PodUpdate], size: int, version: str, dp: DPConfi
             rejected[reason] += 1
         else:
             good.append(u)
-    if not dp.private:
-        if not good:
-            return RoundAggregate(np.zeros(size, np.float32), 0, 0, rejected)
-        examples = sum(u.examples for u in good)
-        mean = np.zeros(size)
-        for u in good:
-            mean += u.values.astype(np.float64) * (u.examples / examples)
-        return RoundAggregate(mean.astype(np.float32), len(good), len(good), rejected)
-    if expected_pods <= 0:
-        raise ValueError("expected number of pods must be positive")
     z = dp.noise_multiplier if noise_multiplier is None else noise_multiplier
-    total: np.ndarray = np.zeros(size, np.float64)
-    unclipped = 0
-    for u in good:
-        if dp.mode == "central":
-            clipped, norm = clip_update(u.values, dp.clip_norm)
-            unclipped += norm <= dp.clip_norm and not u.clipped
-            total += clipped
-        else:
-            total += u.values
-    noise_std = 0.0
-    if dp.mode == "central":
-        noised = add_gaussian_noise(total.astype(np.float32), z * dp.clip_norm, noise)
-        noise_std = z * dp.clip_norm / expected_pods
-    else:
-        noised = total.astype(np.float32)
-        noise_std = (z * dp.clip_norm * math.sqrt(len(good)) / expected_pods) if good else 0.0
-    return RoundAggregate((noised / expected_pods).astype(np.float32), len(good), unclipped,
-                          rejected, noise_std)
+    release = mechanism(dp).server_step(good, size, dp, expected_pods, noise, z)
+    return RoundAggregate(release.mean, len(good), release.unclipped, rejected,
+                          release.noise_std)

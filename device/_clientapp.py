@@ -10,8 +10,7 @@ the only processes that hold the pod's data key, answers it with :func:`answer` 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +21,11 @@ from flwr.clientapp import ClientApp
 from covey.device._participation import RoundRefused, RoundRequest, refusal_detail, take_part
 from covey.errors import CoveyError
 from covey.privacy import DPConfig
+from covey.protocols import REFUSAL_CODE, RoundReply
 
-__all__ = ["answer", "app", "reply_message", "request_from"]
+__all__ = ["answer", "app", "reply_message"]
 
-REFUSAL_CODE = 4001
 _MODEL: dict[str, Any] = {}
-
-
-def request_from(cfg: Mapping[str, Any], peer: str) -> RoundRequest:
-    """Parse the aggregator's round config (raises ValueError/KeyError/TypeError)."""
-    dp = DPConfig(mode=cfg["mode"], noise_multiplier=float(cfg["noise-multiplier"]),
-                  clip_norm=float(cfg["clip-norm"]), sample_rate=float(cfg["sample-rate"]),
-                  delta=float(cfg["delta"]), accountant=str(cfg["accountant"]))
-    signature, adapter = cfg["signature"], cfg["adapter"]
-    if not isinstance(signature, bytes) or not isinstance(adapter, bytes):
-        raise TypeError("signature and adapter must be bytes")
-    return RoundRequest(
-        run_id=str(cfg["run-id"]), round=int(cfg["round"]),
-        planned_rounds=int(cfg["planned-rounds"]), dp=dp,
-        version=json.loads(str(cfg["version"])), signature=signature, adapter=adapter,
-        local_epochs=int(cfg["local-epochs"]), lr=float(cfg["lr"]),
-        max_examples=int(cfg["max-examples"]), seed=int(cfg["seed"]),
-        precision=str(cfg.get("precision", "fp32")), peer=peer,
-        adaptive_clipping=bool(cfg.get("adaptive-clipping", False)),
-        round_signature=bytes(cfg.get("round-signature", b"")))
 
 
 def _model() -> tuple[Any, Any]:
@@ -132,7 +112,7 @@ def answer(msg: Message, open_pod: Callable[[], Any], aggregator_key: bytes,
 def _train(msg: Message, open_pod: Callable[[], Any], key: bytes, peer: str) -> Message:
     """Take part in a round, or refuse it with a reason the aggregator can count."""
     try:
-        request = request_from(dict(msg.content.config_records["round"]), peer)
+        request = RoundRequest.from_dict(dict(msg.content.config_records["round"]), peer=peer)
     except (KeyError, TypeError, ValueError) as exc:
         return _refuse(msg, "malformed", f"refused: malformed round message ({type(exc).__name__})")
     try:
@@ -152,7 +132,7 @@ def _announced(msg: Message, open_pod: Callable[[], Any], key: bytes, peer: str)
     from covey.device._participation import join_run
 
     try:
-        request = request_from(dict(msg.content.config_records["round"]), peer)
+        request = RoundRequest.from_dict(dict(msg.content.config_records["round"]), peer=peer)
     except (KeyError, TypeError, ValueError) as exc:
         return _refuse(msg, "malformed", f"refused: malformed run message ({type(exc).__name__})")
     try:
@@ -177,10 +157,13 @@ def reply_message(msg: Message, update: Any, dp: DPConfig, version_id: str) -> M
     rounds, example counts).
 
     The simulated pods of ``covey simulate --engine flower`` answer with this too."""
+    said = update.reported(dp)
+    reply = RoundReply(update.delta, version_id, said["examples"], bool(said["clipped"]),
+                       update.user_token)
     return Message(RecordDict({
-        "update": ArrayRecord([update.delta]),
-        "metrics": MetricRecord(dict(update.reported(dp))),
-        "info": ConfigRecord({"version": version_id, "user-token": update.user_token}),
+        "update": ArrayRecord([reply.values]),
+        "metrics": MetricRecord(reply.metrics()),
+        "info": ConfigRecord(reply.info()),
     }), reply_to=msg)
 
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from covey.device import _audit
 from covey.errors import InvalidInputError
+from covey.privacy import USAGE_SENSITIVITY
 
 if TYPE_CHECKING:
     from covey.device._pod import Pod
@@ -405,8 +406,6 @@ def current_context(pod: Pod, when: datetime | None = None, limit: int = 6) -> l
 
 # -- shared statistics, only under DP --------------------------------------------------
 
-USAGE_SENSITIVITY = math.sqrt(2.0)
-
 
 @dataclass(frozen=True)
 class UsageRelease:
@@ -448,8 +447,8 @@ def usage_histogram(pod: Pod, noise_multiplier: float, run_id: str,
         LedgerTampered,
         Release,
         RunChanged,
-        SecureNoise,
         epsilon_spent,
+        gaussian_release,
     )
 
     if is_stopped(pod.home):  # `covey stop` halts every release, as it halts rounds
@@ -471,8 +470,8 @@ def usage_histogram(pod: Pod, noise_multiplier: float, run_id: str,
                       noise_multiplier=noise_multiplier, clip_norm=USAGE_SENSITIVITY,
                       sensitivity=1.0, sample_rate=1.0, planned_rounds=1, rounds=1,
                       run_delta=ledger.policy.delta, peer=peer, nbytes=24 * 8)
-    noise = SecureNoise().normal(noise_multiplier * USAGE_SENSITIVITY, 24)
-    hours = [float(v) for v in fractions + noise]
+    hours = [float(v) for v in gaussian_release(fractions, USAGE_SENSITIVITY,
+                                                 noise_multiplier)]
 
     def audit(c: Any, entry: Any) -> None:
         _audit.append(c, "context_stats", peer=peer, nbytes=24 * 8, epsilon=entry.epsilon,

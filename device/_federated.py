@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from covey.privacy import DPConfig, NoiseSource, add_gaussian_noise, clip_update
+from covey.privacy import DPConfig, NoiseSource, mechanism
 
 if TYPE_CHECKING:
     from covey.models import Adapter, ChatTokenizer, Example, TinyLM
@@ -55,9 +55,9 @@ class ClientUpdate:
         only to a central-mode aggregator, which sees the clipped update anyway and counts
         the bits under DP for adaptive clipping.
         """
-        if not dp.private:
-            return {"examples": self.examples, "clipped": 0}
-        return {"examples": 0, "clipped": int(self.clipped and dp.mode == "central")}
+        m = mechanism(dp)
+        return {"examples": self.examples if m.reports_examples else 0,
+                "clipped": int(self.clipped and m.reports_clipped)}
 
 
 def train_update(model: TinyLM, tok: ChatTokenizer, examples: Sequence[Example],
@@ -77,14 +77,14 @@ def train_update(model: TinyLM, tok: ChatTokenizer, examples: Sequence[Example],
 
 def noise_only_update(global_adapter: Adapter, dp: DPConfig,
                       noise: NoiseSource | None = None) -> ClientUpdate:
-    """What a pod with no examples sends in ``local`` mode: a noised zero update.
+    """What a pod with no examples sends when its mechanism answers for an empty pod
+    (``local`` mode): the client step on a zero update, so the noise alone.
 
     A refusal would tell the aggregator that the user has no data; noise alone tells it
     nothing, and the release is charged like any other.
     """
-    size = global_adapter.num_parameters
-    delta = add_gaussian_noise(np.zeros(size, np.float32),
-                               dp.noise_multiplier * dp.clip_norm, noise)
+    zero = np.zeros(global_adapter.num_parameters, np.float32)
+    delta, _ = mechanism(dp).client_step(zero, dp, noise)
     return ClientUpdate(delta, 0.0, False, 0, 0, float("nan"), float("nan"))
 
 
@@ -113,10 +113,8 @@ def train_updates(model: TinyLM, tok: ChatTokenizer,
 
 def release_update(delta: np.ndarray, dp: DPConfig, noise: NoiseSource | None = None
                    ) -> tuple[np.ndarray, float]:
-    """What leaves the pod for a trained ``delta``: clipped to ``dp.clip_norm`` and, in
-    ``local`` mode, noised with N(0, (z C)^2) from ``noise``; and the norm before clipping.
-    The privacy audit's canary clients send their crafted updates through it too."""
-    clipped, norm = clip_update(delta, dp.clip_norm)
-    if dp.mode == "local":
-        clipped = add_gaussian_noise(clipped, dp.noise_multiplier * dp.clip_norm, noise)
-    return clipped, norm
+    """What leaves the pod for a trained ``delta``: the client step of the run's mechanism
+    (clipped to ``dp.clip_norm`` and, in ``local`` mode, noised with N(0, (z C)^2) from
+    ``noise``); and the norm before clipping. The privacy audit's canary clients send
+    their crafted updates through it too."""
+    return mechanism(dp).client_step(delta, dp, noise)

@@ -29,9 +29,8 @@ or maximum.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -50,22 +49,17 @@ from covey.device._stop import is_stopped
 from covey.errors import CoveyError
 from covey.models import check_precision
 from covey.privacy import (
+    MECHANISMS,
     BudgetExceeded,
     BudgetPolicy,
-    DPConfig,
     Ledger,
     LedgerTampered,
     NoiseSource,
     Release,
     RunChanged,
+    mechanism,
 )
-from covey.protocols import (
-    ModelVersion,
-    SignatureError,
-    round_settings,
-    verify_round,
-    verify_version,
-)
+from covey.protocols import ModelVersion, Refusal, RoundMessage, SignatureError, verify_version
 
 if TYPE_CHECKING:
     from covey.device._federated import ClientUpdate
@@ -100,30 +94,25 @@ class RoundRefused(CoveyError):
 
 
 @dataclass(frozen=True)
-class RoundRequest:
-    """What the aggregator asks of a pod in one round (parsed from its message)."""
+class RoundRequest(RoundMessage):
+    """A round's message as a pod received it: the message and who sent it."""
 
-    run_id: str
-    round: int
-    planned_rounds: int
-    dp: DPConfig
-    version: dict[str, Any]  # the signed model version record
-    signature: bytes
-    adapter: bytes
-    local_epochs: int = 1
-    lr: float = 5e-3
-    max_examples: int = 256
-    seed: int = 0
-    precision: str = "fp32"
     peer: str = ""
-    adaptive_clipping: bool = False  # the run moves C (so C is not pinned)
-    round_signature: bytes = b""  # the aggregator's, over round_settings(self)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 1 <= self.round <= self.planned_rounds:
             raise ValueError(f"round {self.round} is outside the run's {self.planned_rounds}")
         check_precision(self.precision)
+
+    @classmethod
+    def received(cls, message: RoundMessage, peer: str) -> RoundRequest:
+        """``message`` as it reached the pod from ``peer``.
+
+        Raises:
+            ValueError: the round is outside the run, or the precision is unknown.
+        """
+        return cls(**{f.name: getattr(message, f.name) for f in fields(RoundMessage)},
+                   peer=peer)
 
 
 def _now() -> str:
@@ -138,8 +127,8 @@ def spent(pod: Pod) -> float:
 def round_release(request: RoundRequest, ledger: Ledger) -> Release:
     """What this round adds to the user's ledger (rounds 0 when the run was charged)."""
     dp = request.dp
-    rounds = 1 if dp.mode == "local" else max(
-        0, request.planned_rounds - ledger.charged_rounds(request.run_id))
+    rounds = max(0, request.planned_rounds - ledger.charged_rounds(request.run_id)
+                 ) if mechanism(dp).charges_run else 1
     return Release(kind="federated_update", run_id=request.run_id, round=request.round,
                    mode=dp.mode, noise_multiplier=dp.noise_multiplier, clip_norm=dp.clip_norm,
                    sensitivity=dp.sensitivity, sample_rate=dp.amplified_rate,
@@ -199,7 +188,7 @@ def _check_version(request: RoundRequest, aggregator_key: bytes) -> None:
         verify_version(version, request.adapter, request.signature, aggregator_key)
     except (ValueError, SignatureError) as exc:
         raise RoundRefused("bad_signature", f"refused: {exc}") from None
-    if not verify_round(round_settings(request), request.round_signature, aggregator_key):
+    if not request.signed_by(aggregator_key):
         raise RoundRefused("bad_signature", "refused: the round's settings are not signed by "
                                             "the aggregator")
 
@@ -281,7 +270,7 @@ def take_part(pod: Pod, request: RoundRequest, model: TinyLM, tok: ChatTokenizer
 
     ledger, release = check_round(pod, request, aggregator_key)
     examples = training_examples(pod)
-    if not examples and request.dp.mode != "local":
+    if not examples and not mechanism(request.dp).answers_empty:
         raise RoundRefused("no_examples", "refused: no consented training examples yet "
                                           "(rate or correct some replies first)")
     try:
@@ -290,9 +279,7 @@ def take_part(pod: Pod, request: RoundRequest, model: TinyLM, tok: ChatTokenizer
         raise RoundRefused("bad_model", f"refused: the model version is unusable: {exc}"
                            ) from None
     if examples:
-        train = FinetuneConfig(epochs=request.local_epochs, lr=request.lr,
-                               max_examples=request.max_examples, seed=request.seed,
-                               precision=request.precision)
+        train = FinetuneConfig.for_round(request)
         update = train_update(model, tok, examples, adapter, train, request.dp, noise)
     else:
         update = noise_only_update(adapter, request.dp, noise)
@@ -331,7 +318,7 @@ def join_run(pod: Pod, request: RoundRequest, aggregator_key: bytes) -> float:
     """
     from covey.device import _audit
 
-    if request.dp.mode != "central":
+    if not MECHANISMS[request.dp.mode].charges_run:  # by mode: a non-private run is refused below
         raise RoundRefused("malformed", "refused: only central runs are announced")
     ledger, release = check_round(pod, request, aggregator_key, announced=True)
     if not release.rounds:
@@ -348,5 +335,5 @@ def join_run(pod: Pod, request: RoundRequest, aggregator_key: bytes) -> float:
 
 
 def refusal_detail(exc: RoundRefused) -> str:
-    """The refusal as the JSON reason sent back to the aggregator."""
-    return json.dumps({"code": exc.code, "message": str(exc)})
+    """The refusal as the reason sent back to the aggregator."""
+    return Refusal(exc.code, str(exc)).reason()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol, Self
 
 import numpy as np
 import torch
@@ -31,6 +32,29 @@ from covey.models._tokenizer import PAD, ChatTokenizer
 
 __all__ = ["FinetuneConfig", "FinetuneJob", "FinetuneResult", "finetune_adapter",
            "finetune_adapters"]
+
+
+class RoundTraining(Protocol):
+    """The local training settings a round message carries."""
+
+    @property
+    def local_epochs(self) -> int: ...
+
+    @property
+    def lr(self) -> float: ...
+
+    @property
+    def max_examples(self) -> int: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def precision(self) -> str: ...
+
+
+#: Spreads the seeds of a round's simulated pods (a prime above any pod count).
+_POD_SEED_STRIDE = 100_003
 
 
 @dataclass(frozen=True)
@@ -52,6 +76,20 @@ class FinetuneConfig:
         if not 0 < self.lr < 1:
             raise ValueError("lr must be in (0, 1)")
         check_precision(self.precision)
+
+    @classmethod
+    def for_round(cls, round: RoundTraining, pod: int | None = None,
+                  measure_loss: bool = True) -> Self:
+        """The local training ``round`` asks of a pod.
+
+        A real pod trains with the round's seed. The simulated pods of one process share
+        the round's seed, so ``pod`` (a simulated pod's 1-based index) gives each its own,
+        from (seed, pod) alone, whichever process or engine trains it. ``measure_loss``:
+        simulations skip the two loss passes.
+        """
+        seed = round.seed if pod is None else round.seed * _POD_SEED_STRIDE + pod
+        return cls(epochs=round.local_epochs, lr=round.lr, max_examples=round.max_examples,
+                   seed=seed, measure_loss=measure_loss, precision=round.precision)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,10 @@ Public surface:
     DPConfig, Mode, AdaptiveClipping    the DP settings of a run, and what they guarantee
     clip_update, add_gaussian_noise     the mechanisms a round applies
     local_norm_bound                    the largest norm an honest local-mode update reaches
+    MECHANISMS, mechanism, Mechanism    DP modes by name (``none``, ``central``, ``local``):
+                                        each a pod's client step and the aggregator's server step
+    MAX_NORM                            the norm past which any update is rejected
+    gaussian_release, USAGE_SENSITIVITY the Gaussian mechanism for a statistic (usage histogram)
     NoiseSource, SecureNoise, SeededNoise  where DP noise comes from (CSPRNG by default)
     SeedRatchet, poisson_sample         forward-secure round seeds and the sample they draw
     GaussianRounds                      one segment of a privacy history (z, q, rounds)
@@ -58,6 +62,14 @@ from covey.privacy._ledger import (
     RunChanged,
     verify_signature,
 )
+from covey.privacy._mechanisms import (
+    MAX_NORM,
+    MECHANISMS,
+    USAGE_SENSITIVITY,
+    Mechanism,
+    gaussian_release,
+    mechanism,
+)
 from covey.privacy._noise import (
     NoiseSource,
     SecureNoise,
@@ -72,6 +84,9 @@ from covey.privacy._run_report import RunAudit, run_report
 
 __all__ = [
     "ACCOUNTANTS",
+    "MAX_NORM",
+    "MECHANISMS",
+    "USAGE_SENSITIVITY",
     "AdaptiveClipping",
     "ArmScores",
     "AuditEvent",
@@ -85,6 +100,7 @@ __all__ = [
     "LedgerEntry",
     "LedgerStorage",
     "LedgerTampered",
+    "Mechanism",
     "Mode",
     "NoiseSource",
     "PodAudit",
@@ -103,8 +119,10 @@ __all__ = [
     "clip_update",
     "cosines",
     "epsilon_spent",
+    "gaussian_release",
     "get_accountant",
     "local_norm_bound",
+    "mechanism",
     "noise_for_epsilon",
     "pod_report",
     "poisson_sample",

@@ -1,11 +1,14 @@
-"""Protocols between covey's parts: the signed model version, and the replicated state
-of one user's pods (hybrid logical clocks, a last-writer-wins map with tombstones);
-discovery, pairing and the sync channel follow.
+"""Protocols between covey's parts: the round message between the aggregator and the
+pods, the signed model version, and the replicated state of one user's pods (hybrid
+logical clocks, a last-writer-wins map with tombstones); discovery, pairing and the sync
+channel follow.
 
 Public surface:
     ModelVersion     a signed global adapter version (the record pods verify)
-    round_settings, round_bytes, verify_round   a round's privacy settings, signed by
-                     the aggregator and checked by pods
+    RoundMessage, RoundReply, Refusal   the round protocol (ROUND-PROTOCOL.md): what
+                     the aggregator sends, what a pod answers, why it refuses
+    REFUSALS, REFUSAL_CODE   refusal codes, and the error code that carries them
+    round_bytes, verify_round   the signed bytes of a round's settings, and their check
     verify_version   check a version's signature and the hash of its adapter bytes
     SignatureError   raised when either check fails
     make_node_key    the key pair a pod's SuperNode authenticates with
@@ -38,14 +41,22 @@ from covey.protocols._hlc import HLC, HybridClock
 from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, pairing_codes
 from covey.protocols._model_version import ModelVersion, SignatureError, verify_version
 from covey.protocols._node_key import make_node_key
-from covey.protocols._round import round_bytes, round_settings, verify_round
+from covey.protocols._round import (
+    REFUSAL_CODE,
+    REFUSALS,
+    Refusal,
+    RoundMessage,
+    RoundReply,
+    round_bytes,
+    verify_round,
+)
 from covey.protocols._session import SyncServer, SyncStats, sync_with
 from covey.protocols._trust import USER_SCHEMA, UserTrust, user_schema, user_trust
 
-__all__ = ["HLC", "USER_SCHEMA", "Announcer", "ChannelError", "Collection", "Delta",
-           "DeviceCertificate", "Entry", "Handshake", "HybridClock", "MergeResult",
-           "ModelVersion", "Peer", "Replica", "Revocation", "Schema", "SecureChannel",
-           "SignatureError", "SyncServer", "SyncStats", "UserKey", "UserTrust", "discover",
-           "grow_only", "lww", "make_node_key", "pairing_codes", "round_bytes",
-           "round_settings", "sync_with", "user_schema", "user_trust", "verify_round",
-           "verify_version"]
+__all__ = ["HLC", "REFUSALS", "REFUSAL_CODE", "USER_SCHEMA", "Announcer", "ChannelError",
+           "Collection", "Delta", "DeviceCertificate", "Entry", "Handshake", "HybridClock",
+           "MergeResult", "ModelVersion", "Peer", "Refusal", "Replica", "Revocation",
+           "RoundMessage", "RoundReply", "Schema", "SecureChannel", "SignatureError",
+           "SyncServer", "SyncStats", "UserKey", "UserTrust", "discover", "grow_only", "lww",
+           "make_node_key", "pairing_codes", "round_bytes", "sync_with", "user_schema",
+           "user_trust", "verify_round", "verify_version"]

@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from covey.aggregator._rounds import PodReply, RoundPayload, Transport
+from covey.aggregator._rounds import PodReply, Transport
 from covey.privacy import NoiseSource
+from covey.protocols import RoundMessage
 
 __all__ = ["CanaryClients"]
 
@@ -41,7 +42,7 @@ class CanaryClients:
         gives a pod's local-mode noise source for (round, node)."""
         return _WithCanaries(self, inner, noise)
 
-    def send(self, index: int, payload: RoundPayload, noise: NoiseSource) -> np.ndarray:
+    def send(self, index: int, payload: RoundMessage, noise: NoiseSource) -> np.ndarray:
         """Canary ``index``'s release in a round: its direction times the norm, through
         the pod's own release function (clipped; noised in ``local`` mode)."""
         from covey.device._federated import release_update
@@ -68,7 +69,7 @@ class _WithCanaries:
         return [*self.inner.node_ids(),
                 *range(self.first, self.first + len(self.canaries.directions))]
 
-    def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+    def train(self, nodes: Sequence[int], payload: RoundMessage, timeout: float
               ) -> list[PodReply]:
         from covey.device._federated import ClientUpdate
 

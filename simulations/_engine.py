@@ -14,32 +14,26 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from covey.aggregator._rounds import PodReply, RoundPayload
+from covey.aggregator._rounds import PodReply
 from covey.device._participation import RoundRefused, RoundRequest, take_part
 from covey.device._pod import Pod
+from covey.protocols import RoundMessage
 
-__all__ = ["InProcessTransport", "PodClient", "StorePods", "answer", "request_for"]
+__all__ = ["InProcessTransport", "PodClient", "StorePods", "answer"]
 
-PodHandler = Callable[[int, RoundPayload], PodReply]
+PodHandler = Callable[[int, RoundMessage], PodReply]
 
-
-def request_for(payload: RoundPayload, peer: str = "in-process") -> RoundRequest:
-    """The request a pod sees for ``payload`` (what the Flower message carries)."""
-    return RoundRequest(
-        run_id=payload.run_id, round=payload.round, planned_rounds=payload.planned_rounds,
-        dp=payload.dp, version=payload.version, signature=payload.signature,
-        adapter=payload.adapter, local_epochs=payload.local_epochs, lr=payload.lr,
-        max_examples=payload.max_examples, seed=payload.seed, precision=payload.precision,
-        peer=peer, adaptive_clipping=payload.adaptive_clipping,
-        round_signature=payload.round_signature)
+#: Who sent a round, as in-process pods record it in their audit logs.
+PEER = "in-process"
 
 
 def answer(home: Path, passphrase: str, model: Any, tok: Any, aggregator_key: bytes,
-           node_id: int, payload: RoundPayload) -> PodReply:
+           node_id: int, payload: RoundMessage) -> PodReply:
     """Pod ``home`` answers a round: opens its store, takes part (or refuses), closes it."""
     try:
         with Pod.open(home, passphrase) as pod:
-            update, _ = take_part(pod, request_for(payload), model, tok, aggregator_key)
+            request = RoundRequest.received(payload, PEER)
+            update, _ = take_part(pod, request, model, tok, aggregator_key)
     except RoundRefused as exc:
         return PodReply(node_id, refusal=exc.code, message=str(exc))
     return PodReply(node_id, values=update.delta, version=str(payload.version["id"]),
@@ -48,13 +42,13 @@ def answer(home: Path, passphrase: str, model: Any, tok: Any, aggregator_key: by
 
 
 def charge(home: Path, passphrase: str, aggregator_key: bytes, node_id: int,
-           payload: RoundPayload) -> PodReply:
+           payload: RoundMessage) -> PodReply:
     """Pod ``home`` charges a run announced to it (see :func:`join_run`), or refuses."""
     from covey.device._participation import join_run
 
     try:
         with Pod.open(home, passphrase) as pod:
-            join_run(pod, request_for(payload), aggregator_key)
+            join_run(pod, RoundRequest.received(payload, PEER), aggregator_key)
     except RoundRefused as exc:
         return PodReply(node_id, refusal=exc.code, message=str(exc))
     return PodReply(node_id)
@@ -69,11 +63,11 @@ class PodClient:
         self.model = copy.deepcopy(model)  # training writes the LoRA weights: one per pod
         self.tok, self.aggregator_key = tok, aggregator_key
 
-    def __call__(self, node_id: int, payload: RoundPayload) -> PodReply:
+    def __call__(self, node_id: int, payload: RoundMessage) -> PodReply:
         return answer(self.home, self.passphrase, self.model, self.tok, self.aggregator_key,
                       node_id, payload)
 
-    def announce(self, node_id: int, payload: RoundPayload) -> PodReply:
+    def announce(self, node_id: int, payload: RoundMessage) -> PodReply:
         return charge(self.home, self.passphrase, self.aggregator_key, node_id, payload)
 
 
@@ -96,7 +90,7 @@ class StorePods:
     def node_ids(self) -> list[int]:
         return list(range(1, len(self.homes) + 1))
 
-    def _one(self, node: int, payload: RoundPayload) -> PodReply:
+    def _one(self, node: int, payload: RoundMessage) -> PodReply:
         model = self.models.get()
         try:
             return answer(self.homes[node - 1], self.passphrase, model, self.tok,
@@ -104,12 +98,12 @@ class StorePods:
         finally:
             self.models.put(model)
 
-    def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+    def train(self, nodes: Sequence[int], payload: RoundMessage, timeout: float
               ) -> list[PodReply]:
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(pool.map(lambda n: self._one(n, payload), nodes, timeout=timeout))
 
-    def announce(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+    def announce(self, nodes: Sequence[int], payload: RoundMessage, timeout: float
                  ) -> list[PodReply]:
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(pool.map(lambda n: charge(self.homes[n - 1], self.passphrase,
@@ -126,13 +120,13 @@ class InProcessTransport:
     def node_ids(self) -> list[int]:
         return sorted(self.pods)
 
-    def announce(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+    def announce(self, nodes: Sequence[int], payload: RoundMessage, timeout: float
                  ) -> list[PodReply]:
         """Pods that keep a ledger (``PodClient``) charge the run; others need nothing."""
         return [self.pods[n].announce(n, payload) for n in nodes  # type: ignore[attr-defined]
                 if hasattr(self.pods[n], "announce")]
 
-    def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+    def train(self, nodes: Sequence[int], payload: RoundMessage, timeout: float
               ) -> list[PodReply]:
         pool = ThreadPoolExecutor(max_workers=max(1, len(nodes)))
         futures = {pool.submit(self.pods[n], n, payload): n for n in nodes}

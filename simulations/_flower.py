@@ -3,7 +3,7 @@
 The ServerApp runs the aggregator's ``run_federated`` over Flower's grid through the
 deployment's own :class:`~covey.aggregator._serverapp.FlowerTransport`; every virtual
 SuperNode runs a ClientApp that parses the round message as a real pod does
-(:func:`~covey.device._clientapp.request_from`), trains with the same client function
+(:meth:`~covey.protocols.RoundMessage.from_dict`), trains with the same client function
 as the ``fast`` engine (:func:`~covey.simulations._simulate.train_pods`) and answers in
 the real pod's reply format (:func:`~covey.device._clientapp.reply_message`).
 
@@ -24,7 +24,8 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from covey.aggregator._rounds import PodReply, RoundPayload
+from covey.aggregator._rounds import PodReply
+from covey.protocols import REFUSAL_CODE, RoundMessage
 
 __all__ = ["IndexedTransport", "client_app", "run_flower"]
 
@@ -57,11 +58,13 @@ def client_app(cfg: Any) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        from covey.device._clientapp import REFUSAL_CODE, reply_message, request_from
+        from covey.device._clientapp import reply_message
+        from covey.device._participation import RoundRequest
         from covey.simulations._simulate import train_pods
 
         try:
-            request = request_from(dict(msg.content.config_records["round"]), "simulation")
+            request = RoundRequest.from_dict(dict(msg.content.config_records["round"]),
+                                             peer="simulation")
         except (KeyError, TypeError, ValueError) as exc:
             return Message(Error(code=REFUSAL_CODE, reason=f"malformed round message "
                                  f"({type(exc).__name__})"), reply_to=msg)
@@ -108,7 +111,7 @@ class IndexedTransport:
         self._discover()
         return sorted(self.to_node)
 
-    def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+    def train(self, nodes: Sequence[int], payload: RoundMessage, timeout: float
               ) -> list[PodReply]:
         replies = self.inner.train([self.to_node[n] for n in nodes], payload, timeout)
         indexed = [PodReply(self.to_index[r.node_id], r.values, r.version, r.examples,

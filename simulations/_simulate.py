@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from covey._files import write_atomic
-from covey.aggregator._rounds import PodReply, RoundPayload, RunConfig, run_federated
+from covey.aggregator._rounds import PodReply, RunConfig, run_federated
 from covey.errors import InvalidInputError
 from covey.models import resolve_precision
 from covey.privacy import AdaptiveClipping, DPConfig, NoiseSource, SecureNoise, SeededNoise
+from covey.protocols import RoundMessage
 
 if TYPE_CHECKING:
     from covey.device._federated import ClientUpdate
-    from covey.device._participation import RoundRequest
     from covey.models._evaluate import Tally
     from covey.simulations._canaries import CanaryClients
 
@@ -193,7 +193,7 @@ def pod_noise(noise_seed: int | None, round: int, node: int,
     return SecureNoise() if noise_seed is None else SeededNoise([noise_seed, round, node])
 
 
-def _pod_job(users: Sequence[Any], node: int, request: RoundPayload | RoundRequest,
+def _pod_job(users: Sequence[Any], node: int, request: RoundMessage,
              noise_seed: int | None, noise: NoiseSource | None = None
              ) -> tuple[Any, Any, NoiseSource]:
     """Pod ``node``'s examples, training settings and noise source for a round.
@@ -202,15 +202,12 @@ def _pod_job(users: Sequence[Any], node: int, request: RoundPayload | RoundReque
     """
     from covey.models._finetune import FinetuneConfig
 
-    train = FinetuneConfig(epochs=request.local_epochs, lr=request.lr,
-                           max_examples=request.max_examples,
-                           seed=request.seed * 100_003 + node, measure_loss=False,
-                           precision=request.precision)
+    train = FinetuneConfig.for_round(request, pod=node, measure_loss=False)
     return users[node - 1].train, train, pod_noise(noise_seed, request.round, node, noise)
 
 
 def train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
-               request: RoundPayload | RoundRequest, noise_seed: int | None = None,
+               request: RoundMessage, noise_seed: int | None = None,
                noise: NoiseSource | None = None) -> list[ClientUpdate]:
     """Pods ``nodes`` (1-based into ``users``) run the client training function; the
     fast engine trains them ``POD_GROUP`` at a time, batched, with the same results.
@@ -233,7 +230,7 @@ def train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
 
 
 def _train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
-                payload: RoundPayload, noise_seed: int | None,
+                payload: RoundMessage, noise_seed: int | None,
                 noise: NoiseSource | None = None) -> list[PodReply]:
     updates = train_pods(users, model, tok, nodes, payload, noise_seed, noise)
     return [PodReply(node, values=update.delta, version=str(payload.version["id"]),
@@ -291,7 +288,7 @@ def _worker_allocator() -> str:
     return "tcmalloc" if maps.exists() and "tcmalloc" in maps.read_text() else "glibc"
 
 
-def _worker_train(nodes: Sequence[int], payload: RoundPayload, noise_seed: int | None,
+def _worker_train(nodes: Sequence[int], payload: RoundMessage, noise_seed: int | None,
                   noise: NoiseSource | None = None) -> list[PodReply]:
     return _train_pods(_WORKER["users"], _WORKER["model"], _WORKER["tok"], nodes, payload,
                        noise_seed, noise)
@@ -328,7 +325,7 @@ class _MemoryPods:
     def node_ids(self) -> list[int]:
         return list(range(1, len(self.users) + 1))
 
-    def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+    def train(self, nodes: Sequence[int], payload: RoundMessage, timeout: float
               ) -> list[PodReply]:
         if self.pool is None or len(nodes) < 2:
             return _train_pods(self.users, self.model, self.tok, nodes, payload,

@@ -16,7 +16,6 @@ import pytest
 from covey.aggregator._registry import Registry
 from covey.aggregator._rounds import (
     PodReply,
-    RoundPayload,
     RunConfig,
     checkpoint_path,
     round_noise,
@@ -25,6 +24,7 @@ from covey.aggregator._rounds import (
 from covey.errors import InvalidInputError
 from covey.models import Adapter
 from covey.privacy import DPConfig, SeedRatchet
+from covey.protocols import RoundMessage
 
 SHAPE_A, SHAPE_B = (4, 64), (64, 4)  # a small adapter: 512 coordinates
 SIZE = 512
@@ -52,7 +52,7 @@ class FixedPods:
     def node_ids(self) -> list[int]:
         return sorted(self.updates)
 
-    def train(self, nodes: Sequence[int], payload: RoundPayload, timeout: float
+    def train(self, nodes: Sequence[int], payload: RoundMessage, timeout: float
               ) -> list[PodReply]:
         self.sampled.append(list(nodes))
         return [PodReply(n, values=self.updates[n], version=str(payload.version["id"]))

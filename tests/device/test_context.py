@@ -19,7 +19,6 @@ import pytest
 from covey.device import Pod
 from covey.device._budget import pod_ledger
 from covey.device._context import (
-    USAGE_SENSITIVITY,
     current_context,
     enable,
     parse_reading,
@@ -28,6 +27,7 @@ from covey.device._context import (
     usage_histogram,
 )
 from covey.device._participation import RoundRefused, set_budget_policy, spent
+from covey.privacy import USAGE_SENSITIVITY
 from tests.conftest import FAST_CONFIG, PASSPHRASE, Covey, cli_env
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 from covey.aggregator._registry import Registry
-from covey.aggregator._rounds import PodReply, RoundPayload, RunConfig, run_federated
+from covey.aggregator._rounds import PodReply, RunConfig, run_federated
 from covey.device import Pod
 from covey.device._budget import pod_ledger
 from covey.device._federated import train_update
 from covey.device._feedback import TRAINING_CONSENT, set_consent
 from covey.device._participation import (
     RoundRefused,
+    RoundRequest,
     budget_policy,
     import_examples,
     set_budget_policy,
@@ -29,7 +30,8 @@ from covey.device._participation import (
 from covey.models import Adapter, load_corpus, load_model
 from covey.models._finetune import FinetuneConfig
 from covey.privacy import DPConfig, GaussianRounds, epsilon_spent
-from covey.simulations._engine import InProcessTransport, PodClient, request_for
+from covey.protocols import RoundMessage
+from covey.simulations._engine import PEER, InProcessTransport, PodClient
 from tests.conftest import FAST_CONFIG, PASSPHRASE
 
 
@@ -67,17 +69,20 @@ def _pod(tmp_path: Path, name: str, examples: list[Any], consent: bool = True) -
     return home
 
 
+def _asked(payload: RoundMessage) -> RoundRequest:
+    """``payload`` as an in-process pod receives it."""
+    return RoundRequest.received(payload, PEER)
+
+
 def _payload(registry: Registry, dp: DPConfig, rnd: int = 1, planned: int = 3,
-             run_id: str = "run-a") -> RoundPayload:
+             run_id: str = "run-a") -> RoundMessage:
     """A round as the aggregator sends it: the version and the settings signed."""
     from dataclasses import replace
 
-    from covey.protocols import round_settings
-
     version, data, signature = registry.get(str(registry.current_id))
-    payload = RoundPayload(run_id, rnd, planned, dp, json.loads(version.canonical()),
+    payload = RoundMessage(run_id, rnd, planned, dp, json.loads(version.canonical()),
                            signature, data, 1, 5e-3, 16, rnd)
-    return replace(payload, round_signature=registry.sign_round(round_settings(payload)))
+    return replace(payload, round_signature=registry.sign_round(payload.settings()))
 
 
 CENTRAL = DPConfig(mode="central", noise_multiplier=1.0, clip_norm=0.5, sample_rate=0.5)
@@ -118,7 +123,7 @@ def test_take_part_charges_the_planned_run_once_and_audits(
     home = _pod(tmp_path, "pod", users[0].train)
     with Pod.open(home, PASSPHRASE) as pod:
         for rnd in (1, 2):
-            update, eps = take_part(pod, request_for(_payload(registry, CENTRAL, rnd)),
+            update, eps = take_part(pod, _asked(_payload(registry, CENTRAL, rnd)),
                                     *lm, registry.public_key)
         expected = epsilon_spent([GaussianRounds(1.0, 0.5, 3)], 1e-5)
         assert eps == pytest.approx(expected)
@@ -131,7 +136,7 @@ def test_take_part_charges_the_planned_run_once_and_audits(
         assert pod.verify_audit_chain().ok
         # local mode: every participation is one unamplified release
         local = DPConfig(mode="local", noise_multiplier=3.0, clip_norm=0.5)
-        take_part(pod, request_for(_payload(registry, local, 1, run_id="run-b")), *lm,
+        take_part(pod, _asked(_payload(registry, local, 1, run_id="run-b")), *lm,
                   registry.public_key)
         # at the replace-one sensitivity 2C: noise 3C is 1.5 times the sensitivity
         assert _segments(pod)[-1] == GaussianRounds(1.5, 1.0, 1)
@@ -143,24 +148,24 @@ def test_refusals_record_nothing(tmp_path: Path, lm: tuple[Any, Any], users: lis
     no_consent = _pod(tmp_path, "shy", users[2].train, consent=False)
     with Pod.open(no_consent, PASSPHRASE) as pod:
         with pytest.raises(RoundRefused, match="consented") as info:
-            take_part(pod, request_for(_payload(registry, CENTRAL)), *lm, registry.public_key)
+            take_part(pod, _asked(_payload(registry, CENTRAL)), *lm, registry.public_key)
         assert info.value.code == "no_consent"
     with Pod.open(home, PASSPHRASE) as pod:
         before = pod.store.query("SELECT COUNT(*) FROM audit_log")[0][0]
         # a version signed by another key
         other = Registry(tmp_path / "evil")
         with pytest.raises(RoundRefused) as info:
-            take_part(pod, request_for(_payload(registry, CENTRAL)), *lm, other.public_key)
+            take_part(pod, _asked(_payload(registry, CENTRAL)), *lm, other.public_key)
         assert info.value.code == "bad_signature"
         # a round without noise gives no guarantee: refused
         with pytest.raises(RoundRefused) as info:
-            take_part(pod, request_for(_payload(registry, DPConfig(noise_multiplier=0.0))),
+            take_part(pod, _asked(_payload(registry, DPConfig(noise_multiplier=0.0))),
                       *lm, registry.public_key)
         assert info.value.code == "not_private"
         # the budget: a run that would exceed the user's maximum is refused
         set_budget_policy(pod, 1.0)
         with pytest.raises(RoundRefused, match="exceed the user's privacy budget") as info:
-            take_part(pod, request_for(_payload(registry, CENTRAL)), *lm, registry.public_key)
+            take_part(pod, _asked(_payload(registry, CENTRAL)), *lm, registry.public_key)
         assert info.value.code == "budget_exhausted"
         # the refusal travels to the aggregator: it tells no epsilon, spent or maximum
         assert not any(ch.isdigit() for ch in str(info.value))
@@ -188,11 +193,11 @@ def test_a_run_survives_a_malformed_update_a_dropout_and_a_pod_at_budget(
     with Pod.open(clients[3].home, PASSPHRASE) as pod:
         set_budget_policy(pod, 0.5)  # this user allows almost nothing
 
-    def malformed(node: int, payload: RoundPayload) -> PodReply:
+    def malformed(node: int, payload: RoundMessage) -> PodReply:
         return PodReply(node, values=np.full(49152, np.nan, np.float32),
                         version=str(payload.version["id"]), examples=5)
 
-    def dropout(node: int, payload: RoundPayload) -> PodReply:
+    def dropout(node: int, payload: RoundMessage) -> PodReply:
         time.sleep(30)  # gone mid-round
         return PodReply(node, refusal="late")
 
@@ -270,17 +275,16 @@ def test_adaptive_clipping_moves_c_at_no_extra_epsilon(
 def test_the_round_message_carries_the_training_precision(registry: Registry) -> None:
     from dataclasses import replace
 
-    from covey.aggregator._serverapp import payload_record
-    from covey.device._clientapp import request_from
+    from covey.aggregator._serverapp import round_record
 
     payload = replace(_payload(registry, CENTRAL), precision="bf16")
-    config = dict(payload_record(payload).config_records["round"])
-    assert request_from(config, "peer").precision == "bf16"
+    config = dict(round_record(payload).config_records["round"])
+    assert RoundRequest.from_dict(config, peer="peer").precision == "bf16"
     # An older aggregator sends no precision: the pod trains in fp32.
-    assert request_from({k: v for k, v in config.items() if k != "precision"},
-                        "peer").precision == "fp32"
+    assert RoundRequest.from_dict({k: v for k, v in config.items() if k != "precision"},
+                                  peer="peer").precision == "fp32"
     with pytest.raises(ValueError, match="precision"):  # the pod refuses it as malformed
-        request_from({**config, "precision": "fp8"}, "peer")
+        RoundRequest.from_dict({**config, "precision": "fp8"}, peer="peer")
     with pytest.raises(ValueError, match="precision"):
         RunConfig(precision="fp16")
 
@@ -292,14 +296,14 @@ def test_a_local_pod_without_examples_sends_noise_not_a_refusal(
     home = _pod(tmp_path, "empty", [])
     local = DPConfig(mode="local", noise_multiplier=2.0, clip_norm=0.5)
     with Pod.open(home, PASSPHRASE) as pod:
-        update, eps = take_part(pod, request_for(_payload(registry, local, 1, 1, "run-l")),
+        update, eps = take_part(pod, _asked(_payload(registry, local, 1, 1, "run-l")),
                                 *lm, registry.public_key)
         assert float(update.delta.std()) == pytest.approx(1.0, rel=0.03)  # z * C
         assert update.reported(local) == {"examples": 0, "clipped": 0}
         assert eps == pytest.approx(epsilon_spent([GaussianRounds(1.0, 1.0, 1)], 1e-5))
         # central mode trusts the aggregator with that: the pod says it has nothing
         with pytest.raises(RoundRefused) as info:
-            take_part(pod, request_for(_payload(registry, CENTRAL)), *lm, registry.public_key)
+            take_part(pod, _asked(_payload(registry, CENTRAL)), *lm, registry.public_key)
         assert info.value.code == "no_examples"
 
 
@@ -309,13 +313,13 @@ def test_a_run_that_changes_its_noise_is_refused(
 
     home = _pod(tmp_path, "pod", users[0].train)
     with Pod.open(home, PASSPHRASE) as pod:
-        take_part(pod, request_for(_payload(registry, CENTRAL, 1)), *lm, registry.public_key)
+        take_part(pod, _asked(_payload(registry, CENTRAL, 1)), *lm, registry.public_key)
         less_noise = replace(CENTRAL, noise_multiplier=0.3)
         with pytest.raises(RoundRefused) as info:
-            take_part(pod, request_for(_payload(registry, less_noise, 2)), *lm,
+            take_part(pod, _asked(_payload(registry, less_noise, 2)), *lm,
                       registry.public_key)
         assert info.value.code == "run_changed" and "noise multiplier" in str(info.value)
-        more_rounds = request_for(_payload(registry, CENTRAL, 2, planned=50))
+        more_rounds = _asked(_payload(registry, CENTRAL, 2, planned=50))
         with pytest.raises(RoundRefused) as info:
             take_part(pod, more_rounds, *lm, registry.public_key)
         assert info.value.code == "run_changed"
@@ -352,17 +356,17 @@ def test_a_round_is_answered_once_and_only_as_the_aggregator_signed_it(
     home = _pod(tmp_path, "pod", users[0].train)
     with Pod.open(home, PASSPHRASE) as pod:
         genuine = _payload(registry, CENTRAL, 1)
-        take_part(pod, request_for(genuine), *lm, registry.public_key)
+        take_part(pod, _asked(genuine), *lm, registry.public_key)
         with pytest.raises(RoundRefused) as info:
-            take_part(pod, request_for(genuine), *lm, registry.public_key)
+            take_part(pod, _asked(genuine), *lm, registry.public_key)
         assert info.value.code == "replayed"
         cheap = replace(genuine, run_id="run-cheap", dp=DPConfig(
             mode="central", noise_multiplier=1000.0, clip_norm=10.0, sample_rate=1e-6))
         with pytest.raises(RoundRefused) as info:
-            take_part(pod, request_for(cheap), *lm, registry.public_key)
+            take_part(pod, _asked(cheap), *lm, registry.public_key)
         assert info.value.code == "bad_signature" and "settings" in str(info.value)
         unsigned = replace(genuine, round=2, round_signature=b"")
         with pytest.raises(RoundRefused) as info:
-            take_part(pod, request_for(unsigned), *lm, registry.public_key)
+            take_part(pod, _asked(unsigned), *lm, registry.public_key)
         assert info.value.code == "bad_signature"
         assert len(pod_ledger(pod).history()) == 1

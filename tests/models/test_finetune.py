@@ -128,3 +128,15 @@ def test_auto_precision_follows_the_override(monkeypatch: pytest.MonkeyPatch, fo
         assert resolve_precision("fp32") == "fp32"
     finally:
         native_bf16.cache_clear()
+
+
+def test_a_round_sets_the_local_training_and_simulated_pods_their_own_seed() -> None:
+    from covey.privacy import DPConfig
+    from covey.protocols import RoundMessage
+
+    message = RoundMessage("run", 1, 3, DPConfig(), {}, b"", b"", 2, 1e-3, 64, 7, "bf16")
+    pod = FinetuneConfig.for_round(message)
+    assert (pod.epochs, pod.lr, pod.max_examples, pod.seed, pod.precision,
+            pod.measure_loss) == (2, 1e-3, 64, 7, "bf16", True)
+    simulated = FinetuneConfig.for_round(message, pod=5, measure_loss=False)
+    assert (simulated.seed, simulated.measure_loss) == (7 * 100_003 + 5, False)
