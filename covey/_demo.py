@@ -19,7 +19,7 @@ __all__ = ["run"]
 
 def _say(console: Console, assistant: object, session: str, text: str) -> int:
     """One chat turn, printed with what was remembered and recalled."""
-    from covey.device._chat import Assistant
+    from covey.device.assistant._chat import Assistant
     from covey.models import SamplingParams
 
     if not isinstance(assistant, Assistant):
@@ -48,8 +48,8 @@ def _federate(console: Console, home: Path, passphrase: str, tmp: Path) -> Path:
 
     from covey._processes import free_port
     from covey.aggregator._deploy import AggregatorHome
-    from covey.device._join import join, leave, node_key
-    from covey.device._participation import spent
+    from covey.device.federation._join import join, leave, node_key
+    from covey.device.federation._participation import spent
     from covey.models import load_corpus
     from covey.privacy import DPConfig
     from covey.simulations._population import seed_pods
@@ -127,8 +127,8 @@ def _audit(console: Console, pod: Pod, run_record: Path) -> None:
 
 def run(console: Console | None = None) -> None:
     """Create a pod, chat across sessions, correct, forget, export, and crypto-shred it."""
-    from covey.device._chat import open_assistant
-    from covey.device._feedback import give_feedback, set_consent
+    from covey.device.assistant._chat import open_assistant
+    from covey.device.assistant._feedback import give_feedback, set_consent
 
     console = console or Console()
     passphrase = secrets.token_urlsafe(16)

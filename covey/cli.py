@@ -13,11 +13,16 @@ import covey
 from covey import logs
 from covey._audit_cli import audit
 from covey.aggregator.cli import aggregator_app, train
-from covey.device.chat_cli import chat, feedback
-from covey.device.cli import memory_app, pod_app
-from covey.device.context_cli import context_app, stop_command
-from covey.device.serve_cli import serve
-from covey.device.sync_cli import sync_app
+from covey.device.cli import (
+    chat,
+    context_app,
+    feedback,
+    memory_app,
+    pod_app,
+    serve,
+    stop_command,
+    sync_app,
+)
 from covey.errors import CoveyError
 from covey.models.cli import models_app
 from covey.privacy import RedactingFilter

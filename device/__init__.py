@@ -13,11 +13,11 @@ Public surface:
 Importing this package is light: no server, model or Flower import happens here.
 """
 
-from covey.device._config import PodConfig
-from covey.device._home import default_home, resolve_home
-from covey.device._keys import KdfParams
-from covey.device._memory import MEMORY_KINDS, Memory, MemoryHit
 from covey.device._pod import DeviceIdentity, Pod, PodStatus
+from covey.device.memory._memory import MEMORY_KINDS, Memory, MemoryHit
+from covey.device.store._config import PodConfig
+from covey.device.store._home import default_home, resolve_home
+from covey.device.store._keys import KdfParams
 
 __all__ = [
     "MEMORY_KINDS",

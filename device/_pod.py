@@ -28,12 +28,12 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from covey.device import _audit, _keys
-from covey.device._config import PodConfig, load_pod_config
-from covey.device._conversations import Conversations
-from covey.device._memory import Memories
-from covey.device._schema import SCHEMA_VERSION, USER_TABLES
-from covey.device._store import Store, StoreError
+from covey.device.assistant._conversations import Conversations
+from covey.device.memory._memory import Memories
+from covey.device.store import _audit, _keys
+from covey.device.store._config import PodConfig, load_pod_config
+from covey.device.store._schema import SCHEMA_VERSION, USER_TABLES
+from covey.device.store._store import Store, StoreError
 from covey.errors import (
     InvalidInputError,
     PodExistsError,
@@ -225,7 +225,7 @@ class Pod:
 
     def _start_ledger(self) -> None:
         """Sign the head of this device's (empty) ledger chain, adopting older rows."""
-        from covey.device._budget import pod_ledger
+        from covey.device.federation._budget import pod_ledger
 
         pod_ledger(self).start()
 

@@ -91,7 +91,7 @@ def stop(home: Path) -> dict[str, object]:
         else:
             path.unlink(missing_ok=True)
     killed = stop_refs(list(found), GRACE)
-    from covey.device._join import leave
+    from covey.device.federation._join import leave
 
     supernode = leave(home)
     return {"stopped_at": when, "processes": sorted(found.values()), "killed": len(killed),

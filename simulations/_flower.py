@@ -5,7 +5,7 @@ deployment's own :class:`~covey.aggregator._serverapp.FlowerTransport`; every vi
 SuperNode runs a ClientApp that parses the round message as a real pod does
 (:meth:`~covey.protocols.RoundMessage.from_dict`), trains with the same client function
 as the ``fast`` engine (:func:`~covey.simulations._simulate.train_pods`) and answers in
-the real pod's reply format (:func:`~covey.device._clientapp.reply_message`).
+the real pod's reply format (:func:`~covey.device.federation._clientapp.reply_message`).
 
 Flower gives virtual SuperNodes random node ids. So that a seed samples the same pods in
 both engines, the ServerApp first asks every node which partition (pod) it holds, and
@@ -58,8 +58,8 @@ def client_app(cfg: Any) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        from covey.device._clientapp import reply_message
-        from covey.device._participation import RoundRequest
+        from covey.device.federation._clientapp import reply_message
+        from covey.device.federation._participation import RoundRequest
         from covey.simulations._simulate import train_pods
 
         try:

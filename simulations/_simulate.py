@@ -3,7 +3,7 @@
 The ``fast`` engine runs the aggregator's own ``run_federated`` (sampling, checks,
 DP-FedAvg, evaluation, signed versions, rollback, accounting, the run record) over
 in-memory pods that call the same client training function as a real pod
-(:func:`covey.device._federated.train_update`). Pods hold their user's examples in
+(:func:`covey.device.federation._federated.train_update`). Pods hold their user's examples in
 memory; there is no store, network or Flower process, so the figures measure learning
 and privacy, not transport.
 """
@@ -31,7 +31,7 @@ from covey.privacy import AdaptiveClipping, DPConfig, NoiseSource, SecureNoise, 
 from covey.protocols import RoundMessage
 
 if TYPE_CHECKING:
-    from covey.device._federated import ClientUpdate
+    from covey.device.federation._federated import ClientUpdate
     from covey.models._evaluate import Tally
     from covey.simulations._canaries import CanaryClients
 
@@ -212,7 +212,7 @@ def train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
     """Pods ``nodes`` (1-based into ``users``) run the client training function; the
     fast engine trains them ``POD_GROUP`` at a time, batched, with the same results.
     ``noise_seed``, ``noise``: see :func:`pod_noise`."""
-    from covey.device._federated import train_updates
+    from covey.device.federation._federated import train_updates
     from covey.models import Adapter
 
     adapter = Adapter.from_bytes(request.adapter)

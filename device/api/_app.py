@@ -34,7 +34,6 @@ from fastapi import FastAPI, Header, Query
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from covey.device._feedback import give_feedback
 from covey.device._pod import Pod
 from covey.device.api._auth import ensure_token
 from covey.device.api._errors import error_response, install_error_handlers
@@ -49,6 +48,7 @@ from covey.device.api._schemas import (
 )
 from covey.device.api._served import ApiPodLockedError, ServedPod
 from covey.device.api._turns import SESSION_HEADER, stream_turn, whole_turn
+from covey.device.assistant._feedback import give_feedback
 from covey.errors import PodNotFoundError
 from covey.privacy import UserText
 

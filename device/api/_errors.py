@@ -18,8 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from covey.device._egress import RemoteConsentError
 from covey.device.api._served import ApiPodLockedError
+from covey.device.assistant._egress import RemoteConsentError
 from covey.errors import CoveyError, InvalidInputError, PodLockedError, WrongPassphraseError
 
 __all__ = ["error_body", "error_for", "error_response", "install_error_handlers"]

@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from covey.device._chat import Assistant, open_assistant
 from covey.device._pod import Pod
+from covey.device.assistant._chat import Assistant, open_assistant
 from covey.errors import CoveyError, InvalidInputError
 
 __all__ = ["AUDIT_KIND", "AUDIT_PEER", "ApiPodLockedError", "ServedPod"]

@@ -24,11 +24,11 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from covey.device._chat import Assistant
 from covey.device.api._errors import error_for
 from covey.device.api._metrics import ApiMetrics
 from covey.device.api._schemas import ChatRequest, json_bytes
 from covey.device.api._served import ServedPod
+from covey.device.assistant._chat import Assistant
 from covey.errors import InvalidInputError
 from covey.privacy import UserText
 

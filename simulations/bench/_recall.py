@@ -1,6 +1,6 @@
 """Benchmark ``recall``: memory retrieval latency at 1k, 10k and 100k memories, and insert speed.
 
-For each size a real SQLCipher store (``covey.device._store.Store``, random 256-bit key)
+For each size a real SQLCipher store (``covey.device.store._store.Store``, random 256-bit key)
 is filled with generated memories and their embeddings, closed, and opened again as after
 an unlock: the embeddings are read and decoded (``load_vectors``) and the vector index is
 built, both timed. Then each retrieval method answers the same queries, timed one by one:
@@ -47,8 +47,7 @@ from typing import Any
 import numpy as np
 
 from covey._tempdirs import temporary_directory
-from covey.device._keys import new_data_key
-from covey.device._memory import (
+from covey.device.memory._memory import (
     DECAY_FLOOR,
     EMBEDDING_MODEL,
     HALF_LIFE_S,
@@ -57,14 +56,15 @@ from covey.device._memory import (
     TextEmbedder,
     fts_query,
 )
-from covey.device._store import Store
-from covey.device._vector import (
+from covey.device.memory._vector import (
     DIMENSION,
     VectorIndex,
     VectorIndexConfig,
     encode_vector,
     load_vectors,
 )
+from covey.device.store._keys import new_data_key
+from covey.device.store._store import Store
 from covey.simulations.bench._store import VOCABULARY
 
 __all__ = ["FULL", "QUICK", "RecallBenchConfig", "run"]

@@ -1,7 +1,7 @@
 """Benchmark ``store``: the pod's SQLCipher store against plain SQLite, and unlock time.
 
 Both engines are the same sqlcipher3 build with the same pragmas and schema
-(``covey.device._store.Store``); plain SQLite is ``key=None``. Runs alternate between the
+(``covey.device.store._store.Store``); plain SQLite is ``key=None``. Runs alternate between the
 engines (the first engine swaps every repetition, so drift in disk or CPU speed hits both),
 each in a fresh temporary directory (``TMPDIR`` chooses the disk). The figures are medians
 over repetitions and the ratio sqlcipher / plain of those medians.
@@ -32,9 +32,9 @@ import sqlcipher3.dbapi2 as sqlite
 
 from covey._tempdirs import temporary_directory
 from covey.device import KdfParams, Pod, PodConfig
-from covey.device._keys import new_data_key, unwrap, wrap
-from covey.device._memory import MEMORY_KINDS, fts_query
-from covey.device._store import Store
+from covey.device.memory._memory import MEMORY_KINDS, fts_query
+from covey.device.store._keys import new_data_key, unwrap, wrap
+from covey.device.store._store import Store
 
 __all__ = ["FULL", "QUICK", "StoreBenchConfig", "run"]
 
@@ -195,7 +195,7 @@ _READ_MESSAGE = "SELECT * FROM messages WHERE id = ?"
 _READ_HISTORY = (
     "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id DESC LIMIT ?"
 )
-# The product's memory search (covey.device._memory.Memories.search).
+# The product's memory search (covey.device.memory._memory.Memories.search).
 _SEARCH = (
     "SELECT m.*, bm25(memories_fts) AS rank FROM memories_fts"
     " JOIN memories m ON m.id = memories_fts.rowid"

@@ -26,8 +26,8 @@ import uvicorn
 from openai import OpenAI
 
 from covey.device import Pod
-from covey.device._audit import AuditEntry
 from covey.device.api import MAX_BODY_BYTES, TOKEN_FILE, ChatRequest, create_app, ensure_token
+from covey.device.store._audit import AuditEntry
 from covey.models import SamplingParams
 from tests.conftest import FAST_CONFIG, PASSPHRASE, cli_env
 from tests.device._lan import lan_address
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.integration
 _COVEY = (
     "import sys\n"
     "from covey.cli import app, main\n"
-    "from covey.device.serve_cli import serve\n"
+    "from covey.device.cli import serve\n"
     "if not any(c.name == 'serve' for c in app.registered_commands):\n"
     "    app.command('serve')(serve)\n"
     "main(sys.argv[1:])\n"

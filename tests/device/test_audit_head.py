@@ -13,8 +13,8 @@ import pytest
 import sqlcipher3.dbapi2 as sqlite
 
 from covey.device import Pod
-from covey.device._audit import _digest
-from covey.device._keys import WrappedKey, unwrap, unwrap_keys, wrap
+from covey.device.store._audit import _digest
+from covey.device.store._keys import WrappedKey, unwrap, unwrap_keys, wrap
 from covey.errors import WrongPassphraseError
 from tests.conftest import FAST_CONFIG, PASSPHRASE
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from covey.device import Pod
-from covey.device._chat import Assistant, open_assistant
-from covey.device._facts import extract_facts
-from covey.device._feedback import give_feedback, set_consent
-from covey.device._orchestrator import opening
+from covey.device.assistant._chat import Assistant, open_assistant
+from covey.device.assistant._facts import extract_facts
+from covey.device.assistant._feedback import give_feedback, set_consent
+from covey.device.assistant._orchestrator import opening
 from covey.errors import InvalidInputError
 from covey.models import SamplingParams
 from tests.conftest import Covey

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from covey.device import Pod
-from covey.device._compaction import compact, extractive_summary
+from covey.device.store._compaction import compact, extractive_summary
 
 
 def _conversation(pod: Pod, session: str, lines: list[str]) -> None:

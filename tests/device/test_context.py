@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from covey.device import Pod
-from covey.device._budget import pod_ledger
-from covey.device._context import (
+from covey.device.context._context import (
     current_context,
     enable,
     parse_reading,
@@ -26,7 +25,8 @@ from covey.device._context import (
     sources,
     usage_histogram,
 )
-from covey.device._participation import RoundRefused, set_budget_policy, spent
+from covey.device.federation._budget import pod_ledger
+from covey.device.federation._participation import RoundRefused, set_budget_policy, spent
 from covey.privacy import USAGE_SENSITIVITY
 from tests.conftest import FAST_CONFIG, PASSPHRASE, Covey, cli_env
 
@@ -301,8 +301,8 @@ def test_covey_stop_halts_a_running_sync_and_capture(tmp_path: Path, covey: Cove
 
 
 def test_covey_stop_halts_a_running_generation(pod: Pod) -> None:
-    from covey.device._chat import open_assistant
     from covey.device._stop import stop
+    from covey.device.assistant._chat import open_assistant
     from covey.models import SamplingParams
 
     assistant = open_assistant(pod, embeddings=False)
@@ -366,7 +366,7 @@ def test_sensor_readings_over_tls(tmp_path: Path, covey: Covey) -> None:
 
 
 def test_device_state_is_read_where_the_platform_exposes_it(pod: Pod, tmp_path: Path) -> None:
-    from covey.device._context import device_readings, record
+    from covey.device.context._context import device_readings, record
 
     sysfs = tmp_path / "sys"
     battery = sysfs / "power_supply" / "BAT0"

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from covey.device import Pod
-from covey.device._audit import AuditEntry, entries
-from covey.device._chat import open_assistant
-from covey.device._egress import RemoteConsentError, is_consent_scope, is_loopback
-from covey.device._feedback import set_consent
 from covey.device._pod_audit import pod_audit
+from covey.device.assistant._chat import open_assistant
+from covey.device.assistant._egress import RemoteConsentError, is_consent_scope, is_loopback
+from covey.device.assistant._feedback import set_consent
+from covey.device.store._audit import AuditEntry, entries
 from covey.privacy import pod_report
 from tests.conftest import FAST_CONFIG, PASSPHRASE, Covey, cli_env
 from tests.device._lan import lan_address
@@ -74,8 +74,8 @@ def model_server(host: str) -> Iterator[tuple[str, Received]]:
 
 def _remember(pod: Pod) -> None:
     """A pod with a preference and a memory that a prompt about cooking recalls."""
-    from covey.device._facts import extract_facts
-    from covey.device._graph import PreferenceGraph
+    from covey.device.assistant._facts import extract_facts
+    from covey.device.memory._graph import PreferenceGraph
 
     graph = PreferenceGraph(pod.store)
     with pod.store.transaction() as c:

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from covey.device import MEMORY_KINDS, Pod
-from covey.device._budget import pod_ledger
+from covey.device.federation._budget import pod_ledger
 from covey.errors import InvalidInputError
 from covey.privacy import Release
 from tests.conftest import FAST_CONFIG, PASSPHRASE

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from covey.device._fusion import fuse_with_decay, reciprocal_rank_fusion, time_decay
+from covey.device.memory._fusion import fuse_with_decay, reciprocal_rank_fusion, time_decay
 
 DAY = 86_400.0
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from covey._processes import free_port
-from covey.device._join import JoinError, _check_reachable, join
+from covey.device.federation._join import JoinError, _check_reachable, join
 from covey.errors import InvalidInputError, WrongPassphraseError
 from tests.conftest import PASSPHRASE
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from covey.device import KdfParams
-from covey.device._keys import WrappedKey, new_data_key, unwrap, wrap
+from covey.device.store._keys import WrappedKey, new_data_key, unwrap, wrap
 from covey.errors import StoreCorruptError, WrongPassphraseError
 
 FAST = KdfParams(1, 8192, 1)

@@ -13,8 +13,8 @@ import pytest
 import sqlcipher3.dbapi2 as sqlite
 
 from covey.device import Pod
-from covey.device._budget import HEAD_FILE, pod_ledger
-from covey.device._keys import WrappedKey, unwrap, wrap
+from covey.device.federation._budget import HEAD_FILE, pod_ledger
+from covey.device.store._keys import WrappedKey, unwrap, wrap
 from covey.errors import WrongPassphraseError
 from covey.privacy import (
     BudgetExceeded,
@@ -177,7 +177,7 @@ def test_a_run_cannot_change_what_its_spend_was_accounted_with(pod: Pod) -> None
 
 
 def test_the_budget_refusal_says_no_figures(pod: Pod) -> None:
-    from covey.device._budget import set_budget_policy
+    from covey.device.federation._budget import set_budget_policy
 
     set_budget_policy(pod, 1.0)
     with pytest.raises(BudgetExceeded) as info:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from covey.device import Pod
-from covey.device._memory import Memories, fts_query
-from covey.device._store import Store
+from covey.device.memory._memory import Memories, fts_query
+from covey.device.store._store import Store
 from covey.errors import InvalidInputError
 
 

@@ -15,10 +15,10 @@ import pytest
 from covey.aggregator._registry import Registry
 from covey.aggregator._rounds import PodReply, RunConfig, run_federated
 from covey.device import Pod
-from covey.device._budget import pod_ledger
-from covey.device._federated import train_update
-from covey.device._feedback import TRAINING_CONSENT, set_consent
-from covey.device._participation import (
+from covey.device.assistant._feedback import TRAINING_CONSENT, set_consent
+from covey.device.federation._budget import pod_ledger
+from covey.device.federation._federated import train_update
+from covey.device.federation._participation import (
     RoundRefused,
     RoundRequest,
     budget_policy,

@@ -23,9 +23,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from covey._processes import alive, descendants
 from covey.aggregator._registry import Registry
 from covey.device import Pod, _audit, _join
-from covey.device._context import enable, record_usage
-from covey.device._participation import spent
-from covey.device._round_agent import MAX_FRAME, ask
+from covey.device.context._context import enable, record_usage
+from covey.device.federation._participation import spent
+from covey.device.federation._round_agent import MAX_FRAME, ask
 from covey.protocols._trusted_app import trusted_entities
 from tests.conftest import FAST_CONFIG, PASSPHRASE
 from tests.device.test_join import _certs, _serve
@@ -43,7 +43,7 @@ def aggregator(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 _FAKE_SUPERNODE = """#!{python}
 import os, re, socket, sys
 from pathlib import Path
-from covey.device._round_agent import ask, recv_frame, send_frame
+from covey.device.federation._round_agent import ask, recv_frame, send_frame
 env = "\\n".join(f"{{k}}={{v}}" for k, v in os.environ.items())
 Path("{seen}.env").write_text(env)
 Path("{seen}.args").write_text(" ".join(sys.argv[1:]))
@@ -149,8 +149,8 @@ def test_a_refusal_leaves_the_pod_audited(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # A refusal goes to the aggregator too: what, to whom and how many bytes are in the
     # audit log, as for every egress (and in the pod report's egress table).
-    from covey.device._clientapp import answer
     from covey.device._pod_audit import pod_audit
+    from covey.device.federation._clientapp import answer
     from covey.privacy import pod_report
 
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a SuperNode's message carries

@@ -113,7 +113,7 @@ def test_stop_refs_signals_the_recorded_process_only(
 
 def test_leave_stops_the_recorded_supernode_and_spares_a_stale_record(
         tmp_path: Path, bystander: subprocess.Popen[bytes]) -> None:
-    from covey.device._join import SUPERNODE, leave, supernode
+    from covey.device.federation._join import SUPERNODE, leave, supernode
 
     home = tmp_path / "pod"
     home.mkdir()

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from covey.device import Pod
-from covey.device._keys import new_data_key
-from covey.device._schema import SCHEMA_VERSION
-from covey.device._store import Store
+from covey.device.store._keys import new_data_key
+from covey.device.store._schema import SCHEMA_VERSION
+from covey.device.store._store import Store
 from covey.errors import StoreCorruptError
 
 

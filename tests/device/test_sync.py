@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from covey.device import Pod
-from covey.device._graph import PreferenceGraph
-from covey.device._participation import budget_policy
-from covey.device._profile import get_profile
-from covey.device._sync import PodState
+from covey.device.federation._participation import budget_policy
+from covey.device.memory._graph import PreferenceGraph
+from covey.device.memory._profile import get_profile
+from covey.device.sync._sync import PodState
 from tests.conftest import FAST_CONFIG, PASSPHRASE, Covey, cli_env
 
 pytestmark = pytest.mark.slow
@@ -224,7 +224,7 @@ def test_preferences_follow_the_newer_fact_on_every_pod(trio: Pods) -> None:
         return {f.relation: f.value for f in PreferenceGraph(pod.store).current()}
 
     with Pod.open(trio.home("phone"), PASSPHRASE) as pod:  # what chat does with a fact
-        from covey.device._facts import extract_facts
+        from covey.device.assistant._facts import extract_facts
 
         for fact in extract_facts("My sister is Ana. I like green tea."):
             with pod.store.transaction() as c:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from covey.device import Pod
-from covey.device._feedback import set_consent
-from covey.device._participation import BudgetPolicy, budget_policy, set_budget_policy
-from covey.device._sync import PodState
+from covey.device.assistant._feedback import set_consent
+from covey.device.federation._participation import BudgetPolicy, budget_policy, set_budget_policy
+from covey.device.sync._sync import PodState
 from covey.protocols._crdt import Entry
 from covey.protocols._hlc import HLC
 from covey.protocols._session import MemoryState

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from covey.device import Pod
-from covey.device._sync import PodState
-from covey.device._sync_loop import LoopConfig, SyncLoop
+from covey.device.sync._sync import PodState
+from covey.device.sync._sync_loop import LoopConfig, SyncLoop
 from covey.protocols._session import Pairing, PairingRefused, PairResult, pair_with
 from tests.conftest import FAST_CONFIG, PASSPHRASE
 

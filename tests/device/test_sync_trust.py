@@ -12,9 +12,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from covey.device import Pod
-from covey.device._feedback import consented, set_consent
-from covey.device._graph import PreferenceGraph
-from covey.device._sync import SYNC_MEMORIES, PodState, memory_key
+from covey.device.assistant._feedback import consented, set_consent
+from covey.device.memory._graph import PreferenceGraph
+from covey.device.sync._sync import SYNC_MEMORIES, PodState, memory_key
 from covey.protocols._crdt import Entry
 from covey.protocols._hlc import HLC
 from covey.protocols._session import MemoryState, RefusedError, SyncServer, SyncStats, sync_with

@@ -12,9 +12,9 @@ import pytest
 
 from covey.aggregator._strategy import PodUpdate, aggregate
 from covey.device import Pod
-from covey.device._budget import pod_ledger
-from covey.device._participation import round_identity
-from covey.device._sync import PodState
+from covey.device.federation._budget import pod_ledger
+from covey.device.federation._participation import round_identity
+from covey.device.sync._sync import PodState
 from covey.privacy import (
     BudgetExceeded,
     DPConfig,

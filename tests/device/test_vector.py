@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from covey.device._vector import (
+from covey.device.memory._vector import (
     DIMENSION,
     VectorIndex,
     VectorIndexConfig,

@@ -20,7 +20,7 @@ import pytest
 from dp_accounting import dp_event, rdp
 
 from covey.device import Pod
-from covey.device._context import enable, record_usage
+from covey.device.context._context import enable, record_usage
 from covey.models import load_corpus
 from covey.privacy._accounting import RDP_ORDERS
 from covey.simulations._population import seed_pods

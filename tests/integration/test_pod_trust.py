@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from covey._processes import descendants, flower_bin, free_port
-from covey.device._keys import WrappedKey, unwrap
+from covey.device.store._keys import WrappedKey, unwrap
 from covey.models import load_corpus
 from covey.simulations._population import seed_pods
 from tests.conftest import FAST_CONFIG, PASSPHRASE, cli_env
@@ -283,7 +283,7 @@ def test_covey_app_trains_with_no_secret_in_any_environment(federation: Federati
     assert any("_round_agent --worker" in c for c in commands)  # the one holding the key
     # Only the round agents and their workers may hide their environment (they are not
     # dumpable: only root reads it), nothing else.
-    assert all(b"covey.device._round_agent" in c for c in watch.unreadable.values())
+    assert all(b"covey.device.federation._round_agent" in c for c in watch.unreadable.values())
 
 
 def _network_address() -> str | None:

@@ -13,8 +13,8 @@ import pytest
 
 from covey.aggregator._run_audit import run_audit
 from covey.device import Pod
-from covey.device._participation import set_budget_policy
 from covey.device._pod_audit import pod_audit
+from covey.device.federation._participation import set_budget_policy
 from covey.privacy import pod_report, run_report, write_report
 from covey.privacy._report import check_schema
 from tests.conftest import Covey
@@ -44,7 +44,7 @@ def _assert_rendered(html: Path, tmp_path: Path) -> None:
 
 
 def _pod_with_history(pod: Pod) -> None:
-    from covey.device._feedback import TRAINING_CONSENT, set_consent
+    from covey.device.assistant._feedback import TRAINING_CONSENT, set_consent
 
     with pod.store.transaction() as c:
         c.execute("INSERT INTO conversations (session_id, started_at) VALUES ('s', '2026-11-25')")
@@ -53,7 +53,7 @@ def _pod_with_history(pod: Pod) -> None:
     set_consent(pod, TRAINING_CONSENT, True)
     pod.audit("federated_update", peer="aggregator.example:8000", nbytes=196_608, epsilon=2.5)
     pod.audit("api.response", peer="127.0.0.1", nbytes=512)
-    from covey.device._budget import pod_ledger
+    from covey.device.federation._budget import pod_ledger
     from covey.privacy import Release
 
     pod_ledger(pod).spend(Release("federated_update", "run-1", 1, "central", 1.1, 1.0, 1.0,

@@ -175,7 +175,7 @@ def test_encrypted_pods_train_from_real_stores(tmp_path: Path) -> None:
     assert secret.stat().st_mode & 0o777 == 0o600
     # every pod charged the run when it was announced, and recorded each round it
     # answered, in its own ledger, as a real pod does
-    from covey.device._budget import pod_ledger
+    from covey.device.federation._budget import pod_ledger
 
     charged, answered = 0, 0
     for home in sorted((tmp_path / "pods").glob("pod*")):
