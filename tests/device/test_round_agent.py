@@ -22,10 +22,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from covey._processes import alive, descendants
 from covey.aggregator._registry import Registry
-from covey.device import Pod, _audit, _join
+from covey.device import Pod
 from covey.device.context._context import enable, record_usage
+from covey.device.federation import _join
 from covey.device.federation._participation import spent
 from covey.device.federation._round_agent import MAX_FRAME, ask
+from covey.device.store import _audit
 from covey.protocols._trusted_app import trusted_entities
 from tests.conftest import FAST_CONFIG, PASSPHRASE
 from tests.device.test_join import _certs, _serve

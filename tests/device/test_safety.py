@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from covey.device import Pod, _safety
+from covey.device import Pod
+from covey.device.safety import _safety
 from covey.device.safety._safety import (
     REFUSAL,
     WITHHELD,
