@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from covey.models._evaluate import Tally
+    from covey.models import Tally
 
 __all__ = ["AdapterEvaluator", "adapter_tally", "public_evaluator"]
 
@@ -24,8 +24,7 @@ Spread = Callable[[bytes, Sequence[Batches]], Sequence["Tally"]]
 def adapter_tally(model: Any, adapter_bytes: bytes, batches: Batches) -> Tally:
     """``model`` with the adapter folded into its base weights (so the LoRA products of
     every layer are skipped), tallied over ``batches``."""
-    from covey.models import Adapter
-    from covey.models._evaluate import tally, torch_scored
+    from covey.models import Adapter, tally, torch_scored
 
     merged = Adapter.from_bytes(adapter_bytes).merged_into(model)
     merged.set_adapters(False)
@@ -43,8 +42,7 @@ class AdapterEvaluator:
                  model: Any = None, tok: Any = None, spread: Spread | None = None,
                  parts: int = 1) -> None:
 
-        from covey.models import load_model
-        from covey.models._evaluate import examples_to_batches
+        from covey.models import examples_to_batches, load_model
 
         self.threads, self.spread = threads, spread
         if model is None or tok is None:
@@ -60,8 +58,7 @@ class AdapterEvaluator:
     def __call__(self, adapter_bytes: bytes) -> dict[str, float]:
         import torch
 
-        from covey.models import Adapter
-        from covey.models._evaluate import Tally
+        from covey.models import Adapter, Tally
 
         Adapter.from_bytes(adapter_bytes).load_into(self.model)  # what callers find loaded
         if self.spread is not None:

@@ -126,7 +126,7 @@ class Registry:
         """
         from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign
 
-        from covey.protocols._trusted_app import app_key_id
+        from covey.protocols import app_key_id
 
         signed_at = int(datetime.now(UTC).timestamp())
         message = create_message_to_sign(hashlib.sha256(fab).digest(), signed_at)

@@ -17,11 +17,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from covey.device._pod_audit import pod_audit
+from covey.device import pod_audit
 from covey.device.cli import open_pod
 from covey.errors import InvalidInputError, RedFlagError
 from covey.privacy import pod_report, write_report
-from covey.simulations._replica import audit_run
+from covey.simulations import audit_run
 
 __all__ = ["audit"]
 

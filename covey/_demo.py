@@ -19,7 +19,7 @@ __all__ = ["run"]
 
 def _say(console: Console, assistant: object, session: str, text: str) -> int:
     """One chat turn, printed with what was remembered and recalled."""
-    from covey.device.assistant._chat import Assistant
+    from covey.device import Assistant
     from covey.models import SamplingParams
 
     if not isinstance(assistant, Assistant):
@@ -47,12 +47,11 @@ def _federate(console: Console, home: Path, passphrase: str, tmp: Path) -> Path:
     from concurrent.futures import ThreadPoolExecutor
 
     from covey._processes import free_port
-    from covey.aggregator._deploy import AggregatorHome
-    from covey.device.federation._join import join, leave, node_key
-    from covey.device.federation._participation import spent
+    from covey.aggregator import AggregatorHome
+    from covey.device import join, leave, node_key, spent
     from covey.models import load_corpus
     from covey.privacy import DPConfig
-    from covey.simulations._population import seed_pods
+    from covey.simulations import seed_pods
 
     agg = AggregatorHome(tmp / "aggregator")
     agg.make_certs()
@@ -103,9 +102,9 @@ def _federate(console: Console, home: Path, passphrase: str, tmp: Path) -> Path:
 
 def _audit(console: Console, pod: Pod, run_record: Path) -> None:
     """Write the pod's report and the federated run's report where the user can open them."""
-    from covey.device._pod_audit import pod_audit
+    from covey.device import pod_audit
     from covey.privacy import pod_report, write_report
-    from covey.simulations._replica import audit_run
+    from covey.simulations import audit_run
 
     folder = Path(os.environ.get("COVEY_DEMO_REPORTS", "covey-demo-reports")).resolve()
     started = time.perf_counter()
@@ -127,8 +126,7 @@ def _audit(console: Console, pod: Pod, run_record: Path) -> None:
 
 def run(console: Console | None = None) -> None:
     """Create a pod, chat across sessions, correct, forget, export, and crypto-shred it."""
-    from covey.device.assistant._chat import open_assistant
-    from covey.device.assistant._feedback import give_feedback, set_consent
+    from covey.device import give_feedback, open_assistant, set_consent
 
     console = console or Console()
     passphrase = secrets.token_urlsafe(16)

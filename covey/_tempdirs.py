@@ -24,7 +24,7 @@ _PRUNE_AT = 256  # entries; past this, folders removed since are dropped from th
 
 
 def _register_path() -> Path:
-    from covey.models._embedder import cache_dir
+    from covey.config import cache_dir
 
     return cache_dir() / REGISTER
 

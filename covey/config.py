@@ -16,9 +16,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import platformdirs
+
 from covey.errors import ConfigError
 
-__all__ = ["load"]
+__all__ = ["CACHE_ENV", "cache_dir", "load"]
+
+CACHE_ENV = "COVEY_CACHE_DIR"
 
 T = TypeVar("T")
 
@@ -81,3 +85,12 @@ def load(
         return cls(**values)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+def cache_dir() -> Path:
+    """covey's cache root (models, the safety classifier, the register of temporary
+    folders): ``COVEY_CACHE_DIR`` if set, else the platform's user cache folder."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_cache_dir("covey", appauthor=False))

@@ -8,10 +8,10 @@ the folders covey wrote for the pod, the ledger, the audit log and the consents.
 from __future__ import annotations
 
 from covey._tempdirs import registered_folders
+from covey.config import cache_dir
 from covey.device._pod import DB_FILE, Pod
 from covey.device.federation._budget import pod_ledger
 from covey.device.store import _audit
-from covey.models._embedder import cache_dir
 from covey.privacy import PodAudit
 
 __all__ = ["RECENT", "pod_audit"]

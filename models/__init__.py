@@ -31,6 +31,17 @@ _EXPORTS = {
     "Embedder": "_embedder", "EmbedderConfig": "_embedder", "EMBEDDERS": "_embedder",
     "create_embedder": "_embedder",
     "check_precision": "_precision", "resolve_precision": "_precision",
+    "FinetuneConfig": "_finetune",
+    "FinetuneJob": "_finetune",
+    "OpenAIGenerator": "_generate",
+    "PAD": "_tokenizer",
+    "Tally": "_evaluate",
+    "examples_to_batches": "_evaluate",
+    "finetune_adapters": "_finetune",
+    "bench_embedder": "_bench_embedder",
+    "bench_language_model": "_bench",
+    "tally": "_evaluate",
+    "torch_scored": "_evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["run"]
+__all__ = ["bench_language_model"]
 
 PROMPT_TOKENS = 64
 
@@ -93,7 +93,7 @@ def _adapter_swap(onnx_gen: Any, prompt: np.ndarray) -> dict[str, Any]:
             "adapter_bytes": int(sum(a.nbytes for a in tensors.values()))}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def bench_language_model(quick: bool = False) -> dict[str, Any]:
     """Run the benchmark; returns config, results and summary lines."""
     import torch
 

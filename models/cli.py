@@ -116,7 +116,8 @@ def models_bench(
     from covey.models import _bench, _bench_embedder
 
     results = {}
-    for name, bench in (("language_model", _bench.run), ("embedder", _bench_embedder.run)):
+    for name, bench in (("language_model", _bench.bench_language_model),
+                        ("embedder", _bench_embedder.bench_embedder)):
         with err.status(f"benchmarking the {name.replace('_', ' ')}…"):
             results[name] = bench(quick)
     if as_json:

@@ -31,14 +31,23 @@ from covey.protocols._crdt import (
     Delta,
     Entry,
     MergeResult,
+    Refused,
     Replica,
     Schema,
     grow_only,
     lww,
 )
-from covey.protocols._discovery import Announcer, Peer, discover
+from covey.protocols._discovery import Announcer, Browser, Peer, discover, local_addresses
 from covey.protocols._hlc import HLC, HybridClock
-from covey.protocols._identity import DeviceCertificate, Revocation, UserKey, pairing_codes
+from covey.protocols._identity import (
+    DeviceCertificate,
+    Revocation,
+    UserKey,
+    b64,
+    device_id_of,
+    pairing_codes,
+    unb64,
+)
 from covey.protocols._model_version import ModelVersion, SignatureError, verify_version
 from covey.protocols._node_key import make_node_key
 from covey.protocols._round import (
@@ -50,13 +59,71 @@ from covey.protocols._round import (
     round_bytes,
     verify_round,
 )
-from covey.protocols._session import SyncServer, SyncStats, sync_with
-from covey.protocols._trust import USER_SCHEMA, UserTrust, user_schema, user_trust
+from covey.protocols._session import (
+    Pairing,
+    PairingBroken,
+    PairResult,
+    RefusedError,
+    SyncServer,
+    SyncStats,
+    pair_with,
+    sync_with,
+)
+from covey.protocols._trust import KEPT, USER_SCHEMA, UserTrust, revoke, user_schema, user_trust
+from covey.protocols._trusted_app import app_key_id, trusted_entities
 
-__all__ = ["HLC", "REFUSALS", "REFUSAL_CODE", "USER_SCHEMA", "Announcer", "ChannelError",
-           "Collection", "Delta", "DeviceCertificate", "Entry", "Handshake", "HybridClock",
-           "MergeResult", "ModelVersion", "Peer", "Refusal", "Replica", "Revocation",
-           "RoundMessage", "RoundReply", "Schema", "SecureChannel", "SignatureError",
-           "SyncServer", "SyncStats", "UserKey", "UserTrust", "discover", "grow_only", "lww",
-           "make_node_key", "pairing_codes", "round_bytes", "sync_with", "user_schema",
-           "user_trust", "verify_round", "verify_version"]
+__all__ = [
+    "HLC",
+    "KEPT",
+    "REFUSALS",
+    "REFUSAL_CODE",
+    "USER_SCHEMA",
+    "Announcer",
+    "Browser",
+    "ChannelError",
+    "Collection",
+    "Delta",
+    "DeviceCertificate",
+    "Entry",
+    "Handshake",
+    "HybridClock",
+    "MergeResult",
+    "ModelVersion",
+    "PairResult",
+    "Pairing",
+    "PairingBroken",
+    "Peer",
+    "Refusal",
+    "Refused",
+    "RefusedError",
+    "Replica",
+    "Revocation",
+    "RoundMessage",
+    "RoundReply",
+    "Schema",
+    "SecureChannel",
+    "SignatureError",
+    "SyncServer",
+    "SyncStats",
+    "UserKey",
+    "UserTrust",
+    "app_key_id",
+    "b64",
+    "device_id_of",
+    "discover",
+    "grow_only",
+    "local_addresses",
+    "lww",
+    "make_node_key",
+    "pair_with",
+    "pairing_codes",
+    "revoke",
+    "round_bytes",
+    "sync_with",
+    "trusted_entities",
+    "unb64",
+    "user_schema",
+    "user_trust",
+    "verify_round",
+    "verify_version",
+]

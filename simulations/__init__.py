@@ -1,6 +1,32 @@
-"""Simulations and benchmarks: populations, engines, sweeps, plots.
+"""Simulations and benchmarks: populations, engines, sweeps, plots, the audit's replica.
+
+Public surface (imported when first used):
+    seed_pods    real pods seeded with simulated users' conversations (the demo's)
+    audit_run    a run's audit report, with the empirical tests on a replica of its run
 
 Benchmarks run with ``make bench`` (``python -m covey.simulations.bench``).
 """
 
-__all__: list[str] = []
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Imported when first used, so that importing the package stays light.
+_LAZY = {
+    "audit_run": "_replica",
+    "seed_pods": "_population",
+}
+
+if TYPE_CHECKING:
+    from covey.simulations._population import seed_pods as seed_pods
+    from covey.simulations._replica import audit_run as audit_run
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'covey.simulations' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"covey.simulations.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = sorted(_LAZY)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from covey.aggregator._rounds import PodReply, Transport
+from covey.aggregator import PodReply, Transport
 from covey.privacy import NoiseSource
 from covey.protocols import RoundMessage
 
@@ -45,7 +45,7 @@ class CanaryClients:
     def send(self, index: int, payload: RoundMessage, noise: NoiseSource) -> np.ndarray:
         """Canary ``index``'s release in a round: its direction times the norm, through
         the pod's own release function (clipped; noised in ``local`` mode)."""
-        from covey.device.federation._federated import release_update
+        from covey.device import release_update
 
         values, _ = release_update(self.directions[index] * np.float32(self.norm),
                                    payload.dp, noise)
@@ -71,7 +71,7 @@ class _WithCanaries:
 
     def train(self, nodes: Sequence[int], payload: RoundMessage, timeout: float
               ) -> list[PodReply]:
-        from covey.device.federation._federated import ClientUpdate
+        from covey.device import ClientUpdate
 
         real = [n for n in nodes if n < self.first]
         replies = list(self.inner.train(real, payload, timeout)) if real else []

@@ -14,9 +14,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from covey.aggregator._rounds import PodReply
-from covey.device._pod import Pod
-from covey.device.federation._participation import RoundRefused, RoundRequest, take_part
+from covey.aggregator import PodReply
+from covey.device import Pod, RoundRefused, RoundRequest, take_part
 from covey.protocols import RoundMessage
 
 __all__ = ["InProcessTransport", "PodClient", "StorePods", "answer"]
@@ -44,7 +43,7 @@ def answer(home: Path, passphrase: str, model: Any, tok: Any, aggregator_key: by
 def charge(home: Path, passphrase: str, aggregator_key: bytes, node_id: int,
            payload: RoundMessage) -> PodReply:
     """Pod ``home`` charges a run announced to it (see :func:`join_run`), or refuses."""
-    from covey.device.federation._participation import join_run
+    from covey.device import join_run
 
     try:
         with Pod.open(home, passphrase) as pod:

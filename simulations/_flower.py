@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from covey.aggregator._rounds import PodReply
+from covey.aggregator import PodReply
 from covey.protocols import REFUSAL_CODE, RoundMessage
 
 __all__ = ["IndexedTransport", "client_app", "run_flower"]
@@ -58,8 +58,7 @@ def client_app(cfg: Any) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        from covey.device.federation._clientapp import reply_message
-        from covey.device.federation._participation import RoundRequest
+        from covey.device import RoundRequest, reply_message
         from covey.simulations._simulate import train_pods
 
         try:
@@ -82,7 +81,7 @@ class IndexedTransport:
     """Flower's grid seen by pod index (1..N) instead of random node ids."""
 
     def __init__(self, grid: Grid, pods: int, wait: float = 120.0) -> None:
-        from covey.aggregator._serverapp import FlowerTransport
+        from covey.aggregator import FlowerTransport
 
         self.grid, self.inner, self.pods, self.wait = grid, FlowerTransport(grid), pods, wait
         self.to_node: dict[int, int] = {}

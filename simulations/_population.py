@@ -15,9 +15,7 @@ def seed_pods(root: Path, users: Sequence[Any], passphrase: str, examples: int =
     """One encrypted pod per federated user under ``root``, with the user's consent to
     federated training and their first ``examples`` training examples; ``budget`` is
     the user's (maximum epsilon, delta), else the pod's default policy."""
-    from covey.device import Pod
-    from covey.device.assistant._feedback import TRAINING_CONSENT, set_consent
-    from covey.device.federation._participation import import_examples, set_budget_policy
+    from covey.device import TRAINING_CONSENT, Pod, import_examples, set_budget_policy, set_consent
 
     homes = []
     for i, user in enumerate(users):

@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 
 from covey._tempdirs import temporary_directory
-from covey.aggregator._registry import Registry
-from covey.aggregator._run_audit import run_audit
+from covey.aggregator import Registry, run_audit
 from covey.models import Adapter, Example, FederatedUser
 from covey.privacy import (
     ArmScores,
@@ -59,7 +58,7 @@ def _losses(model: Any, tok: Any, pairs: Sequence[tuple[str, str]], batch: int =
     """Summed negative log-likelihood of each reply (its tokens and ``<|eos|>``)."""
     import torch
 
-    from covey.models._tokenizer import PAD
+    from covey.models import PAD
 
     rows = [tok.example(c, r) for c, r in pairs]
     # Rows of alike length share a batch: less padding to compute.

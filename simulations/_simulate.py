@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from covey._files import write_atomic
-from covey.aggregator._rounds import PodReply, RunConfig, run_federated
+from covey.aggregator import PodReply, RunConfig, run_federated
 from covey.errors import InvalidInputError
 from covey.models import resolve_precision
 from covey.privacy import AdaptiveClipping, DPConfig, NoiseSource, SecureNoise, SeededNoise
 from covey.protocols import RoundMessage
 
 if TYPE_CHECKING:
-    from covey.device.federation._federated import ClientUpdate
-    from covey.models._evaluate import Tally
+    from covey.device import ClientUpdate
+    from covey.models import Tally
     from covey.simulations._canaries import CanaryClients
 
 __all__ = ["SimulationConfig", "eval_sample", "personalized", "population",
@@ -200,7 +200,7 @@ def _pod_job(users: Sequence[Any], node: int, request: RoundMessage,
 
     The pod's training seed derives from the round's seed and the pod's index alone.
     """
-    from covey.models._finetune import FinetuneConfig
+    from covey.models import FinetuneConfig
 
     train = FinetuneConfig.for_round(request, pod=node, measure_loss=False)
     return users[node - 1].train, train, pod_noise(noise_seed, request.round, node, noise)
@@ -212,7 +212,7 @@ def train_pods(users: Sequence[Any], model: Any, tok: Any, nodes: Sequence[int],
     """Pods ``nodes`` (1-based into ``users``) run the client training function; the
     fast engine trains them ``POD_GROUP`` at a time, batched, with the same results.
     ``noise_seed``, ``noise``: see :func:`pod_noise`."""
-    from covey.device.federation._federated import train_updates
+    from covey.device import train_updates
     from covey.models import Adapter
 
     adapter = Adapter.from_bytes(request.adapter)
@@ -249,7 +249,7 @@ def _worker_init(cfg: SimulationConfig, users: Sequence[Any] | None) -> None:
 
 
 def _worker_tally(adapter_bytes: bytes, batches: Any) -> Tally:
-    from covey.aggregator._evaluation import adapter_tally
+    from covey.aggregator import adapter_tally
 
     return adapter_tally(_WORKER["model"], adapter_bytes, batches)
 
@@ -416,8 +416,7 @@ def personalized(cfg: SimulationConfig, users: Sequence[Any], adapter_bytes: byt
     worker processes (holding ``users``), which then share the work."""
     import torch
 
-    from covey.models import Adapter, TinyLM, load_model
-    from covey.models._evaluate import Tally
+    from covey.models import Adapter, Tally, TinyLM, load_model
 
     by_user: dict[int, list[Any]] = {}
     for index, example in eval_sample(users, cfg, np.random.default_rng(cfg.choice_seed)):
@@ -448,9 +447,16 @@ def _personal_scores(users: Sequence[Any], model: Any, tok: Any,
                      cfg: SimulationConfig, threads: int = 1) -> Tally:
     """Personal adapters of ``group`` (user index, their evaluation examples), trained
     together, each tallied on its own user's examples."""
-    from covey.models import Adapter
-    from covey.models._evaluate import Tally, examples_to_batches, tally, torch_scored
-    from covey.models._finetune import FinetuneConfig, FinetuneJob, finetune_adapters
+    from covey.models import (
+        Adapter,
+        FinetuneConfig,
+        FinetuneJob,
+        Tally,
+        examples_to_batches,
+        finetune_adapters,
+        tally,
+        torch_scored,
+    )
 
     start = Adapter.from_bytes(adapter_bytes)
     trained = finetune_adapters(model, tok, [FinetuneJob(users[index].train, start, FinetuneConfig(
@@ -537,8 +543,7 @@ def _simulate(cfg: SimulationConfig, out: Path, users: Sequence[Any], dp: DPConf
               on_round: Callable[[dict[str, Any]], None] | None, resume: bool,
               noise: NoiseSource | None = None, canaries: CanaryClients | None = None
               ) -> dict[str, Any]:
-    from covey.aggregator._evaluation import AdapterEvaluator
-    from covey.aggregator._registry import Registry
+    from covey.aggregator import AdapterEvaluator, Registry
 
     out.mkdir(parents=True, exist_ok=True)
     summary = population_summary(users, tok)

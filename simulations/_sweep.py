@@ -31,7 +31,7 @@ def parse_epsilons(text: str) -> list[float]:
 
 
 def _final_metrics(out: Path, record: dict[str, Any]) -> dict[str, float]:
-    from covey.aggregator._registry import Registry
+    from covey.aggregator import Registry
 
     version, _, _ = Registry(out / "registry").get(record["final_version"])
     return dict(version.metrics)

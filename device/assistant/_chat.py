@@ -36,8 +36,7 @@ from covey.device.memory._graph import PreferenceGraph
 from covey.device.safety._safety import HOLDBACK, REFUSAL, WITHHELD, SafetyFilter, Verdict
 from covey.device.store import _audit
 from covey.errors import InvalidInputError
-from covey.models import Generator, SamplingParams
-from covey.models._generate import OpenAIGenerator
+from covey.models import Generator, OpenAIGenerator, SamplingParams
 
 __all__ = ["Assistant", "ChatConfig", "Turn"]
 
@@ -463,8 +462,7 @@ def open_assistant(pod: Pod, generator: str | None = None, url: str | None = Non
     """
     import os
 
-    from covey.models import ChatTokenizer, create_generator
-    from covey.models._artifacts import Artifacts
+    from covey.models import Artifacts, ChatTokenizer, create_generator
 
     name = generator or os.environ.get("COVEY_GENERATOR", "onnx")
     options: dict[str, Any] = {}

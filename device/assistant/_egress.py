@@ -28,9 +28,7 @@ from covey.device._pod import Pod
 from covey.device.assistant._feedback import consented
 from covey.device.assistant._orchestrator import Explanation
 from covey.errors import CoveyError
-from covey.models import SamplingParams
-from covey.models._generate import OpenAIGenerator
-from covey.models._tokenizer import ChatMessage
+from covey.models import ChatMessage, OpenAIGenerator, SamplingParams
 
 __all__ = ["AUDIT_KIND", "REMOTE_GENERATOR", "RemoteConsentError", "RemoteGenerator",
            "host_scope", "is_consent_scope", "is_loopback", "prompt_kinds"]

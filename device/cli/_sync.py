@@ -47,7 +47,7 @@ def sync_pair(
     is shared unless both codes match (there is no way to skip this).
     """
     from covey.device.sync._sync_loop import SyncLoop
-    from covey.protocols._channel import ChannelError
+    from covey.protocols import ChannelError
 
     def say(text: str) -> None:
         if as_json:  # stdout carries only the JSON result

@@ -18,8 +18,7 @@ import numpy as np
 from covey.privacy import DPConfig, NoiseSource, mechanism
 
 if TYPE_CHECKING:
-    from covey.models import Adapter, ChatTokenizer, Example, TinyLM
-    from covey.models._finetune import FinetuneConfig
+    from covey.models import Adapter, ChatTokenizer, Example, FinetuneConfig, TinyLM
 
 __all__ = ["ClientUpdate", "noise_only_update", "release_update", "train_update",
            "train_updates"]
@@ -96,7 +95,7 @@ def train_updates(model: TinyLM, tok: ChatTokenizer,
     settings and noise source: the simulation's batched clients. Each update is the
     one the pod would compute alone (within float rounding).
     """
-    from covey.models._finetune import FinetuneJob, finetune_adapters
+    from covey.models import FinetuneJob, finetune_adapters
 
     if any(not examples for examples, _, _ in pods):
         raise ValueError("no training examples")

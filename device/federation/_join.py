@@ -29,8 +29,7 @@ from covey._files import write_atomic
 from covey._processes import ProcessRef, child_env, flower_bin, free_port, stop_tree
 from covey.device._pod import Pod
 from covey.errors import CoveyError, InvalidInputError
-from covey.protocols import make_node_key
-from covey.protocols._trusted_app import trusted_entities
+from covey.protocols import make_node_key, trusted_entities
 
 __all__ = ["JoinError", "join", "leave", "node_key", "supernode"]
 

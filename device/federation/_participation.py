@@ -265,8 +265,7 @@ def take_part(pod: Pod, request: RoundRequest, model: TinyLM, tok: ChatTokenizer
     """
     from covey.device.federation._federated import noise_only_update, train_update
     from covey.device.store import _audit
-    from covey.models import Adapter
-    from covey.models._finetune import FinetuneConfig
+    from covey.models import Adapter, FinetuneConfig
 
     ledger, release = check_round(pod, request, aggregator_key)
     examples = training_examples(pod)

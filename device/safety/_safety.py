@@ -358,7 +358,7 @@ def _training_set() -> tuple[list[str], list[int], list[str]]:
             row = json.loads(line)
             texts.append(str(row["text"]))
             labels.append(CATEGORIES.index(names[row["label"]]))
-    from covey.models._data import load_corpus
+    from covey.models import load_corpus
 
     public = [t for t in load_corpus().public_texts() if len(t) >= 8]
     step = max(1, len(public) // (_PUBLIC_BENIGN + _CALIBRATION))
@@ -431,7 +431,7 @@ class SafetyFilter:
     @classmethod
     def load(cls, cache: Path | None = None) -> SafetyFilter:
         """Train on first use (about a second) and cache the weights by data hash."""
-        from covey.models._embedder import cache_dir
+        from covey.config import cache_dir
 
         path = (cache or cache_dir()) / "safety" / _cache_name()
         if path.exists():

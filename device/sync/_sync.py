@@ -58,17 +58,26 @@ from covey.device.memory._profile import PROFILE_FIELDS, validate
 from covey.device.store import _audit
 from covey.device.store._store import set_meta
 from covey.errors import InvalidInputError, SyncError
-from covey.protocols._crdt import Entry, MergeResult, Refused, Replica, grow_only, lww
-from covey.protocols._hlc import HLC
-from covey.protocols._identity import (
+from covey.protocols import (
+    HLC,
+    KEPT,
     DeviceCertificate,
+    Entry,
+    MergeResult,
+    Refused,
+    Replica,
     Revocation,
     UserKey,
+    UserTrust,
     b64,
     device_id_of,
+    grow_only,
+    lww,
+    revoke,
     unb64,
+    user_schema,
+    user_trust,
 )
-from covey.protocols._trust import KEPT, UserTrust, revoke, user_schema, user_trust
 
 if TYPE_CHECKING:
     from covey.device._pod import Pod

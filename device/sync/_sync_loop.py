@@ -23,15 +23,18 @@ from typing import TYPE_CHECKING, Any
 from covey.device._pod import DeviceIdentity
 from covey.device._stop import is_stopped
 from covey.device.sync._sync import PodState
-from covey.protocols._channel import ChannelError
-from covey.protocols._discovery import Announcer, Browser, Peer, local_addresses
-from covey.protocols._session import (
+from covey.protocols import (
+    Announcer,
+    Browser,
+    ChannelError,
     Pairing,
     PairingBroken,
     PairResult,
+    Peer,
     RefusedError,
     SyncServer,
     SyncStats,
+    local_addresses,
     pair_with,
     sync_with,
 )

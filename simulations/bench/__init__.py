@@ -26,16 +26,16 @@ def _store(quick: bool) -> dict[str, Any]:
 
 def _embedder(quick: bool) -> dict[str, Any]:
     """The ONNX embedder against sentence-transformers: throughput and peak memory."""
-    from covey.models._bench_embedder import run
+    from covey.models import bench_embedder
 
-    return run(quick)
+    return bench_embedder(quick)
 
 
 def _models(quick: bool) -> dict[str, Any]:
     """The language model: ONNX int8 against torch eager fp32 (TTFT, decode, memory)."""
-    from covey.models._bench import run
+    from covey.models import bench_language_model
 
-    return run(quick)
+    return bench_language_model(quick)
 
 
 def _recall(quick: bool) -> dict[str, Any]:

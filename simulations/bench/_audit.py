@@ -33,8 +33,7 @@ def _fill(pod: Any, count: int) -> None:
 
 def run(quick: bool = False) -> dict[str, Any]:
     """Time both reports."""
-    from covey.device import Pod
-    from covey.device._pod_audit import pod_audit
+    from covey.device import Pod, pod_audit
     from covey.privacy import EmpiricalConfig, pod_report
     from covey.simulations._replica import audit_run
     from covey.simulations._simulate import SimulationConfig, simulate

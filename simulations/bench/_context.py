@@ -103,9 +103,7 @@ def _bare_rate(port: int, count: int) -> float:
 
 
 def _capture_rate(root: Path, port: int, count: int) -> tuple[float, int]:
-    from covey.device import Pod, PodConfig
-    from covey.device.context._capture import Capture
-    from covey.device.context._context import MqttSettings, enable
+    from covey.device import Capture, MqttSettings, Pod, PodConfig, enable
 
     config = PodConfig(kdf_time_cost=1, kdf_memory_kib=8192, kdf_parallelism=1)
     with Pod.create(root / "capture", _PASSPHRASE, name="bench", config=config) as pod:
@@ -128,9 +126,7 @@ def _capture_rate(root: Path, port: int, count: int) -> tuple[float, int]:
 
 
 def _safety_latency(root: Path, turns: int) -> dict[str, Any]:
-    from covey.device import Pod, PodConfig
-    from covey.device.assistant._chat import open_assistant
-    from covey.device.context._context import enable, record_usage
+    from covey.device import Pod, PodConfig, enable, open_assistant, record_usage
     from covey.models import SamplingParams
 
     config = PodConfig(kdf_time_cost=1, kdf_memory_kib=8192, kdf_parallelism=1)
@@ -168,8 +164,8 @@ def _safety_latency(root: Path, turns: int) -> dict[str, Any]:
 
 
 def _quality() -> dict[str, Any]:
-    from covey.device.safety._safety import SafetyFilter
-    from covey.models._data import load_corpus
+    from covey.device import SafetyFilter
+    from covey.models import load_corpus
 
     f = SafetyFilter.load()
 

@@ -43,8 +43,8 @@ def _rss_tree(pid: int) -> int:
 
 def _loopback(pods: int, rounds: int, users: list[Any]) -> dict[str, Any]:
     from covey._processes import free_port
-    from covey.aggregator._deploy import AggregatorHome
-    from covey.device.federation._join import join, leave, node_key
+    from covey.aggregator import AggregatorHome
+    from covey.device import join, leave, node_key
     from covey.simulations._population import seed_pods
 
     passphrase = secrets.token_urlsafe(12)
@@ -80,10 +80,9 @@ def _dp_cost(users: list[Any], pods: int, repeats: int) -> dict[str, Any]:
     """One round's pod training and aggregation with DP against without, interleaved."""
     import torch
 
-    from covey.aggregator._strategy import PodUpdate, aggregate
-    from covey.device.federation._federated import train_update
-    from covey.models import Adapter, TinyLM, load_model
-    from covey.models._finetune import FinetuneConfig
+    from covey.aggregator import PodUpdate, aggregate
+    from covey.device import train_update
+    from covey.models import Adapter, FinetuneConfig, TinyLM, load_model
     from covey.privacy import DPConfig
 
     model, tok, _ = load_model()

@@ -47,24 +47,22 @@ from typing import Any
 import numpy as np
 
 from covey._tempdirs import temporary_directory
-from covey.device.memory._memory import (
+from covey.device import (
     DECAY_FLOOR,
+    DIMENSION,
     EMBEDDING_MODEL,
     HALF_LIFE_S,
     MEMORY_KINDS,
     Memories,
+    Store,
     TextEmbedder,
-    fts_query,
-)
-from covey.device.memory._vector import (
-    DIMENSION,
     VectorIndex,
     VectorIndexConfig,
     encode_vector,
+    fts_query,
     load_vectors,
+    new_data_key,
 )
-from covey.device.store._keys import new_data_key
-from covey.device.store._store import Store
 from covey.simulations.bench._store import VOCABULARY
 
 __all__ = ["FULL", "QUICK", "RecallBenchConfig", "run"]

@@ -31,10 +31,17 @@ from typing import Any
 import sqlcipher3.dbapi2 as sqlite
 
 from covey._tempdirs import temporary_directory
-from covey.device import KdfParams, Pod, PodConfig
-from covey.device.memory._memory import MEMORY_KINDS, fts_query
-from covey.device.store._keys import new_data_key, unwrap, wrap
-from covey.device.store._store import Store
+from covey.device import (
+    MEMORY_KINDS,
+    KdfParams,
+    Pod,
+    PodConfig,
+    Store,
+    fts_query,
+    new_data_key,
+    unwrap,
+    wrap,
+)
 
 __all__ = ["FULL", "QUICK", "StoreBenchConfig", "run"]
 

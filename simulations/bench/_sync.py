@@ -69,10 +69,8 @@ async def _wait(pods: list[Any], check: Any, timeout: float = 20.0) -> float:
 
 
 async def _group(n: int, root: Path, edits: int) -> dict[str, Any]:
-    from covey.device import Pod, PodConfig
-    from covey.device.assistant._feedback import set_consent
-    from covey.device.sync._sync_loop import LoopConfig, SyncLoop
-    from covey.protocols._discovery import Announcer, Browser
+    from covey.device import LoopConfig, Pod, PodConfig, SyncLoop, set_consent
+    from covey.protocols import Announcer, Browser
 
     config = PodConfig(kdf_time_cost=1, kdf_memory_kib=8192, kdf_parallelism=1)
     pods = [Pod.create(root / f"n{n}-{i}", _PASSPHRASE, name=f"pod{i}", config=config)
@@ -137,9 +135,8 @@ async def _group(n: int, root: Path, edits: int) -> dict[str, Any]:
 
 async def _session_and_bytes(root: Path) -> dict[str, Any]:
     """One direct session between two paired pods (the baseline), and bytes per change."""
-    from covey.device import Pod, PodConfig
-    from covey.device.sync._sync import PodState
-    from covey.protocols._session import SyncServer, SyncStats, sync_with
+    from covey.device import Pod, PodConfig, PodState
+    from covey.protocols import SyncServer, SyncStats, sync_with
 
     config = PodConfig(kdf_time_cost=1, kdf_memory_kib=8192, kdf_parallelism=1)
     a = Pod.create(root / "bytes-a", _PASSPHRASE, name="a", config=config)
@@ -152,8 +149,7 @@ async def _session_and_bytes(root: Path) -> dict[str, Any]:
         # b learns the certificates as pairing would give them (both are signed entries).
         rb = sb.replica()
         sb.merged(rb, rb.merge_entries(sa.replica().entries_of("devices")), sa.node)
-        from covey.device.assistant._feedback import set_consent
-        from covey.device.sync._sync import SYNC_MEMORIES
+        from covey.device import SYNC_MEMORIES, set_consent
 
         set_consent(a, SYNC_MEMORIES, True)
         server = SyncServer(sb, b.identity.private_key, sb.pin)
@@ -196,7 +192,7 @@ async def _session_and_bytes(root: Path) -> dict[str, Any]:
 
 def run(quick: bool = False) -> dict[str, Any]:
     """Measure discovery, pairing, convergence and bytes per sync."""
-    from covey.device.sync._sync_loop import LoopConfig
+    from covey.device import LoopConfig
 
     sizes = (2, 3) if quick else (2, 5, 10)
     edits = 4 if quick else 20

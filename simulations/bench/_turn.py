@@ -58,9 +58,7 @@ def _timed_reply(generator: Any, messages: list[Any], params: Any) -> tuple[floa
 
 def run(quick: bool = False) -> dict[str, Any]:
     """Time turns with memory against bare generation."""
-    from covey.device import Pod
-    from covey.device.assistant._chat import open_assistant
-    from covey.device.assistant._orchestrator import PromptParts, assemble
+    from covey.device import Pod, PromptParts, assemble, open_assistant
     from covey.models import ChatMessage, SamplingParams, create_generator
 
     turns, memories = (8, 200) if quick else (40, 1000)

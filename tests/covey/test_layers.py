@@ -26,91 +26,6 @@ UPPER = ("device", "aggregator", "simulations")
 #: The base's top: the command line, the audit command and the demo may import anything.
 TOP = ("covey.cli", "covey.__main__", "covey._demo", "covey._audit_cli")
 
-#: Imports that break a rule today, each to be removed by the restructuring of issue 23.
-#: The test fails on any violation not listed here, and on any listed one that is gone,
-#: so the list only shrinks.
-KNOWN: set[tuple[str, str]] = {
-    ("covey._audit_cli", "covey.device._pod_audit"),
-    ("covey._audit_cli", "covey.simulations._replica"),
-    ("covey._demo", "covey.aggregator._deploy"),
-    ("covey._demo", "covey.device._pod_audit"),
-    ("covey._demo", "covey.device.assistant._chat"),
-    ("covey._demo", "covey.device.assistant._feedback"),
-    ("covey._demo", "covey.device.federation._join"),
-    ("covey._demo", "covey.device.federation._participation"),
-    ("covey._demo", "covey.simulations._population"),
-    ("covey._demo", "covey.simulations._replica"),
-    ("covey._tempdirs", "covey.models._embedder"),
-    ("covey.aggregator._evaluation", "covey.models._evaluate"),
-    ("covey.aggregator._registry", "covey.protocols._trusted_app"),
-    ("covey.device._pod_audit", "covey.models._embedder"),
-    ("covey.device.assistant._chat", "covey.models._artifacts"),
-    ("covey.device.assistant._chat", "covey.models._generate"),
-    ("covey.device.assistant._egress", "covey.models._generate"),
-    ("covey.device.assistant._egress", "covey.models._tokenizer"),
-    ("covey.device.cli._sync", "covey.protocols._channel"),
-    ("covey.device.federation._federated", "covey.models._finetune"),
-    ("covey.device.federation._join", "covey.protocols._trusted_app"),
-    ("covey.device.federation._participation", "covey.models._finetune"),
-    ("covey.device.safety._safety", "covey.models._data"),
-    ("covey.device.safety._safety", "covey.models._embedder"),
-    ("covey.device.sync._sync", "covey.protocols._crdt"),
-    ("covey.device.sync._sync", "covey.protocols._hlc"),
-    ("covey.device.sync._sync", "covey.protocols._identity"),
-    ("covey.device.sync._sync", "covey.protocols._trust"),
-    ("covey.device.sync._sync_loop", "covey.protocols._channel"),
-    ("covey.device.sync._sync_loop", "covey.protocols._discovery"),
-    ("covey.device.sync._sync_loop", "covey.protocols._session"),
-    ("covey.simulations._canaries", "covey.aggregator._rounds"),
-    ("covey.simulations._canaries", "covey.device.federation._federated"),
-    ("covey.simulations._engine", "covey.aggregator._rounds"),
-    ("covey.simulations._engine", "covey.device._pod"),
-    ("covey.simulations._engine", "covey.device.federation._participation"),
-    ("covey.simulations._flower", "covey.aggregator._rounds"),
-    ("covey.simulations._flower", "covey.aggregator._serverapp"),
-    ("covey.simulations._flower", "covey.device.federation._clientapp"),
-    ("covey.simulations._flower", "covey.device.federation._participation"),
-    ("covey.simulations._population", "covey.device.assistant._feedback"),
-    ("covey.simulations._population", "covey.device.federation._participation"),
-    ("covey.simulations._replica", "covey.aggregator._registry"),
-    ("covey.simulations._replica", "covey.aggregator._run_audit"),
-    ("covey.simulations._replica", "covey.models._tokenizer"),
-    ("covey.simulations._simulate", "covey.aggregator._evaluation"),
-    ("covey.simulations._simulate", "covey.aggregator._registry"),
-    ("covey.simulations._simulate", "covey.aggregator._rounds"),
-    ("covey.simulations._simulate", "covey.device.federation._federated"),
-    ("covey.simulations._simulate", "covey.models._evaluate"),
-    ("covey.simulations._simulate", "covey.models._finetune"),
-    ("covey.simulations._sweep", "covey.aggregator._registry"),
-    ("covey.simulations.bench", "covey.models._bench"),
-    ("covey.simulations.bench", "covey.models._bench_embedder"),
-    ("covey.simulations.bench._audit", "covey.device._pod_audit"),
-    ("covey.simulations.bench._context", "covey.device.assistant._chat"),
-    ("covey.simulations.bench._context", "covey.device.context._capture"),
-    ("covey.simulations.bench._context", "covey.device.context._context"),
-    ("covey.simulations.bench._context", "covey.device.safety._safety"),
-    ("covey.simulations.bench._context", "covey.models._data"),
-    ("covey.simulations.bench._federated", "covey.aggregator._deploy"),
-    ("covey.simulations.bench._federated", "covey.aggregator._strategy"),
-    ("covey.simulations.bench._federated", "covey.device.federation._federated"),
-    ("covey.simulations.bench._federated", "covey.device.federation._join"),
-    ("covey.simulations.bench._federated", "covey.models._finetune"),
-    ("covey.simulations.bench._recall", "covey.device.memory._memory"),
-    ("covey.simulations.bench._recall", "covey.device.memory._vector"),
-    ("covey.simulations.bench._recall", "covey.device.store._keys"),
-    ("covey.simulations.bench._recall", "covey.device.store._store"),
-    ("covey.simulations.bench._store", "covey.device.memory._memory"),
-    ("covey.simulations.bench._store", "covey.device.store._keys"),
-    ("covey.simulations.bench._store", "covey.device.store._store"),
-    ("covey.simulations.bench._sync", "covey.device.assistant._feedback"),
-    ("covey.simulations.bench._sync", "covey.device.sync._sync"),
-    ("covey.simulations.bench._sync", "covey.device.sync._sync_loop"),
-    ("covey.simulations.bench._sync", "covey.protocols._discovery"),
-    ("covey.simulations.bench._sync", "covey.protocols._session"),
-    ("covey.simulations.bench._turn", "covey.device.assistant._chat"),
-    ("covey.simulations.bench._turn", "covey.device.assistant._orchestrator"),
-}
-
 
 def _module_of(path: Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("")
@@ -195,8 +110,5 @@ def test_front_doors_and_own_rooms_are_allowed(importer: str, source: str) -> No
 
 
 def test_imports_follow_the_layers() -> None:
-    found = violations()
-    new = sorted(f"{a} -> {b}: {violation(a, b)}" for a, b in found - KNOWN)
-    assert not new, "\n".join(new)
-    gone = sorted(f"{a} -> {b}" for a, b in KNOWN - found)
-    assert not gone, "no longer imported; remove from KNOWN:\n" + "\n".join(gone)
+    found = sorted(f"{a} -> {b}: {violation(a, b)}" for a, b in violations())
+    assert not found, "\n".join(found)

@@ -16,9 +16,9 @@ from platformdirs import user_cache_dir
 from tokenizers import Tokenizer
 
 import covey.models._embedder as embedder_module
+from covey.config import CACHE_ENV, cache_dir
 from covey.errors import ConfigError, InvalidInputError
 from covey.models._embedder import (
-    CACHE_ENV,
     DIMENSION,
     EMBEDDERS,
     EXPORT_MESSAGE,
@@ -200,9 +200,9 @@ def test_failed_export_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_cache_dir_default_and_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(CACHE_ENV, raising=False)
-    assert embedder_module.cache_dir() == Path(user_cache_dir("covey", appauthor=False))
+    assert cache_dir() == Path(user_cache_dir("covey", appauthor=False))
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
-    assert embedder_module.cache_dir() == tmp_path
+    assert cache_dir() == tmp_path
 
 
 def test_missing_model_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
