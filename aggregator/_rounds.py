@@ -20,13 +20,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from covey._files import write_atomic
+from covey._time import utc_timestamp
 from covey.aggregator._registry import Registry
 from covey.aggregator._strategy import PodUpdate, aggregate
 from covey.errors import CoveyError, InvalidInputError
@@ -130,9 +130,6 @@ class Transport(Protocol):
 
 Evaluator = Callable[[bytes], dict[str, float]]
 
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _wait_for_pods(transport: Transport, cfg: RunConfig) -> list[int]:
@@ -285,14 +282,14 @@ def run_federated(transport: Transport, registry: Registry, cfg: RunConfig, run_
 
     size = Adapter.from_bytes(adapter_bytes).num_parameters
     record: dict[str, Any] = previous or {
-        "run_id": run_id, "started_at": _now(), "config": cfg.to_dict(),
+        "run_id": run_id, "started_at": utc_timestamp("seconds"), "config": cfg.to_dict(),
         "mechanism": dp.statement(expected), "randomness": _randomness(cfg, noise),
         "population": population, "rounds": [], "start_version": current,
     }
 
     def save(status: str) -> None:
         record["status"] = status
-        record["finished_at"] = _now() if status != "running" else None
+        record["finished_at"] = utc_timestamp("seconds") if status != "running" else None
         write_atomic(record_path, (json.dumps(record, indent=2) + "\n").encode())
 
     save("running")

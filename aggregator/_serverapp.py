@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from covey._time import utc_timestamp
 from covey.aggregator._rounds import PodReply, RunConfig, run_federated
 from covey.privacy import USAGE_SENSITIVITY, AdaptiveClipping, DPConfig
 from covey.protocols import Refusal, RoundMessage, RoundReply
@@ -122,7 +123,7 @@ def usage_statistics(transport: FlowerTransport, cfg: RunConfig, run_id: str,
     from collections import Counter
 
     from covey._files import write_atomic
-    from covey.aggregator._rounds import _now, _wait_for_pods
+    from covey.aggregator._rounds import _wait_for_pods
 
     nodes = _wait_for_pods(transport, cfg)
     z = cfg.dp.noise_multiplier
@@ -136,7 +137,8 @@ def usage_statistics(transport: FlowerTransport, cfg: RunConfig, run_id: str,
     refused = Counter(code for code, _, _ in replies if code)
     mean = (np.mean([h for h, _ in answers], axis=0).tolist() if answers else [])
     record = {
-        "run_id": run_id, "task": "usage-stats", "started_at": _now(), "finished_at": _now(),
+        "run_id": run_id, "task": "usage-stats", "started_at": utc_timestamp("seconds"),
+        "finished_at": utc_timestamp("seconds"),
         "status": "completed" if len(answers) >= cfg.min_pods else "failed",
         "mechanism": {"name": "gaussian", "dp": "local, user-level", "statistic":
                       "hour-of-day usage fractions (24 bins, L1 norm 1)",

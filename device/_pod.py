@@ -28,6 +28,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from covey._time import utc_timestamp
 from covey.device.assistant._conversations import Conversations
 from covey.device.memory._memory import Memories
 from covey.device.store import _audit, _keys
@@ -50,9 +51,6 @@ TOMBSTONE = "FORGOTTEN"
 EXPORT_FORMAT = "covey-export-1"
 _log = logging.getLogger(__name__)
 
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True)
@@ -163,7 +161,7 @@ class Pod:
         wrapped = _keys.wrap(data_key, passphrase, config.kdf, private, audit_head=True)
         store = Store(home / DB_FILE, data_key, config.busy_timeout_ms)
         try:
-            now = _now()
+            now = utc_timestamp()
             with store.transaction() as c:
                 c.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
                     ("pod_id", secrets.token_hex(16)),
@@ -445,7 +443,7 @@ class Pod:
             tables[table] = [{k: _jsonable(r[k]) for k in r.keys()} for r in rows]  # noqa: SIM118
         return {
             "format": EXPORT_FORMAT,
-            "exported_at": _now(),
+            "exported_at": utc_timestamp(),
             "schema_version": self.store.schema_version,
             "pod": {"pod_id": self.pod_id, "name": self.name,
                     "created_at": self.meta("created_at"),

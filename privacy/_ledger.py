@@ -32,9 +32,9 @@ import numbers
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from covey._time import utc_timestamp
 from covey.errors import CoveyError
 from covey.privacy._accounting import GaussianRounds, get_accountant
 
@@ -271,9 +271,6 @@ class LedgerCheck:
     forked: list[str] = field(default_factory=list)  # other devices that spent twice over
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
 
 class Ledger:
     """A user's privacy ledger on one device."""
@@ -378,8 +375,9 @@ class Ledger:
             total = self.check(release)
             own = [e for e in self.storage.entries() if e.device_id == self.storage.device_id]
             last = own[-1] if own else None
-            entry = LedgerEntry(self.storage.device_id, (last.seq if last else 0) + 1, _now(),
-                                release, total, last.hash if last else GENESIS)
+            entry = LedgerEntry(self.storage.device_id, (last.seq if last else 0) + 1,
+                                utc_timestamp(), release, total,
+                                last.hash if last else GENESIS)
             digest = entry.digest()
             entry = LedgerEntry(entry.device_id, entry.seq, entry.created_at, release, total,
                                 entry.prev_hash, digest,

@@ -27,12 +27,13 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, fields, replace
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from covey._time import utc_timestamp
 
 __all__ = ["DeviceCertificate", "Revocation", "UserKey", "b64", "commitment", "device_id_of",
            "pairing_codes", "unb64", "user_id_of", "verify_signature"]
@@ -175,9 +176,6 @@ class Revocation(_Signed):
         return previous
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
 
 class UserKey:
     """A user key (held by every paired pod, encrypted at rest) and the user id it serves."""
@@ -214,14 +212,14 @@ class UserKey:
         """Certify a device of this user."""
         return self._sign(DeviceCertificate(
             self.user_id, device_id_of(device_public_key), b64(device_public_key), name,
-            _now(), b64(self.public_key)))
+            utc_timestamp("seconds"), b64(self.public_key)))
 
     def revoke(self, device_id: str, reason: str, kept: str = "") -> tuple[Revocation, UserKey]:
         """Revoke a device for good, keeping only its entries listed by ``kept``; the
         revocation and the user key that replaces this one."""
         successor = UserKey(Ed25519PrivateKey.generate(), self.user_id)
         revocation = self._sign(Revocation(
-            self.user_id, device_id, reason, _now(), kept, b64(self.public_key),
+            self.user_id, device_id, reason, utc_timestamp("seconds"), kept, b64(self.public_key),
             b64(successor.public_key)))
         return revocation, successor
 

@@ -10,19 +10,16 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlcipher3.dbapi2 as sqlite
 
+from covey._time import utc_timestamp
 from covey.device.store._store import Store
 from covey.errors import InvalidInputError
 
 __all__ = ["Conversations", "Reply"]
 
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class Conversations:
         session_id = session_id or "s-" + secrets.token_hex(6)
         with self._store.transaction() as c:
             c.execute("INSERT INTO conversations (session_id, started_at) VALUES (?, ?)",
-                      (session_id, _now()))
+                      (session_id, utc_timestamp()))
         return session_id
 
     def exists(self, session_id: str) -> bool:
@@ -78,7 +75,7 @@ class Conversations:
     def add_user_message(self, conn: sqlite.Connection, conversation_id: int, text: str) -> int:
         """Store a user's message inside the caller's transaction; returns its id."""
         cur = conn.execute("INSERT INTO messages (conversation_id, role, content, created_at)"
-                           " VALUES (?, 'user', ?, ?)", (conversation_id, text, _now()))
+                           " VALUES (?, 'user', ?, ?)", (conversation_id, text, utc_timestamp()))
         return int(cur.lastrowid or 0)
 
     def add_reply(self, conn: sqlite.Connection, conversation_id: int, text: str,
@@ -87,7 +84,7 @@ class Conversations:
         cur = conn.execute(
             "INSERT INTO messages (conversation_id, role, content, model_version,"
             " created_at, explanation) VALUES (?, 'assistant', ?, ?, ?, ?)",
-            (conversation_id, text, model_version, _now(), json.dumps(explanation)))
+            (conversation_id, text, model_version, utc_timestamp(), json.dumps(explanation)))
         return int(cur.lastrowid or 0)
 
     def recent_turns(self, limit: int) -> list[tuple[str, str]]:

@@ -9,10 +9,10 @@ was made; a federated round uses only consented ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import sqlcipher3.dbapi2 as sqlite
 
+from covey._time import utc_timestamp
 from covey.device._pod import Pod
 from covey.errors import InvalidInputError
 
@@ -32,9 +32,6 @@ class FeedbackResult:
     consented: bool
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
 
 def consented(pod: Pod, scope: str = TRAINING_CONSENT) -> bool:
     """Whether the user currently grants ``scope``."""
@@ -46,7 +43,7 @@ def write_consent(conn: sqlite.Connection, scope: str, granted: bool) -> None:
     """Record a consent inside the caller's transaction (not audited here)."""
     conn.execute("INSERT INTO consents (scope, granted, updated_at) VALUES (?, ?, ?)"
                  " ON CONFLICT (scope) DO UPDATE SET granted = excluded.granted,"
-                 " updated_at = excluded.updated_at", (scope, int(granted), _now()))
+                 " updated_at = excluded.updated_at", (scope, int(granted), utc_timestamp()))
 
 
 def set_consent(pod: Pod, scope: str, granted: bool) -> None:
@@ -84,7 +81,7 @@ def give_feedback(pod: Pod, rating: int | None = None, correction: str | None = 
     example_id = None
     with pod.store.transaction() as c:
         cur = c.execute("INSERT INTO feedback (message_id, rating, correction, created_at)"
-                        " VALUES (?, ?, ?, ?)", (reply_id, rating, correction, _now()))
+                        " VALUES (?, ?, ?, ?)", (reply_id, rating, correction, utc_timestamp()))
         feedback_id = int(cur.lastrowid or 0)
         target, source = ((reply, "accepted") if rating == 1 else
                           (correction, "correction") if correction else (None, None))
@@ -92,6 +89,6 @@ def give_feedback(pod: Pod, rating: int | None = None, correction: str | None = 
             cur = c.execute(
                 "INSERT INTO training_examples (prompt, target, source, feedback_id, consented,"
                 " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (prompt, target, source, feedback_id, int(consent), _now()))
+                (prompt, target, source, feedback_id, int(consent), utc_timestamp()))
             example_id = int(cur.lastrowid or 0)
     return FeedbackResult(feedback_id, reply_id, example_id, consent)

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from covey._time import utc_timestamp
 from covey.device._pod import Pod
 from covey.device._stop import is_stopped
 from covey.device.assistant._feedback import TRAINING_CONSENT, consented
@@ -114,9 +114,6 @@ class RoundRequest(RoundMessage):
         return cls(**{f.name: getattr(message, f.name) for f in fields(RoundMessage)},
                    peer=peer)
 
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def spent(pod: Pod) -> float:
@@ -248,7 +245,7 @@ def import_examples(pod: Pod, examples: Sequence[Example], source: str = "import
     with pod.store.transaction() as c:
         c.executemany("INSERT INTO training_examples (prompt, target, source, consented,"
                       " created_at) VALUES (?, ?, ?, ?, ?)",
-                      [(e.context, e.reply, source, granted, e.timestamp or _now())
+                      [(e.context, e.reply, source, granted, e.timestamp or utc_timestamp())
                        for e in examples])
     return len(examples)
 

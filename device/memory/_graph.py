@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlcipher3.dbapi2 as sqlite
 
+from covey._time import utc_timestamp
 from covey.device.assistant._facts import Fact
 from covey.device.store._store import Store
 
@@ -41,9 +41,6 @@ class GraphFact:
         return f"{self.relation.replace('_', ' ')}: {self.value}"
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
 
 def _node(conn: sqlite.Connection, kind: str, label: str, now: str) -> int:
     conn.execute(
@@ -65,7 +62,7 @@ class PreferenceGraph:
     def assert_fact(self, conn: sqlite.Connection, fact: Fact,
                     provenance: dict[str, Any]) -> list[dict[str, Any]]:
         """Record ``fact`` inside the caller's transaction; returns superseded provenances."""
-        now = _now()
+        now = utc_timestamp()
         user = _node(conn, *_USER, now)
         value = _node(conn, "entity", fact.value.lower(), now)
         if fact.functional:

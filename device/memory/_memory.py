@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import sqlcipher3.dbapi2 as sqlite
 
+from covey._time import utc_timestamp
 from covey.device.memory._fusion import fuse_with_decay
 from covey.device.memory._vector import VectorIndex, VectorIndexConfig, encode_vector, load_vectors
 from covey.device.store import _audit
@@ -74,9 +75,6 @@ class MemoryHit:
     memory: Memory
     score: float
 
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 # What a Memory is read from: every column but the embedding, which only the index needs
@@ -176,7 +174,7 @@ class Memories:
         Returns the id of the new memory, or of the one it merged into.
         """
         text = self._validate(text, kind)
-        now = _now()
+        now = utc_timestamp()
         vector = self._embed(text)
         if vector is not None:
             twin = self._near_duplicate(conn, vector, kind)
@@ -220,7 +218,7 @@ class Memories:
         """Count a use of each memory (a reply recalled it), in the caller's transaction."""
         for memory_id in memory_ids:
             conn.execute("UPDATE memories SET last_used_at = ?, use_count = use_count + 1"
-                         " WHERE id = ?", (_now(), memory_id))
+                         " WHERE id = ?", (utc_timestamp(), memory_id))
 
     def learned_from(self, conn: sqlite.Connection, message_id: int) -> list[int]:
         """The memories learned from a message, read in the caller's transaction."""

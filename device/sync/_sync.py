@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import sqlcipher3.dbapi2 as sqlite
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from covey._time import utc_timestamp
 from covey.device.assistant._facts import Fact
 from covey.device.assistant._feedback import write_consent
 from covey.device.federation._participation import (
@@ -88,9 +89,6 @@ SYNC_MEMORIES = "sync_memories"  # the consent scope under which memories are sh
 _NOT_FUNCTIONAL = {"likes", "dislikes", "allergic_to"}
 _TASTES = {"likes", "dislikes"}
 
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def memory_key(kind: str, text: str) -> str:
@@ -635,7 +633,7 @@ class PodState:
             "kept_delta": policy.delta})
 
     def _apply_preference(self, conn: sqlite.Connection, entry: Entry) -> None:
-        now = _now()
+        now = utc_timestamp()
         for current in PreferenceGraph(self.pod.store).current():
             if preference_key(current.relation, current.value) == entry.key:
                 conn.execute("UPDATE graph_edges SET superseded_at = ? WHERE id = ?",
@@ -687,7 +685,7 @@ class PodState:
                 raise SyncError(f"this pod already belongs to user {held[0]}; it never takes "
                                 "another user key (erase it with `covey pod forget` first)")
             conn.execute("INSERT INTO user_identity (id, user_id, private_key, created_at)"
-                         " VALUES (1, ?, ?, ?)", (user_id, private, _now()))
+                         " VALUES (1, ?, ?, ?)", (user_id, private, utc_timestamp()))
             _audit.append(conn, "sync.user", detail={"user_id": user_id})
         self._replica = None  # the trust now has an anchor
         return key
@@ -701,7 +699,8 @@ class PodState:
         cert = key.certify(self.pod.identity.public_key, self.pod.name)
         with self._writing() as (conn, replica):
             conn.execute("INSERT INTO user_identity (id, user_id, private_key, created_at)"
-                         " VALUES (1, ?, ?, ?)", (key.user_id, key.private_bytes(), _now()))
+                         " VALUES (1, ?, ?, ?)",
+                         (key.user_id, key.private_bytes(), utc_timestamp()))
             _audit.append(conn, "sync.user", detail={"user_id": key.user_id, "made": True})
             entry = replica.add("devices", cert.to_dict())
             _save(conn, [entry])
