@@ -11,8 +11,9 @@ Public surface (imported when first used, so ``import covey.aggregator`` loads n
     run_audit                             a run record's facts for its audit report
 """
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from covey._lazy import lazy_attribute
 
 # Imported when first used, so that importing the package stays light.
 _LAZY = {
@@ -46,11 +47,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'covey.aggregator' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"covey.aggregator.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
+    return lazy_attribute(__name__, _LAZY, name, globals())
 
 
 __all__ = sorted(_LAZY)

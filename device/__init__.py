@@ -20,9 +20,9 @@ Importing this package is light: no server, model or Flower import happens here.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
+from covey._lazy import lazy_attribute
 from covey.device._pod import DeviceIdentity, Pod, PodStatus
 from covey.device.memory._memory import MEMORY_KINDS, Memory, MemoryHit
 from covey.device.store._config import PodConfig
@@ -144,11 +144,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'covey.device' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"covey.device.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
+    return lazy_attribute(__name__, _LAZY, name, globals())
 
 
 __all__ = sorted({*__all__, *_LAZY})

@@ -11,12 +11,17 @@ onnxruntime until a name that needs it is used):
     BackendUnavailableError, ArtifactError, Artifacts       errors and shipped files
     Embedder, EmbedderConfig, EMBEDDERS, create_embedder    sentence embeddings
     check_precision, resolve_precision                      arithmetic of local training
+    FinetuneConfig, FinetuneJob, finetune_adapters          LoRA fine-tuning, batched
+    Tally, tally, examples_to_batches, torch_scored         evaluation (perplexity)
+    OpenAIGenerator, PAD                                    a model server; the pad id
+    bench_language_model, bench_embedder                    their benchmarks
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from covey._lazy import lazy_attribute
 
 _EXPORTS = {
     "load_corpus": "_data", "Corpus": "_data", "Example": "_data",
@@ -48,11 +53,7 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'covey.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"covey.models.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+    return lazy_attribute(__name__, _EXPORTS, name, globals())
 
 
 def __dir__() -> list[str]:

@@ -7,8 +7,9 @@ Public surface (imported when first used):
 Benchmarks run with ``make bench`` (``python -m covey.simulations.bench``).
 """
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from covey._lazy import lazy_attribute
 
 # Imported when first used, so that importing the package stays light.
 _LAZY = {
@@ -22,11 +23,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'covey.simulations' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"covey.simulations.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
+    return lazy_attribute(__name__, _LAZY, name, globals())
 
 
 __all__ = sorted(_LAZY)
