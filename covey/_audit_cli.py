@@ -3,7 +3,7 @@
 Mounted by the root command line because it joins the facts of three packages: the pod
 gathers its own (:func:`~covey.device._pod_audit.pod_audit`), the aggregator reads a
 run's record and releases and the simulator trains the empirical replica
-(:func:`~covey.simulations._replica.audit_run`); :mod:`covey.privacy` renders and
+(:func:`covey.simulations.audit_run`); :mod:`covey.privacy` renders and
 judges them and imports none of them.
 """
 
@@ -21,7 +21,6 @@ from covey.device import pod_audit
 from covey.device.cli import open_pod
 from covey.errors import InvalidInputError, RedFlagError
 from covey.privacy import pod_report, write_report
-from covey.simulations import audit_run
 
 __all__ = ["audit"]
 
@@ -68,6 +67,9 @@ def audit(
     elif run is not None and not pod:
         bar, update = _progress()
         with bar:
+            # Imported here: the simulator's replica is not worth loading for every command.
+            from covey.simulations import audit_run
+
             report = audit_run(run, empirical=empirical, progress=update)
     else:
         raise InvalidInputError("say which report: --pod, or --run DIR")
