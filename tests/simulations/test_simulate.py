@@ -12,7 +12,10 @@ import pytest
 from covey.errors import InvalidInputError
 from covey.models import share_of
 from covey.privacy import GaussianRounds, epsilon_spent
-from covey.simulations._simulate import SimulationConfig, population, simulate, worker_malloc
+from covey.simulations._config import SimulationConfig
+from covey.simulations._population import population
+from covey.simulations._simulate import simulate
+from covey.simulations._sizing import worker_malloc
 from tests.conftest import Covey
 
 
@@ -154,7 +157,7 @@ def test_worker_processes_give_the_same_aggregate(tmp_path: Path) -> None:
 
 
 def test_too_little_memory_fails_before_any_work(tmp_path: Path) -> None:
-    from covey.simulations._simulate import check_memory
+    from covey.simulations._sizing import check_memory
 
     cfg = SimulationConfig(pods=3, clients_per_round=3, engine="flower")
     with pytest.raises(InvalidInputError, match="flower engine with 8 workers needs about"):
