@@ -41,6 +41,8 @@ __all__ = ["simulate"]
 
 
 def _dp(cfg: SimulationConfig, pods: int) -> DPConfig:
+    """The run's DP settings for a population of ``pods``: the given noise multiplier,
+    none (an infinite target epsilon), or the one that meets the target."""
     q = cfg.sample_rate or min(1.0, cfg.clients_per_round / pods)
     delta = cfg.delta or 0.1 / pods
     if cfg.noise_multiplier:
@@ -100,8 +102,7 @@ def simulate(cfg: SimulationConfig, out: Path,
     if cfg.clients_per_round > len(users):
         raise InvalidInputError(f"{cfg.clients_per_round} clients per round but only "
                                 f"{len(users)} pods")
-    if (given or noise is not None or canaries is not None) and \
-            (cfg.engine != "fast" or cfg.encrypted_pods):
+    if (given or noise is not None or canaries is not None) and not cfg.in_memory_pods:
         raise InvalidInputError("a given population, noise or canaries run on the fast "
                                 "engine's in-memory pods")
     dp = _dp(cfg, len(users))

@@ -188,3 +188,17 @@ def test_encrypted_pods_train_from_real_stores(tmp_path: Path) -> None:
             answered += sum(1 for r in releases if r.round >= 1)
     assert charged == 3 * cfg.rounds
     assert answered == record["rounds"][0]["accepted"]
+
+
+def test_engines_are_chosen_by_name() -> None:
+    from covey.simulations._engines import ENGINES
+    from covey.simulations._pool import MemoryPods
+
+    assert sorted(ENGINES) == ["fast", "flower"]
+    with pytest.raises(InvalidInputError,
+                       match=r"engine must be one of \('fast', 'flower'\), got 'ray'"):
+        SimulationConfig(engine="ray")
+    # One worker: no pool of processes, so nothing to spread the evaluation over.
+    pods = MemoryPods([], None, None, SimulationConfig(), workers=1)
+    with pytest.raises(RuntimeError, match="no worker processes"):
+        pods.tally(b"", [])
