@@ -14,12 +14,12 @@ from covey._lazy import lazy_attribute
 # Imported when first used, so that importing the package stays light.
 _LAZY = {
     "audit_run": "_replica",
-    "seed_pods": "_population",
+    "seed_pods": "_seeding",
 }
 
 if TYPE_CHECKING:
-    from covey.simulations._population import seed_pods as seed_pods
     from covey.simulations._replica import audit_run as audit_run
+    from covey.simulations._seeding import seed_pods as seed_pods
 
 
 def __getattr__(name: str) -> Any:

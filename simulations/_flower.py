@@ -4,7 +4,7 @@ The ServerApp runs the aggregator's ``run_federated`` over Flower's grid through
 deployment's own :class:`~covey.aggregator._serverapp.FlowerTransport`; every virtual
 SuperNode runs a ClientApp that parses the round message as a real pod does
 (:meth:`~covey.protocols.RoundMessage.from_dict`), trains with the same client function
-as the ``fast`` engine (:func:`~covey.simulations._simulate.train_pods`) and answers in
+as the ``fast`` engine (:func:`~covey.simulations._pool.train_pods`) and answers in
 the real pod's reply format (:func:`~covey.device.federation._clientapp.reply_message`).
 
 Flower gives virtual SuperNodes random node ids. So that a seed samples the same pods in
@@ -39,7 +39,7 @@ def _client_state(cfg: Any) -> dict[str, Any]:
         import torch
 
         from covey.models import load_model
-        from covey.simulations._simulate import population
+        from covey.simulations._population import population
 
         torch.set_num_threads(1)  # one actor per core
         model, tok, _ = load_model()
@@ -59,7 +59,7 @@ def client_app(cfg: Any) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         from covey.device import RoundRequest, reply_message
-        from covey.simulations._simulate import train_pods
+        from covey.simulations._pool import train_pods
 
         try:
             request = RoundRequest.from_dict(dict(msg.content.config_records["round"]),

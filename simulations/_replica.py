@@ -44,7 +44,9 @@ from covey.privacy import (
     unit_directions,
 )
 from covey.simulations._canaries import CanaryClients
-from covey.simulations._simulate import SimulationConfig, population, simulate
+from covey.simulations._config import SimulationConfig
+from covey.simulations._population import population
+from covey.simulations._simulate import simulate
 
 __all__ = ["audit_run", "replica_scores"]
 

@@ -17,7 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from covey.simulations._simulate import SimulationConfig, personalized, population, simulate
+from covey.simulations._config import SimulationConfig
+from covey.simulations._personalize import personalized
+from covey.simulations._population import population
+from covey.simulations._simulate import simulate
 
 __all__ = ["parse_epsilons", "sweep"]
 

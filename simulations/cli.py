@@ -45,7 +45,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.
 
 
 def _config(**kwargs: Any) -> Any:
-    from covey.simulations._simulate import SimulationConfig
+    from covey.simulations._config import SimulationConfig
 
     return SimulationConfig(**kwargs)
 

@@ -35,8 +35,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Time both reports."""
     from covey.device import Pod, pod_audit
     from covey.privacy import EmpiricalConfig, pod_report
+    from covey.simulations._config import SimulationConfig
     from covey.simulations._replica import audit_run
-    from covey.simulations._simulate import SimulationConfig, simulate
+    from covey.simulations._simulate import simulate
 
     memories = 200 if quick else 2000
     results: dict[str, Any] = {}

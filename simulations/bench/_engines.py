@@ -22,7 +22,8 @@ __all__ = ["run"]
 
 def run(quick: bool = False) -> dict[str, Any]:
     """Time one simulation per engine."""
-    from covey.simulations._simulate import SimulationConfig, simulate
+    from covey.simulations._config import SimulationConfig
+    from covey.simulations._simulate import simulate
 
     pods, rounds, clients = (10, 2, 5) if quick else (100, 5, 20)
     workers = os.cpu_count() or 1

@@ -45,7 +45,7 @@ def _loopback(pods: int, rounds: int, users: list[Any]) -> dict[str, Any]:
     from covey._processes import free_port
     from covey.aggregator import AggregatorHome
     from covey.device import join, leave, node_key
-    from covey.simulations._population import seed_pods
+    from covey.simulations._seeding import seed_pods
 
     passphrase = secrets.token_urlsafe(12)
     with temporary_directory("covey-bench-fed-") as tmp:

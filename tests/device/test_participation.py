@@ -31,7 +31,7 @@ from covey.models import Adapter, load_corpus, load_model
 from covey.models._finetune import FinetuneConfig
 from covey.privacy import DPConfig, GaussianRounds, epsilon_spent
 from covey.protocols import RoundMessage
-from covey.simulations._engine import PEER, InProcessTransport, PodClient
+from covey.simulations._in_process import PEER, InProcessTransport, PodClient
 from tests.conftest import FAST_CONFIG, PASSPHRASE
 
 

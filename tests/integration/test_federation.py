@@ -23,7 +23,7 @@ from covey.device import Pod
 from covey.device.context._context import enable, record_usage
 from covey.models import load_corpus
 from covey.privacy._accounting import RDP_ORDERS
-from covey.simulations._population import seed_pods
+from covey.simulations import seed_pods
 from tests.conftest import FAST_CONFIG, PASSPHRASE, cli_env
 
 pytestmark = pytest.mark.slow

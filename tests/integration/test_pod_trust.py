@@ -31,7 +31,7 @@ import pytest
 from covey._processes import descendants, flower_bin, free_port
 from covey.device.store._keys import WrappedKey, unwrap
 from covey.models import load_corpus
-from covey.simulations._population import seed_pods
+from covey.simulations import seed_pods
 from tests.conftest import FAST_CONFIG, PASSPHRASE, cli_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

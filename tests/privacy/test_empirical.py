@@ -26,7 +26,8 @@ SMALL = EmpiricalConfig(members=4, non_members=8, secret_holders=1, repeats=16, 
 
 
 def _simulate(out: Path, **settings: Any) -> Path:
-    from covey.simulations._simulate import SimulationConfig, simulate
+    from covey.simulations._config import SimulationConfig
+    from covey.simulations._simulate import simulate
 
     simulate(SimulationConfig(pods=6, rounds=2, eval_examples=20, **settings), out)
     return out

@@ -133,7 +133,8 @@ def test_a_ledger_over_the_users_maximum_is_flagged(pod: Pod) -> None:
 
 @pytest.fixture(scope="module")
 def simulated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from covey.simulations._simulate import SimulationConfig, simulate
+    from covey.simulations._config import SimulationConfig
+    from covey.simulations._simulate import simulate
 
     out = tmp_path_factory.mktemp("run")
     simulate(SimulationConfig(pods=6, rounds=2, clients_per_round=3, target_epsilon=4.0,
@@ -218,7 +219,8 @@ def test_a_record_claiming_more_noise_than_its_versions_hold_is_flagged(
 @pytest.mark.slow
 def test_covey_audit_flags_a_broken_run_and_not_a_correct_one(
         simulated_run: Path, tmp_path: Path, covey: Covey) -> None:
-    from covey.simulations._simulate import SimulationConfig, simulate
+    from covey.simulations._config import SimulationConfig
+    from covey.simulations._simulate import simulate
     from tests.privacy.broken_noise import ScaledNoise
 
     # A run whose noise source draws a tenth of what its configuration claims, and says

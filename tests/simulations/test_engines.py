@@ -10,7 +10,8 @@ import pytest
 
 from covey.aggregator._registry import Registry
 from covey.models import Adapter
-from covey.simulations._simulate import SimulationConfig, simulate
+from covey.simulations._config import SimulationConfig
+from covey.simulations._simulate import simulate
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,10 @@ import pytest
 from covey.errors import InvalidInputError
 from covey.models import share_of
 from covey.privacy import GaussianRounds, epsilon_spent
-from covey.simulations._simulate import SimulationConfig, population, simulate, worker_malloc
+from covey.simulations._config import SimulationConfig
+from covey.simulations._population import population
+from covey.simulations._simulate import simulate
+from covey.simulations._sizing import worker_malloc
 from tests.conftest import Covey
 
 
@@ -154,7 +157,7 @@ def test_worker_processes_give_the_same_aggregate(tmp_path: Path) -> None:
 
 
 def test_too_little_memory_fails_before_any_work(tmp_path: Path) -> None:
-    from covey.simulations._simulate import check_memory
+    from covey.simulations._sizing import check_memory
 
     cfg = SimulationConfig(pods=3, clients_per_round=3, engine="flower")
     with pytest.raises(InvalidInputError, match="flower engine with 8 workers needs about"):
@@ -185,3 +188,17 @@ def test_encrypted_pods_train_from_real_stores(tmp_path: Path) -> None:
             answered += sum(1 for r in releases if r.round >= 1)
     assert charged == 3 * cfg.rounds
     assert answered == record["rounds"][0]["accepted"]
+
+
+def test_engines_are_chosen_by_name() -> None:
+    from covey.simulations._engines import ENGINES
+    from covey.simulations._pool import MemoryPods
+
+    assert sorted(ENGINES) == ["fast", "flower"]
+    with pytest.raises(InvalidInputError,
+                       match=r"engine must be one of \('fast', 'flower'\), got 'ray'"):
+        SimulationConfig(engine="ray")
+    # One worker: no pool of processes, so nothing to spread the evaluation over.
+    pods = MemoryPods([], None, None, SimulationConfig(), workers=1)
+    with pytest.raises(RuntimeError, match="no worker processes"):
+        pods.tally(b"", [])

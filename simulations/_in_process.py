@@ -1,4 +1,4 @@
-"""The in-process engine: pods and aggregator in one Python process, no network.
+"""In-process transports: real pods and the aggregator in one Python process, no network.
 
 It runs exactly the aggregator's ``run_federated`` and the pods' ``take_part`` that the
 Flower deployment runs; only the transport differs. Each pod answers on its own thread,
