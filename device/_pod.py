@@ -22,6 +22,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from covey.device.store import _audit, _keys
 from covey.device.store._config import PodConfig, load_pod_config
 from covey.device.store._schema import SCHEMA_VERSION, USER_TABLES
 from covey.device.store._store import Store, StoreError
+from covey.device.sync._entries import record_forgotten as _forgotten
 from covey.errors import (
     InvalidInputError,
     PodExistsError,
@@ -127,10 +129,12 @@ class Pod:
         self.home = home
         self.store = store
         self.config = config
-        self.memories = Memories(store, on_erase=store.checkpoint)
-        self.conversations = Conversations(store)
         self.identity = self._load_identity(device_key)
-        self.memories.device_key = self.identity.private_key
+        # A shared memory's erasure is tombstoned for the user's other pods, signed by
+        # this device, in the deletion's own transaction.
+        self.memories = Memories(store, on_erase=store.checkpoint, on_forget=partial(
+            _forgotten, device_key=self.identity.private_key))
+        self.conversations = Conversations(store)
         self.audit_head = _audit_head(home, self.identity)
         store.after_commit = self.audit_head.advance
 

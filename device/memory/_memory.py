@@ -115,6 +115,10 @@ class TextEmbedder(Protocol):
         ...
 
 
+#: Runs inside a memory's deletion, in its transaction: ``(conn, kind, text)``.
+Forget = Callable[[sqlite.Connection, str, str], None]
+
+
 def _age_seconds(stamp: str, now: datetime) -> float:
     return max(0.0, (now - datetime.fromisoformat(stamp)).total_seconds())
 
@@ -128,17 +132,16 @@ class Memories:
     """
 
     def __init__(self, store: Store, on_erase: Callable[[], None],
-                 embedder: TextEmbedder | None = None) -> None:
+                 embedder: TextEmbedder | None = None,
+                 on_forget: Forget | None = None) -> None:
         self._store = store
         self._on_erase = [on_erase]
+        self._on_forget = on_forget
         self._embedder = embedder
         self._index: VectorIndex | None = None
         self._stamp: int | None = None  # the memories_stamp the index reflects
         self._df: dict[str, int] = {}  # term -> memories holding it, at _df_total
         self._df_total = 0
-        #: The device key that signs the tombstone of a forgotten shared memory (the pod
-        #: sets it: the key lives in the key file, not in the store).
-        self.device_key: Any = None
 
     @property
     def index(self) -> VectorIndex | None:
@@ -198,12 +201,12 @@ class Memories:
         return mid
 
     def delete(self, conn: sqlite.Connection, memory_id: int) -> bool:
-        """Delete a memory and the graph edges it asserted, in the caller's transaction."""
-        from covey.device.sync._sync import record_forgotten
-
+        """Delete a memory and the graph edges it asserted, in the caller's transaction
+        (with ``on_forget``'s writes: the pod tombstones a memory it shared, so the user's
+        other pods forget it too)."""
         row = conn.execute("SELECT kind, text FROM memories WHERE id = ?", (memory_id,)).fetchone()
-        if row is not None:  # a memory shared with the user's other pods is forgotten there too
-            record_forgotten(conn, row[0], row[1], self.device_key)
+        if row is not None and self._on_forget is not None:
+            self._on_forget(conn, row[0], row[1])
         conn.execute("DELETE FROM graph_edges WHERE json_extract(provenance, '$.memory_id') = ?",
                      (memory_id,))
         before = self._stamp_before(conn)

@@ -33,16 +33,13 @@ another current device (:meth:`PodState.receive_key`). Pairing never replaces a 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlcipher3.dbapi2 as sqlite
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from covey._time import utc_timestamp
 from covey.device.assistant._facts import Fact
@@ -58,6 +55,7 @@ from covey.device.memory._graph import PreferenceGraph
 from covey.device.memory._profile import PROFILE_FIELDS, validate
 from covey.device.store import _audit
 from covey.device.store._store import set_meta
+from covey.device.sync._entries import memory_key, save_entries, save_vector
 from covey.errors import InvalidInputError, SyncError
 from covey.protocols import (
     HLC,
@@ -83,7 +81,7 @@ from covey.protocols import (
 if TYPE_CHECKING:
     from covey.device._pod import Pod
 
-__all__ = ["SYNC_MEMORIES", "Device", "PodState", "memory_key", "record_forgotten"]
+__all__ = ["SYNC_MEMORIES", "Device", "PodState", "memory_key"]
 
 SYNC_MEMORIES = "sync_memories"  # the consent scope under which memories are shared
 _NOT_FUNCTIONAL = {"likes", "dislikes", "allergic_to"}
@@ -91,79 +89,11 @@ _TASTES = {"likes", "dislikes"}
 
 
 
-def memory_key(kind: str, text: str) -> str:
-    """The replicated key of a memory: the same text and kind on two pods is one memory."""
-    return hashlib.sha256(f"{kind}\0{text}".encode()).hexdigest()[:32]
-
-
 def preference_key(relation: str, value: str) -> str:
     """The replicated key of a preference edge (what a newer fact replaces)."""
     if relation not in _NOT_FUNCTIONAL:
         return relation
     return f"{'taste' if relation in _TASTES else relation}:{value.lower()}"
-
-
-def _next_stamp(conn: sqlite.Connection, node: str) -> HLC:
-    """A timestamp for a write made outside a live replica (a CLI command)."""
-    row = conn.execute("SELECT max(stamp) FROM sync_entries").fetchone()
-    wall = int(datetime.now(UTC).timestamp() * 1000)
-    if row and row[0]:
-        last = HLC.decode(row[0])
-        if last.wall >= wall:
-            return HLC(last.wall, last.counter + 1, node)
-    return HLC(wall, 0, node)
-
-
-def _rows(entries: list[Entry]) -> list[tuple[Any, ...]]:
-    return [(e.collection, e.key, None if e.deleted else json.dumps(e.value), e.stamp.encode(),
-             int(e.deleted), e.signature) for e in entries]
-
-
-def _save(conn: sqlite.Connection, entries: list[Entry]) -> None:
-    """Store entries as the replica holds them. The guards keep another process's newer
-    write: last-writer-wins keeps the larger stamp, grow-only the earlier copy."""
-    grow_only = {c.name for c in POD_SCHEMA if c.grow_only}  # kept first-come, never replaced
-    grow = [e for e in entries if e.collection in grow_only]
-    conn.executemany(
-        "INSERT INTO sync_entries (collection, key, value, stamp, deleted, signature)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, key) DO UPDATE SET"
-        " value = excluded.value, stamp = excluded.stamp, deleted = excluded.deleted,"
-        " signature = excluded.signature WHERE excluded.stamp > stamp",
-        _rows([e for e in entries if e.collection not in grow_only]))
-    conn.executemany(
-        "INSERT INTO sync_entries (collection, key, value, stamp, deleted, signature)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, key) DO UPDATE SET"
-        " stamp = excluded.stamp, signature = excluded.signature"
-        " WHERE excluded.stamp < stamp", _rows(grow))
-
-
-def _save_vector(conn: sqlite.Connection, vector: dict[str, HLC]) -> None:
-    conn.executemany(
-        "INSERT INTO sync_vector (node, stamp) VALUES (?, ?) ON CONFLICT (node) DO UPDATE"
-        " SET stamp = excluded.stamp WHERE excluded.stamp > stamp",
-        [(node, stamp.encode()) for node, stamp in vector.items()])
-
-
-def record_forgotten(conn: sqlite.Connection, kind: str, text: str,
-                     device_key: Ed25519PrivateKey | None) -> None:
-    """Inside a deletion's transaction: if the memory was shared, tombstone it everywhere
-    (signed with ``device_key``, which a store without its pod cannot supply).
-
-    Raises:
-        ValueError: the memory was shared but no device key was given to sign its erasure.
-    """
-    key = memory_key(kind, text)
-    row = conn.execute("SELECT deleted FROM sync_entries WHERE collection = 'memories'"
-                       " AND key = ?", (key,)).fetchone()
-    if row is None or row[0]:
-        return
-    if device_key is None:
-        raise ValueError("a shared memory's erasure must be signed by the device key")
-    node = conn.execute("SELECT device_id FROM identity").fetchone()[0]
-    stamp = _next_stamp(conn, str(node))
-    tombstone = Entry("memories", key, None, stamp, deleted=True)
-    _save(conn, [tombstone.signed_by(device_key)])
-    _save_vector(conn, {str(node): stamp})
 
 
 def _user_trust(replica: Replica) -> UserTrust:
@@ -259,6 +189,12 @@ def _verify_ledger_entry(entry: Entry, trust: Any, current: Entry | None) -> Non
 POD_SCHEMA = user_schema(lww("budget_policy", verify=_verify_budget),
                          lww("profile", verify=_verify_profile),
                          grow_only("ledger", verify=_verify_ledger_entry))
+#: The collections kept first-come, never replaced.
+_GROW_ONLY = frozenset(c.name for c in POD_SCHEMA if c.grow_only)
+
+
+def _save(conn: sqlite.Connection, entries: list[Entry]) -> None:
+    save_entries(conn, entries, _GROW_ONLY)
 
 
 class PodState:
@@ -338,7 +274,7 @@ class PodState:
         with self._writing() as (conn, replica):
             entries = change(replica)
             _save(conn, entries)
-            _save_vector(conn, replica.vector)
+            save_vector(conn, replica.vector)
         return entries
 
     # -- the SyncState protocol -----------------------------------------------------------
@@ -423,7 +359,7 @@ class PodState:
             _save(conn, changed)
             if result.dropped:
                 self._drop(conn, result.dropped, peer)
-            _save_vector(conn, replica.vector)
+            save_vector(conn, replica.vector)
             remote = [e for e in changed if e.stamp.node != self.node]
             # Consents first: whether memories are applied depends on them.
             for entry in sorted(remote, key=lambda e: e.collection != "consents"):
@@ -483,7 +419,7 @@ class PodState:
                     written.append(replica.delete(collection, name))
             if written:
                 _save(conn, written)
-                _save_vector(conn, replica.vector)
+                save_vector(conn, replica.vector)
         return written
 
     def _own_ledger(self, conn: sqlite.Connection) -> list[dict[str, Any]]:
@@ -627,7 +563,7 @@ class PodState:
         entry = replica.set("budget_policy", "policy", {"max_epsilon": policy.max_epsilon,
                                                         "delta": policy.delta})
         _save(conn, [entry])
-        _save_vector(conn, replica.vector)
+        save_vector(conn, replica.vector)
         _audit.append(conn, "sync.refused", peer=peer, detail={
             "what": "budget_raise", "entries": refused, "kept_max_epsilon": policy.max_epsilon,
             "kept_delta": policy.delta})
@@ -704,7 +640,7 @@ class PodState:
             _audit.append(conn, "sync.user", detail={"user_id": key.user_id, "made": True})
             entry = replica.add("devices", cert.to_dict())
             _save(conn, [entry])
-            _save_vector(conn, replica.vector)
+            save_vector(conn, replica.vector)
         self._replica = None  # the trust now has an anchor
         return key
 
@@ -794,7 +730,7 @@ class PodState:
         with self._writing() as (conn, replica):
             revocation, successor, written = revoke(replica, key, device_id, reason)
             _save(conn, written)
-            _save_vector(conn, replica.vector)
+            save_vector(conn, replica.vector)
             conn.execute("UPDATE user_identity SET private_key = ? WHERE id = 1",
                          (successor.private_bytes(),))
             lists = [e for e in written if e.collection == KEPT]

@@ -8,7 +8,9 @@ The rules (ARCHITECTURE.md):
 - the leaves (models, privacy, protocols) import nothing from device, aggregator or
   simulations;
 - the base (``covey/*.py`` but the command line and the demo at the top) imports no
-  package at all.
+  package at all;
+- in device, the rooms that hold the pod's data (store, memory) import none of the rooms
+  that act on it (sync, federation, api, cli): the pod wires those together.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ LEAVES = ("models", "privacy", "protocols")
 UPPER = ("device", "aggregator", "simulations")
 #: The base's top: the command line, the audit command and the demo may import anything.
 TOP = ("covey.cli", "covey.__main__", "covey._demo", "covey._audit_cli")
+DATA_ROOMS = ("store", "memory")
+ACTING_ROOMS = ("sync", "federation", "api", "cli")
 
 
 def _module_of(path: Path) -> str:
@@ -59,9 +63,16 @@ def _package(module: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[1] in PACKAGES else None
 
 
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "device" else None
+
+
 def violation(importer: str, imported: str) -> str | None:
     """Why ``importer`` may not import ``imported``, or None."""
     mine, theirs = _package(importer), _package(imported)
+    if _room(importer) in DATA_ROOMS and _room(imported) in ACTING_ROOMS:
+        return "a data room imports a room that acts on it"
     if mine is None and importer not in TOP and theirs is not None:
         return "the base imports a package"
     if mine in LEAVES and theirs in UPPER:
@@ -93,6 +104,9 @@ def violations() -> set[tuple[str, str]]:
      "another package's private module"),
     ("covey.aggregator._x", "import covey.models._adapter as a\n",
      "another package's private module"),
+    ("covey.device.memory._memory",
+     "def delete():\n    from covey.device.sync._sync import record_forgotten\n",
+     "a data room imports a room that acts on it"),
 ])
 def test_each_kind_of_violation_is_found(importer: str, source: str, why: str) -> None:
     assert [violation(importer, m) for m in imports(source)
